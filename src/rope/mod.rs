@@ -1,0 +1,31 @@
+//! The context-extension recipe: its type, its frequencies and scale laws (pure f64, no
+//! tensors), and its conversions to flags, the config.json block and flat fields.
+
+mod fields;
+mod flags;
+mod freqs;
+mod recipe;
+
+pub use fields::{
+    field_kind, FieldKind, FieldValue, CONFIG_BLOCK, FIELDS, FORMAT_VERSION, GGUF_PREFIX,
+};
+pub use flags::RecipeArgs;
+pub use freqs::{base_inv_freq, dynamic_base, ntk_base, yarn_mscale, yarn_range};
+pub use recipe::{defaults, BaseRope, Recipe, RopeMethod, ScaleLaw};
+
+/// Errors of building or reading a recipe.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("unknown rope method {0:?} (expected one of default, linear, ntk, dynamic, yarn, ntk-by-parts, llama3, abf, eabf)")]
+    UnknownMethod(String),
+    #[error("unknown scale law {0:?} (expected none, log or step)")]
+    UnknownScaleLaw(String),
+    #[error("invalid recipe: {field} {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{origin}: recipe field {field}: {reason}")]
+    Field {
+        origin: String,
+        field: String,
+        reason: String,
+    },
+}

@@ -1,0 +1,1 @@
+//! Fine-tuning: data, chat templates, optimizer, trainer, recomputation.

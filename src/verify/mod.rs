@@ -1,0 +1,1 @@
+//! The logits verifier: reference against candidate, by position band.
