@@ -1,1 +1,59 @@
-//! Fine-tuning: data, chat templates, optimizer, trainer, recomputation.
+//! Fine-tuning: data, chat templates, optimizer, schedule, recomputation, LoRA, the trainer.
+
+pub mod data;
+pub mod examples;
+pub mod lora;
+pub mod optim;
+pub mod recompute;
+pub mod schedule;
+pub mod template;
+pub mod trainer;
+
+pub use data::{load_conversations, parse_conversations, Conversation, Message, ParseReport, Role};
+pub use examples::{encode, prepare, Example, PrepConfig, PrepReport};
+pub use lora::{LoraConfig, ParamSet};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, TrainParam};
+pub use recompute::{loss_and_grads, masked_nll_sum, BackwardPlan, Batch, GradAcc, LayerModel};
+pub use schedule::{Schedule, ScheduleKind};
+pub use template::ChatTemplate;
+pub use trainer::{ModelFactory, StepStats, TrainConfig, Trainer};
+
+use std::path::Path;
+
+/// Errors of fine-tuning.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {reason}")]
+    Data { file: String, reason: String },
+    #[error("chat template {origin}: {reason}")]
+    Template { origin: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("resume from {path}: {reason}")]
+    Resume { path: String, reason: String },
+    #[error("step {step}: the loss is {value}; stopped (the last good checkpoint is kept)")]
+    NonFinite { step: u64, value: f64 },
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("safetensors {path}: {reason}")]
+    Safetensors { path: String, reason: String },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl TrainError {
+    pub fn io(path: &Path, source: std::io::Error) -> TrainError {
+        TrainError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Conversation data: ShareGPT (`conversations: [{from, value}]`) and OpenAI (`messages: [{role,
+//! content}]`) records in JSON or JSONL, validated into alternating user/assistant turns.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::TrainError;
+
+/// Who speaks a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The name chat templates expect (`messages[i]['role']`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+
+    /// ShareGPT `from` and OpenAI `role` spellings, in one table.
+    fn parse(s: &str) -> Option<Role> {
+        const NAMES: &[(&str, Role)] = &[
+            ("system", Role::System),
+            ("human", Role::User),
+            ("user", Role::User),
+            ("gpt", Role::Assistant),
+            ("assistant", Role::Assistant),
+            ("chatgpt", Role::Assistant),
+            ("bard", Role::Assistant),
+            ("bing", Role::Assistant),
+            ("model", Role::Assistant),
+        ];
+        let key = s.trim().to_ascii_lowercase();
+        NAMES.iter().find(|(n, _)| *n == key).map(|(_, r)| *r)
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// A validated conversation: an optional system message first, then user and assistant messages
+/// alternating, starting with the user and holding at least one assistant message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The record's `id` when it has one, else `record N` (1-based).
+    pub id: String,
+    pub messages: Vec<Message>,
+}
+
+impl Conversation {
+    /// The system message, when the conversation has one.
+    pub fn system(&self) -> Option<&Message> {
+        self.messages.first().filter(|m| m.role == Role::System)
+    }
+
+    /// Index of the first non-system message.
+    pub fn body_start(&self) -> usize {
+        usize::from(self.system().is_some())
+    }
+}
+
+/// How many records were read and why some were skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParseReport {
+    pub records: usize,
+    pub skipped: usize,
+    /// The first few reasons, each naming its record.
+    pub reasons: Vec<String>,
+}
+
+/// How many skip reasons a report keeps.
+pub const MAX_REASONS: usize = 5;
+
+impl ParseReport {
+    pub(crate) fn skip(&mut self, reason: String) {
+        self.skipped += 1;
+        if self.reasons.len() < MAX_REASONS {
+            self.reasons.push(reason);
+        }
+    }
+}
+
+/// Read a data file (JSON array, one JSON object, or JSONL) into conversations.
+pub fn load_conversations(path: &Path) -> Result<(Vec<Conversation>, ParseReport), TrainError> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    parse_conversations(&bytes, &path.display().to_string())
+}
+
+/// Parse conversations from bytes; `source` names the file in messages. Records that do not
+/// parse or validate are skipped and counted; a file that is not JSON/JSONL at all is an error.
+pub fn parse_conversations(
+    bytes: &[u8],
+    source: &str,
+) -> Result<(Vec<Conversation>, ParseReport), TrainError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| TrainError::Data {
+        file: source.to_string(),
+        reason: format!("not UTF-8: {e}"),
+    })?;
+    let trimmed = text.trim_start_matches('\u{feff}').trim();
+    let mut report = ParseReport::default();
+    let mut out = Vec::new();
+    let mut take = |value: Result<Value, String>, n: usize, report: &mut ParseReport| {
+        report.records += 1;
+        match value.and_then(|v| record_to_conversation(&v, n)) {
+            Ok(c) => out.push(c),
+            Err(reason) => report.skip(format!("record {n}: {reason}")),
+        }
+    };
+    if trimmed.starts_with('[') {
+        // one JSON array of records
+        let all: Value = serde_json::from_str(trimmed).map_err(|e| TrainError::Data {
+            file: source.to_string(),
+            reason: format!("malformed JSON at line {} column {}: {e}", e.line(), e.column()),
+        })?;
+        let items = all.as_array().map(|a| a.as_slice()).unwrap_or(&[]);
+        for (i, item) in items.iter().enumerate() {
+            take(Ok(item.clone()), i + 1, &mut report);
+        }
+    } else if let Ok(single @ Value::Object(_)) = serde_json::from_str::<Value>(trimmed) {
+        // one pretty-printed record, or `{"data": [...]}`-style wrappers are not guessed at
+        take(Ok(single), 1, &mut report);
+    } else {
+        // JSONL: one record per non-empty line
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let parsed = serde_json::from_str::<Value>(line)
+                .map_err(|e| format!("line {}: malformed JSON: {e}", i + 1));
+            take(parsed, report.records + 1, &mut report);
+        }
+        if report.records > 0 && report.skipped == report.records && out.is_empty() {
+            // nothing on any line parsed: say so as a file error only when no line was JSON at all
+            let any_json = text
+                .lines()
+                .any(|l| serde_json::from_str::<Value>(l.trim()).is_ok());
+            if !any_json {
+                return Err(TrainError::Data {
+                    file: source.to_string(),
+                    reason: "neither a JSON array, a JSON object nor JSON lines".to_string(),
+                });
+            }
+        }
+    }
+    Ok((out, report))
+}
+
+/// Content of an OpenAI message: a string, or a list of `{type: text, text}` parts.
+fn content_text(v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut s = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => s.push_str(t),
+                    _ => return Err("content part is not {type: text, text}".to_string()),
+                }
+            }
+            Ok(s)
+        }
+        Value::Null => Err("content is null".to_string()),
+        _ => Err("content is not a string".to_string()),
+    }
+}
+
+fn record_to_conversation(v: &Value, n: usize) -> Result<Conversation, String> {
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let id = match obj.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(x)) => x.to_string(),
+        _ => format!("record {n}"),
+    };
+    let (list, role_key, text_key) = if let Some(c) = obj.get("conversations") {
+        (c, "from", "value")
+    } else if let Some(m) = obj.get("messages") {
+        (m, "role", "content")
+    } else {
+        return Err("has neither \"conversations\" nor \"messages\"".to_string());
+    };
+    let list = list.as_array().ok_or("the message list is not an array")?;
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let role = m
+            .get(role_key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("message {i} has no \"{role_key}\" string"))?;
+        let role =
+            Role::parse(role).ok_or_else(|| format!("message {i} has unknown role {role:?}"))?;
+        let content = m
+            .get(text_key)
+            .ok_or_else(|| format!("message {i} has no \"{text_key}\""))
+            .and_then(|c| content_text(c).map_err(|e| format!("message {i}: {e}")))?;
+        messages.push(Message { role, content });
+    }
+    validate(messages).map(|messages| Conversation { id, messages })
+}
+
+/// Normalize and check the turn structure. ShareGPT dumps often open with the assistant's
+/// greeting; like FastChat's preprocessing, leading assistant messages are dropped.
+pub fn validate(mut messages: Vec<Message>) -> Result<Vec<Message>, String> {
+    let sys = usize::from(messages.first().map(|m| m.role) == Some(Role::System));
+    while messages.get(sys).map(|m| m.role) == Some(Role::Assistant) {
+        messages.remove(sys);
+    }
+    if messages.len() <= sys {
+        return Err("no user or assistant messages".to_string());
+    }
+    for (i, m) in messages.iter().enumerate().skip(sys) {
+        let expected = if (i - sys) % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
+        if m.role != expected {
+            return Err(format!(
+                "message {i} is {} where {} was expected (roles must alternate user/assistant)",
+                m.role.name(),
+                expected.name()
+            ));
+        }
+    }
+    if !messages.iter().any(|m| m.role == Role::Assistant) {
+        return Err("no assistant message".to_string());
+    }
+    Ok(messages)
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): a tiny seeded generator whose whole state is one u64,
+/// so data order is reproducible and resumable without a dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0) by rejection, without modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - (u64::MAX % n);
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// The order of examples in `epoch`: a shuffle seeded by `(seed, epoch)`, so any step's batch is
+/// known without replaying earlier epochs.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    rng.shuffle(&mut order);
+    order
+}

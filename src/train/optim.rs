@@ -1,0 +1,186 @@
+//! AdamW with decoupled weight decay (Loshchilov & Hutter 2019), written as PyTorch's
+//! `torch.optim.AdamW` computes it, with f32 master weights and state whatever the compute dtype;
+//! and global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_`.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::TrainError;
+
+/// One trainable tensor: the variable the model computes with (f32 or bf16) and, when that is
+/// not f32, its f32 master copy, which the optimizer updates and rounds into the variable.
+#[derive(Debug)]
+pub struct TrainParam {
+    pub name: String,
+    pub var: Var,
+    pub master: Option<Tensor>,
+    /// Decoupled weight decay applies (not to norms, as transformers' Trainer excludes them).
+    pub decay: bool,
+}
+
+impl TrainParam {
+    /// A parameter from an initial f32-or-other tensor, held in `dtype` for compute.
+    pub fn new(name: &str, init: &Tensor, dtype: DType, decay: bool) -> Result<TrainParam, TrainError> {
+        let master = init.to_dtype(DType::F32)?;
+        let var = Var::from_tensor(&master.to_dtype(dtype)?)?;
+        Ok(TrainParam {
+            name: name.to_string(),
+            master: (dtype != DType::F32).then_some(master),
+            var,
+            decay,
+        })
+    }
+
+    /// The f32 value of the parameter.
+    pub fn value_f32(&self) -> Result<Tensor, TrainError> {
+        Ok(match &self.master {
+            Some(m) => m.clone(),
+            None => self.var.as_tensor().detach(),
+        })
+    }
+
+    /// Overwrite the parameter with an f32 value (rounded into the compute variable).
+    pub fn set_f32(&mut self, value: &Tensor) -> Result<(), TrainError> {
+        let value = value.to_dtype(DType::F32)?;
+        if self.master.is_some() {
+            self.var.set(&value.to_dtype(self.var.dtype())?)?;
+            self.master = Some(value);
+        } else {
+            self.var.set(&value)?;
+        }
+        Ok(())
+    }
+}
+
+/// AdamW hyper-parameters (the learning rate comes from the schedule each step).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The paper's settings (method.md): betas (0.9, 0.95), weight decay 0.1; PyTorch's eps.
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// AdamW state: the step count and f32 first and second moments per parameter.
+#[derive(Debug)]
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    /// Number of updates done.
+    pub step: u64,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(params: &[TrainParam], cfg: AdamWConfig) -> Result<AdamW, TrainError> {
+        let zeros = |p: &TrainParam| Tensor::zeros(p.var.shape(), DType::F32, p.var.device());
+        Ok(AdamW {
+            cfg,
+            step: 0,
+            m: params.iter().map(zeros).collect::<Result<_, _>>()?,
+            v: params.iter().map(zeros).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// One update with f32 gradients `grads[i]` of `params[i]`:
+    /// `p <- p (1 - lr wd)`; `m <- b1 m + (1 - b1) g`; `v <- b2 v + (1 - b2) g^2`;
+    /// `p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+    pub fn update(&mut self, params: &mut [TrainParam], grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let step_size = lr / bc1;
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let g = g.to_dtype(DType::F32)?;
+            let mut w = p.value_f32()?;
+            if p.decay && c.weight_decay != 0.0 {
+                w = w.affine(1.0 - lr * c.weight_decay, 0.0)?;
+            }
+            let m = (self.m[i].affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
+            let v = (self.v[i].affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+            let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), c.eps)?;
+            let w = (w - (m.div(&denom)?).affine(step_size, 0.0)?)?;
+            p.set_f32(&w)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
+    pub fn state_tensors(&self, params: &[TrainParam]) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, p) in params.iter().enumerate() {
+            out.insert(format!("m.{}", p.name), self.m[i].clone());
+            out.insert(format!("v.{}", p.name), self.v[i].clone());
+        }
+        out
+    }
+
+    /// Restore the moments saved by [`AdamW::state_tensors`].
+    pub fn load_state(
+        &mut self,
+        params: &[TrainParam],
+        step: u64,
+        tensors: &HashMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<(), TrainError> {
+        for (i, p) in params.iter().enumerate() {
+            for (slot, prefix) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
+                let name = format!("{prefix}.{}", p.name);
+                let t = tensors.get(&name).ok_or_else(|| TrainError::Resume {
+                    path: origin.to_string(),
+                    reason: format!("optimizer state has no tensor {name}"),
+                })?;
+                if t.dims() != p.var.dims() {
+                    return Err(TrainError::Resume {
+                        path: origin.to_string(),
+                        reason: format!(
+                            "optimizer tensor {name} has shape {:?}, the parameter {:?}",
+                            t.dims(),
+                            p.var.dims()
+                        ),
+                    });
+                }
+                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scale the gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`), as
+/// `clip_grad_norm_`: `coef = max_norm / (norm + 1e-6)`, applied when below 1. Returns the norm
+/// before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm.is_finite() {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = g.affine(coef, 0.0)?;
+            }
+        }
+    }
+    Ok(norm)
+}
