@@ -131,7 +131,11 @@ pub fn parse_conversations(
         // one JSON array of records
         let all: Value = serde_json::from_str(trimmed).map_err(|e| TrainError::Data {
             file: source.to_string(),
-            reason: format!("malformed JSON at line {} column {}: {e}", e.line(), e.column()),
+            reason: format!(
+                "malformed JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
         })?;
         let items = all.as_array().map(|a| a.as_slice()).unwrap_or(&[]);
         for (i, item) in items.iter().enumerate() {

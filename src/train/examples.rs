@@ -91,7 +91,12 @@ pub fn encode(
     let message_starts = rendered
         .message_starts
         .iter()
-        .map(|&b| offsets.iter().position(|&(s, _)| s >= b).unwrap_or(tokens.len()))
+        .map(|&b| {
+            offsets
+                .iter()
+                .position(|&(s, _)| s >= b)
+                .unwrap_or(tokens.len())
+        })
         .collect();
     Ok(Encoded {
         example: Example { tokens, mask },
@@ -140,7 +145,15 @@ pub fn prepare(
             pieces.push(full.example);
         } else {
             report.split += 1;
-            split(conv, &full, tokenizer, template, cfg.seq_len, &mut pieces, &mut report)?;
+            split(
+                conv,
+                &full,
+                tokenizer,
+                template,
+                cfg.seq_len,
+                &mut pieces,
+                &mut report,
+            )?;
         }
         for p in pieces {
             if p.targets() == 0 {
@@ -217,4 +230,31 @@ fn split(
         a = b;
     }
     Ok(())
+}
+
+/// Read, render, tokenize and select a data file's examples. An empty result is an error naming
+/// the file, with the first skip reasons.
+pub fn load_examples(
+    path: &std::path::Path,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    cfg: &PrepConfig,
+) -> Result<(Vec<Example>, ParseReport, PrepReport), TrainError> {
+    let (convs, mut parse) = super::data::load_conversations(path)?;
+    let (examples, prep) = prepare(&convs, tokenizer, template, cfg, &mut parse)?;
+    if examples.is_empty() {
+        let mut reason = format!(
+            "no training examples: {} record(s), {} skipped, {} conversation(s) under --min-tokens {}, \
+             {} piece(s) without assistant tokens",
+            parse.records, parse.skipped, prep.dropped_short, cfg.min_tokens, prep.dropped_no_target
+        );
+        for r in &parse.reasons {
+            reason.push_str(&format!("; {r}"));
+        }
+        return Err(TrainError::Data {
+            file: path.display().to_string(),
+            reason,
+        });
+    }
+    Ok((examples, parse, prep))
 }

@@ -12,7 +12,13 @@ use super::TrainError;
 
 /// The projections that get adapters (transformers LLaMA names).
 pub const LORA_TARGETS: &[&str] = &[
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 /// Adapter rank and scale numerator: the update is `(alpha / rank) B A`.
@@ -101,14 +107,26 @@ impl ParamSet {
                 let (out, inp) = t.dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a: Vec<f32> = (0..cfg.rank * inp)
-                    .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound)
+                    .map(|_| {
+                        ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound
+                    })
                     .map(|x| x as f32)
                     .collect();
                 let a = Tensor::from_vec(a, (cfg.rank, inp), t.device())?;
                 let b = Tensor::zeros((out, cfg.rank), DType::F32, t.device())?;
                 let prefix = name.trim_end_matches(".weight");
-                set.params.push(TrainParam::new(&format!("{prefix}.lora_A.weight"), &a, dtype, true)?);
-                set.params.push(TrainParam::new(&format!("{prefix}.lora_B.weight"), &b, dtype, true)?);
+                set.params.push(TrainParam::new(
+                    &format!("{prefix}.lora_A.weight"),
+                    &a,
+                    dtype,
+                    true,
+                )?);
+                set.params.push(TrainParam::new(
+                    &format!("{prefix}.lora_B.weight"),
+                    &b,
+                    dtype,
+                    true,
+                )?);
                 set.adapters.push(Adapter {
                     base: name.clone(),
                     a: set.params.len() - 2,
@@ -166,7 +184,8 @@ impl ParamSet {
         for ad in &self.adapters {
             let a = self.params[ad.a].value_f32()?;
             let b = self.params[ad.b].value_f32()?;
-            let w = (self.frozen[&ad.base].to_dtype(DType::F32)? + b.matmul(&a)?.affine(s, 0.0)?)?;
+            let w =
+                (self.frozen[&ad.base].to_dtype(DType::F32)? + b.matmul(&a)?.affine(s, 0.0)?)?;
             merged.insert(&ad.base, w);
         }
         let mut out = Vec::with_capacity(self.names.len());
@@ -175,7 +194,11 @@ impl ParamSet {
                 (Some(t), _) | (None, Some(t)) => t,
                 (None, None) => self.frozen[name].clone(),
             };
-            out.push((name.clone(), t.to_dtype(dtype.unwrap_or(*orig))?.to_device(&Device::Cpu)?));
+            out.push((
+                name.clone(),
+                t.to_dtype(dtype.unwrap_or(*orig))?
+                    .to_device(&Device::Cpu)?,
+            ));
         }
         Ok(out)
     }

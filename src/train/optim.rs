@@ -21,12 +21,22 @@ pub struct TrainParam {
 
 impl TrainParam {
     /// A parameter from an initial f32-or-other tensor, held in `dtype` for compute.
-    pub fn new(name: &str, init: &Tensor, dtype: DType, decay: bool) -> Result<TrainParam, TrainError> {
-        let master = init.to_dtype(DType::F32)?;
-        let var = Var::from_tensor(&master.to_dtype(dtype)?)?;
+    /// f32 and f64 variables are their own masters (f64 serves the gradient checks).
+    pub fn new(
+        name: &str,
+        init: &Tensor,
+        dtype: DType,
+        decay: bool,
+    ) -> Result<TrainParam, TrainError> {
+        let (var, master) = if matches!(dtype, DType::F32 | DType::F64) {
+            (Var::from_tensor(&init.to_dtype(dtype)?)?, None)
+        } else {
+            let master = init.to_dtype(DType::F32)?;
+            (Var::from_tensor(&master.to_dtype(dtype)?)?, Some(master))
+        };
         Ok(TrainParam {
             name: name.to_string(),
-            master: (dtype != DType::F32).then_some(master),
+            master,
             var,
             decay,
         })
@@ -36,7 +46,7 @@ impl TrainParam {
     pub fn value_f32(&self) -> Result<Tensor, TrainError> {
         Ok(match &self.master {
             Some(m) => m.clone(),
-            None => self.var.as_tensor().detach(),
+            None => self.var.as_tensor().detach().to_dtype(DType::F32)?,
         })
     }
 
@@ -47,7 +57,7 @@ impl TrainParam {
             self.var.set(&value.to_dtype(self.var.dtype())?)?;
             self.master = Some(value);
         } else {
-            self.var.set(&value)?;
+            self.var.set(&value.to_dtype(self.var.dtype())?)?;
         }
         Ok(())
     }
@@ -98,7 +108,12 @@ impl AdamW {
     /// One update with f32 gradients `grads[i]` of `params[i]`:
     /// `p <- p (1 - lr wd)`; `m <- b1 m + (1 - b1) g`; `v <- b2 v + (1 - b2) g^2`;
     /// `p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
-    pub fn update(&mut self, params: &mut [TrainParam], grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+    pub fn update(
+        &mut self,
+        params: &mut [TrainParam],
+        grads: &[Tensor],
+        lr: f64,
+    ) -> Result<(), TrainError> {
         self.step += 1;
         let c = self.cfg;
         let t = self.step as i32;
@@ -171,7 +186,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm.is_finite() {

@@ -47,7 +47,12 @@ impl Batch {
         examples: &[&super::examples::Example],
         device: &candle_core::Device,
     ) -> Result<Batch, TrainError> {
-        let len = examples.iter().map(|e| e.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let len = examples
+            .iter()
+            .map(|e| e.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let b = examples.len();
         let mut ids = vec![0u32; b * len];
         let mut targets = vec![0u32; b * len];
@@ -75,20 +80,30 @@ impl Batch {
     }
 }
 
-/// `sum_i mask_i * -log softmax(logits_i)[target_i]` in f32, with log-softmax written from
+/// `sum_i mask_i * -log softmax(logits_i)[target_i]` in f32 (f64 for f64 models), with log-softmax written from
 /// differentiable ops (max-subtract, exp, sum, log): candle's fused softmax has no backward.
-pub fn masked_nll_sum(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
+pub fn masked_nll_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let dtype = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logits = logits.to_dtype(dtype)?;
     // The max is a constant shift: detaching it leaves the value and the gradient unchanged.
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
     let nll = (lse - picked)?.squeeze(D::Minus1)?;
-    (nll * mask.to_dtype(DType::F32)?)?.sum_all()
+    (nll * mask.to_dtype(dtype)?)?.sum_all()?.to_dtype(dtype)
 }
 
-/// Per-parameter f32 gradient sums across micro-batches and recomputation pieces.
+/// Per-parameter gradient sums (f32; f64 for f64 models) across micro-batches and recomputation
+/// pieces.
 #[derive(Debug, Default)]
 pub struct GradAcc {
     pub grads: Vec<Option<Tensor>>,
@@ -96,14 +111,16 @@ pub struct GradAcc {
 
 impl GradAcc {
     pub fn new(n: usize) -> GradAcc {
-        GradAcc { grads: vec![None; n] }
+        GradAcc {
+            grads: vec![None; n],
+        }
     }
 
     /// Add the gradients a backward pass found for `params`.
     pub fn add(&mut self, store: &GradStore, params: &[TrainParam]) -> Result<(), TrainError> {
         for (slot, p) in self.grads.iter_mut().zip(params) {
             if let Some(g) = store.get(p.var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
+                let g = g.to_dtype(acc_dtype(p.var.dtype()))?;
                 *slot = Some(match slot.take() {
                     Some(acc) => (acc + g)?,
                     None => g,
@@ -120,9 +137,21 @@ impl GradAcc {
             .zip(params)
             .map(|(g, p)| match g {
                 Some(g) => Ok(g),
-                None => Ok(Tensor::zeros(p.var.shape(), DType::F32, p.var.device())?),
+                None => Ok(Tensor::zeros(
+                    p.var.shape(),
+                    acc_dtype(p.var.dtype()),
+                    p.var.device(),
+                )?),
             })
             .collect()
+    }
+}
+
+fn acc_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 
@@ -159,8 +188,9 @@ pub fn loss_and_grads(
         for i in 0..model.num_layers() {
             x = model.layer(i, &x)?;
         }
-        let loss = masked_nll_sum(&model.head(&x)?, &batch.targets, &batch.mask)?.affine(scale, 0.0)?;
-        let value = loss.to_scalar::<f32>()? as f64;
+        let loss =
+            masked_nll_sum(&model.head(&x)?, &batch.targets, &batch.mask)?.affine(scale, 0.0)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         acc.add(&loss.backward()?, params)?;
         return Ok(value);
     }
@@ -172,7 +202,9 @@ pub fn loss_and_grads(
         saved.push(y);
     }
     // Head and loss, a chunk of positions at a time.
-    let last = saved.pop().ok_or_else(|| TrainError::Internal("no hidden states".into()))?;
+    let last = saved
+        .pop()
+        .ok_or_else(|| TrainError::Internal("no hidden states".into()))?;
     let seq = last.dim(1)?;
     let chunk = plan.head_chunk.max(1);
     let mut value = 0f64;
@@ -188,7 +220,7 @@ pub fn loss_and_grads(
             &batch.mask.narrow(1, start, len)?,
         )?
         .affine(scale, 0.0)?;
-        value += loss.to_scalar::<f32>()? as f64;
+        value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let store = loss.backward()?;
         acc.add(&store, params)?;
         grad_chunks.push(match store.get(xv.as_tensor()) {
@@ -202,7 +234,9 @@ pub fn loss_and_grads(
     drop(grad_chunks);
     // Backward through the layers, recomputing each from its saved input.
     for i in (0..model.num_layers()).rev() {
-        let input = saved.pop().ok_or_else(|| TrainError::Internal("saved input missing".into()))?;
+        let input = saved
+            .pop()
+            .ok_or_else(|| TrainError::Internal("saved input missing".into()))?;
         let xv = Var::from_tensor(&input)?;
         drop(input);
         let out = model.layer(i, xv.as_tensor())?;

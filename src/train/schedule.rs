@@ -18,7 +18,9 @@ impl FromStr for ScheduleKind {
         match s {
             "cosine" => Ok(ScheduleKind::Cosine),
             "constant" => Ok(ScheduleKind::Constant),
-            _ => Err(format!("unknown schedule {s:?} (expected cosine or constant)")),
+            _ => Err(format!(
+                "unknown schedule {s:?} (expected cosine or constant)"
+            )),
         }
     }
 }
@@ -42,8 +44,8 @@ impl Schedule {
         match self.kind {
             ScheduleKind::Constant => 1.0,
             ScheduleKind::Cosine => {
-                let progress =
-                    (step - self.warmup) as f64 / (self.total.saturating_sub(self.warmup)).max(1) as f64;
+                let progress = (step - self.warmup) as f64
+                    / (self.total.saturating_sub(self.warmup)).max(1) as f64;
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
             }
         }

@@ -70,9 +70,12 @@ impl ChatTemplate {
             .map_err(|e| template_error(origin, &e))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         // A fixed date keeps renders reproducible (templates such as Llama 3.1's print "today").
         env.add_function("strftime_now", |_fmt: String| "26 Jul 2024".to_string());
         env.add_template_owned("chat", source.to_string())
@@ -173,7 +176,12 @@ impl ChatTemplate {
         let mut spans = Vec::new();
         let mut starts = Vec::with_capacity(messages.len());
         for k in 0..messages.len() {
-            let before = self.render(&messages[..k], false)?;
+            // an empty list renders as nothing (templates may index messages[0])
+            let before = if k == 0 {
+                String::new()
+            } else {
+                self.render(&messages[..k], false)?
+            };
             starts.push(prefix_len(&full, &before, &self.origin, k)?);
             if messages[k].role != Role::Assistant {
                 continue;

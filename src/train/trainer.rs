@@ -220,7 +220,14 @@ impl Trainer {
         for mb in examples.chunks(self.cfg.micro_batch) {
             let batch = Batch::from_examples(mb, &self.device)?;
             tokens += batch.tokens;
-            loss += loss_and_grads(model.as_ref(), &batch, scale, &self.set.params, &mut acc, plan)?;
+            loss += loss_and_grads(
+                model.as_ref(),
+                &batch,
+                scale,
+                &self.set.params,
+                &mut acc,
+                plan,
+            )?;
         }
         Ok((loss, acc.finish(&self.set.params)?, tokens, targets))
     }
@@ -233,11 +240,17 @@ impl Trainer {
         let (epoch, _) = self.batch_indices(k);
         let (loss, mut grads, tokens, targets) = self.loss_and_grads(factory, k)?;
         if !loss.is_finite() {
-            return Err(TrainError::NonFinite { step: k + 1, value: loss });
+            return Err(TrainError::NonFinite {
+                step: k + 1,
+                value: loss,
+            });
         }
         let norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite { step: k + 1, value: norm });
+            return Err(TrainError::NonFinite {
+                step: k + 1,
+                value: norm,
+            });
         }
         let lr = self.schedule().lr(k);
         self.opt.update(&mut self.set.params, &grads, lr)?;
@@ -292,7 +305,8 @@ impl Trainer {
             data_fingerprint: fingerprint(&self.examples),
             extra: extra.clone(),
         };
-        let text = serde_json::to_string_pretty(&state).map_err(|e| TrainError::Internal(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&state)
+            .map_err(|e| TrainError::Internal(e.to_string()))?;
         let sp = tmp.join(STATE_FILE);
         std::fs::write(&sp, text).map_err(|e| TrainError::io(&sp, e))?;
         // Swap in: the old checkpoint is removed only after the new one is in place.

@@ -44,11 +44,12 @@ pub fn train_tokenizer(vocab: usize) -> Tokenizer {
         .min_frequency(2)
         .show_progress(false)
         .special_tokens(specials.clone())
-        .initial_alphabet(ByteLevel::alphabet())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    tok.train(&mut trainer, corpus.into_iter()).expect("train bpe");
-    tok.add_special_tokens(&specials);
+    tok.train(&mut trainer, corpus.into_iter())
+        .expect("train bpe");
+    let _ = tok.add_special_tokens(specials);
     tok
 }
 
@@ -75,13 +76,22 @@ impl Toy {
         n
     }
 
-    pub fn random(vocab: usize, hidden: usize, layers: usize, dtype: DType, seed: u64) -> Vec<(String, Tensor)> {
+    pub fn random(
+        vocab: usize,
+        hidden: usize,
+        layers: usize,
+        dtype: DType,
+        seed: u64,
+    ) -> Vec<(String, Tensor)> {
         let mut rng = abf::train::data::SplitMix64(seed);
         let mut rand = |shape: (usize, usize), s: f64| {
             let v: Vec<f64> = (0..shape.0 * shape.1)
                 .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * s)
                 .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+            Tensor::from_vec(v, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
         };
         let mut out = vec![
             ("emb".to_string(), rand((vocab, hidden), 1.0)),
@@ -93,7 +103,12 @@ impl Toy {
         out
     }
 
-    pub fn load(vb: candle_nn::VarBuilder, vocab: usize, hidden: usize, layers: usize) -> candle_core::Result<Toy> {
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        vocab: usize,
+        hidden: usize,
+        layers: usize,
+    ) -> candle_core::Result<Toy> {
         Ok(Toy {
             emb: vb.get((vocab, hidden), "emb")?,
             out: vb.get((vocab, hidden), "out")?,
@@ -110,13 +125,18 @@ impl abf::train::LayerModel for Toy {
     }
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.emb.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+        self.emb
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))
     }
     fn layer(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = x.dim(1)?;
         let scale: Vec<f64> = (0..t).map(|p| 1.0 + 0.1 * (p as f64 + 1.0).ln()).collect();
         let scale = Tensor::from_vec(scale, (1, t, 1), x.device())?.to_dtype(x.dtype())?;
-        let h = x.broadcast_matmul(&self.ws[i])?.tanh()?.broadcast_mul(&scale)?;
+        let h = x
+            .broadcast_matmul(&self.ws[i])?
+            .tanh()?
+            .broadcast_mul(&scale)?;
         x + h
     }
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
