@@ -1,5 +1,6 @@
 //! `abf-convert`: convert and patch checkpoints and GGUF files.
 
+mod patch_config;
 mod rope;
 
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Print a recipe's inverse frequencies, attention factor and logit scales.
     Rope(rope::RopeArgs),
+    /// Rewrite a model directory's config.json for a recipe (transformers or exact form).
+    PatchConfig(patch_config::PatchConfigArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -33,5 +36,6 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Rope(args) => rope::run(args),
+        Command::PatchConfig(args) => patch_config::run(args),
     }
 }
