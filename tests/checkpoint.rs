@@ -845,8 +845,17 @@ fn patch_transformers_writes_exactly_the_hf_fields() {
     assert_eq!(
         p.config["rope_scaling"],
         json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
-               "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.1 * 4f64.ln() + 1.0})
+               "beta_fast": 32.0, "beta_slow": 1.0})
     );
+    // an explicit attention factor is written; NTK-by-parts is yarn with attention factor 1
+    let mut yarn_a = yarn.clone();
+    yarn_a.yarn_attention_factor = Some(1.25);
+    let p = patch_config(&input, &yarn_a, Runtime::Transformers, false).unwrap();
+    assert_eq!(p.config["rope_scaling"]["attention_factor"], json!(1.25));
+    let nbp = Recipe::for_method(RopeMethod::NtkByParts, LLAMA2);
+    let p = patch_config(&input, &nbp, Runtime::Transformers, false).unwrap();
+    assert_eq!(p.config["rope_scaling"]["rope_type"], json!("yarn"));
+    assert_eq!(p.config["rope_scaling"]["attention_factor"], json!(1.0));
     assert_eq!(p.config["model_type"], json!("llama"));
 
     // ABF: only rope_theta changes; static NTK: rope_theta = b s^(d/(d-2)) (d = 4: s^2)

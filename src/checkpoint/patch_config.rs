@@ -116,18 +116,24 @@ fn rope_fields(r: &Recipe, head_dim: usize) -> (&'static str, f64, Vec<(&'static
                 ("original_max_position_embeddings", json!(c)),
             ],
         ),
-        // NTK-by-parts is yarn with attention factor 1
-        RopeMethod::Yarn | RopeMethod::NtkByParts => (
-            "yarn",
-            r.rope_base,
-            vec![
+        RopeMethod::Yarn | RopeMethod::NtkByParts => {
+            let mut fields = vec![
                 ("factor", json!(r.factor)),
                 ("original_max_position_embeddings", json!(c)),
                 ("beta_fast", json!(r.beta_fast)),
                 ("beta_slow", json!(r.beta_slow)),
-                ("attention_factor", json!(r.attention_factor())),
-            ],
-        ),
+            ];
+            // NTK-by-parts is yarn with attention factor 1; yarn's default (0.1 ln s + 1) is
+            // transformers' own default when no mscale keys are present, as here
+            let attention = match r.method {
+                RopeMethod::NtkByParts => Some(1.0),
+                _ => r.yarn_attention_factor,
+            };
+            if let Some(a) = attention {
+                fields.push(("attention_factor", json!(a)));
+            }
+            ("yarn", r.rope_base, fields)
+        }
         RopeMethod::Llama3 => (
             "llama3",
             r.rope_base,
