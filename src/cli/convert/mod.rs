@@ -2,6 +2,7 @@
 
 mod inspect;
 mod patch_gguf;
+mod patch_config;
 mod rope;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Edit a GGUF's metadata: set/delete keys, relabel the architecture, apply a recipe.
     PatchGguf(patch_gguf::PatchArgs),
+    /// Rewrite a model directory's config.json for a recipe (transformers or exact form).
+    PatchConfig(patch_config::PatchConfigArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -41,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Rope(args) => rope::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::PatchGguf(args) => patch_gguf::run(args),
+        Command::PatchConfig(args) => patch_config::run(args),
     }
 }
