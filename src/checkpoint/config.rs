@@ -1,9 +1,24 @@
 //! The model's shape and recipe, validated once from config.json.
 //!
-//! (Skeleton: the parser of config.json is filled in by the checkpoint work; the struct is the
-//! contract the model, converter and trainer build on.)
+//! `ModelConfig` is the contract the model, converter and trainer build on; `HfConfig` wraps it
+//! with the raw JSON (key order kept, so a rewrite keeps every key it does not own) and with
+//! where the recipe came from. docs/checkpoints.md lists the keys read and how c and the
+//! target window follow from them.
 
-use crate::rope::Recipe;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::error::{read_json, CheckpointError};
+use crate::rope::{defaults, yarn_mscale, Recipe, RopeMethod, ScaleLaw, CONFIG_BLOCK};
+
+/// The file name of a model's configuration.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// LlamaConfig's defaults (transformers `configuration_llama.py`).
+const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+const DEFAULT_RMS_NORM_EPS: f64 = 1e-6;
+const DEFAULT_MAX_POSITIONS: u64 = 2048;
 
 /// Model families read from `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +27,35 @@ pub enum ModelType {
     Mistral,
     /// Ministral 3 text model: LLaMA-shaped, with the step scale law on every layer.
     Ministral3,
+}
+
+impl ModelType {
+    /// The `model_type` string of config.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelType::Llama => "llama",
+            ModelType::Mistral => "mistral",
+            ModelType::Ministral3 => "ministral3",
+        }
+    }
+
+    /// The `architectures` entry transformers loads for a causal LM of this type.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            ModelType::Llama => "LlamaForCausalLM",
+            ModelType::Mistral => "MistralForCausalLM",
+            ModelType::Ministral3 => "Ministral3ForCausalLM",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ModelType> {
+        match s {
+            "llama" => Some(ModelType::Llama),
+            "mistral" => Some(ModelType::Mistral),
+            "ministral3" => Some(ModelType::Ministral3),
+            _ => None,
+        }
+    }
 }
 
 /// A validated LLaMA-family configuration.
@@ -29,7 +73,452 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: u64,
     pub bos_token_id: Option<u32>,
+    /// The first of `eos_token_id` when it is a list (all of them: `HfConfig::eos_token_ids`).
     pub eos_token_id: Option<u32>,
     /// The context-extension recipe this model runs with.
     pub recipe: Recipe,
+}
+
+impl ModelConfig {
+    /// Parse a config.json value; `path` names the file in errors.
+    pub fn from_json(path: &Path, value: &Value) -> Result<ModelConfig, CheckpointError> {
+        HfConfig::from_value(path, value.clone()).map(|c| c.model)
+    }
+
+    /// Read `config.json` of a model directory.
+    pub fn load(dir: &Path) -> Result<ModelConfig, CheckpointError> {
+        HfConfig::load(dir).map(|c| c.model)
+    }
+}
+
+/// Where a config's recipe came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipeSource {
+    /// Our `abf_recipe` block (the exact recipe; wins over everything else).
+    Block,
+    /// The Hugging Face rope fields (`rope_theta`, `rope_scaling` / `rope_parameters`, and for
+    /// ministral3 `llama_4_scaling_beta`).
+    Hf,
+}
+
+/// How the rope settings are spelled in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeForm {
+    /// transformers 4: top-level `rope_theta` and `rope_scaling`.
+    Legacy,
+    /// transformers 5: `rope_parameters` holding `rope_theta` and the scaling fields.
+    Parameters,
+}
+
+/// A parsed config.json: the validated model plus the raw JSON, in file order.
+#[derive(Debug, Clone)]
+pub struct HfConfig {
+    pub path: PathBuf,
+    pub raw: Map<String, Value>,
+    pub model: ModelConfig,
+    /// Every id of `eos_token_id` (one or a list).
+    pub eos_token_ids: Vec<u32>,
+    pub recipe_source: RecipeSource,
+    pub rope_form: RopeForm,
+    /// Mistral's `sliding_window`, when set (the abf forward attends to the whole sequence).
+    pub sliding_window: Option<u64>,
+}
+
+impl HfConfig {
+    /// Read `DIR/config.json`.
+    pub fn load(dir: &Path) -> Result<HfConfig, CheckpointError> {
+        HfConfig::read(&dir.join(CONFIG_FILE))
+    }
+
+    /// Read a config file.
+    pub fn read(path: &Path) -> Result<HfConfig, CheckpointError> {
+        let value = read_json(path, "model configuration")?;
+        HfConfig::from_value(path, value)
+    }
+
+    /// Validate a parsed config.json.
+    pub fn from_value(path: &Path, value: Value) -> Result<HfConfig, CheckpointError> {
+        let Value::Object(raw) = value else {
+            return Err(CheckpointError::invalid(
+                path,
+                "(top level)",
+                "expected a JSON object",
+            ));
+        };
+        let f = Fields { path, obj: &raw };
+        let model_type_name = f
+            .str("model_type")?
+            .ok_or_else(|| CheckpointError::invalid(path, "model_type", "missing"))?;
+        let model_type = ModelType::parse(model_type_name).ok_or_else(|| {
+            CheckpointError::UnsupportedModelType {
+                path: path.to_path_buf(),
+                found: model_type_name.to_string(),
+            }
+        })?;
+        let need = |key: &str| -> Result<usize, CheckpointError> {
+            let v = f
+                .u64(key)?
+                .ok_or_else(|| CheckpointError::invalid(path, key, "missing"))?;
+            if v == 0 {
+                return Err(CheckpointError::invalid(path, key, "must be at least 1"));
+            }
+            usize::try_from(v).map_err(|_| CheckpointError::invalid(path, key, "too large"))
+        };
+        let vocab_size = need("vocab_size")?;
+        let hidden_size = need("hidden_size")?;
+        let intermediate_size = need("intermediate_size")?;
+        let num_hidden_layers = need("num_hidden_layers")?;
+        let num_attention_heads = need("num_attention_heads")?;
+        let num_key_value_heads = match f.u64("num_key_value_heads")? {
+            None => num_attention_heads,
+            Some(_) => need("num_key_value_heads")?,
+        };
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(CheckpointError::invalid(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
+            ));
+        }
+        let head_dim = match f.u64("head_dim")? {
+            Some(_) => need("head_dim")?,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(CheckpointError::invalid(
+                        path,
+                        "hidden_size",
+                        format!(
+                            "{hidden_size} is not a multiple of num_attention_heads \
+                             {num_attention_heads} (and head_dim is not given)"
+                        ),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(CheckpointError::invalid(
+                path,
+                "head_dim",
+                format!("rotary dimension {head_dim} must be even"),
+            ));
+        }
+        let rms_norm_eps = f.f64("rms_norm_eps")?.unwrap_or(DEFAULT_RMS_NORM_EPS);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            return Err(CheckpointError::invalid(
+                path,
+                "rms_norm_eps",
+                format!("must be finite and > 0, got {rms_norm_eps}"),
+            ));
+        }
+        let tie_word_embeddings = f.bool("tie_word_embeddings")?.unwrap_or(false);
+        let max_position_embeddings = f
+            .u64("max_position_embeddings")?
+            .unwrap_or(DEFAULT_MAX_POSITIONS);
+        let bos_token_id = f.token_ids("bos_token_id")?.first().copied();
+        let eos_token_ids = f.token_ids("eos_token_id")?;
+        let sliding_window = f.u64("sliding_window")?;
+        let rope_form = if raw.get("rope_parameters").is_some_and(|v| !v.is_null()) {
+            RopeForm::Parameters
+        } else {
+            RopeForm::Legacy
+        };
+
+        let (recipe, recipe_source) = match raw.get(CONFIG_BLOCK) {
+            Some(block) if !block.is_null() => {
+                let origin = format!("{} {CONFIG_BLOCK}", path.display());
+                let recipe = Recipe::from_json_block(&origin, block).map_err(|source| {
+                    CheckpointError::Recipe {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?;
+                (recipe, RecipeSource::Block)
+            }
+            _ => (
+                hf_recipe(&f, model_type, max_position_embeddings)?,
+                RecipeSource::Hf,
+            ),
+        };
+
+        let model = ModelConfig {
+            model_type,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            tie_word_embeddings,
+            max_position_embeddings,
+            bos_token_id,
+            eos_token_id: eos_token_ids.first().copied(),
+            recipe,
+        };
+        Ok(HfConfig {
+            path: path.to_path_buf(),
+            raw,
+            model,
+            eos_token_ids,
+            recipe_source,
+            rope_form,
+            sliding_window,
+        })
+    }
+
+    /// The recipe the Hugging Face fields alone describe (what transformers runs), ignoring our
+    /// block.
+    pub fn hf_recipe(&self) -> Result<Recipe, CheckpointError> {
+        let f = Fields {
+            path: &self.path,
+            obj: &self.raw,
+        };
+        hf_recipe(
+            &f,
+            self.model.model_type,
+            self.model.max_position_embeddings,
+        )
+    }
+}
+
+/// Typed access to one JSON object's keys, naming the file and key in errors.
+struct Fields<'a> {
+    path: &'a Path,
+    obj: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&'a str>, CheckpointError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(CheckpointError::invalid(
+                self.path,
+                key,
+                format!("expected a string, got {v}"),
+            )),
+        }
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>, CheckpointError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                CheckpointError::invalid(self.path, key, format!("expected a number, got {v}"))
+            }),
+        }
+    }
+
+    fn u64(&self, key: &str) -> Result<Option<u64>, CheckpointError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match (v.as_u64(), v.as_f64()) {
+                (Some(u), _) => Ok(Some(u)),
+                // some configs write integers as 4096.0
+                (None, Some(x)) if x >= 0.0 && x.fract() == 0.0 && x < 9.0e15 => Ok(Some(x as u64)),
+                _ => Err(CheckpointError::invalid(
+                    self.path,
+                    key,
+                    format!("expected a non-negative integer, got {v}"),
+                )),
+            },
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, CheckpointError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(CheckpointError::invalid(
+                self.path,
+                key,
+                format!("expected true or false, got {v}"),
+            )),
+        }
+    }
+
+    /// One token id or a list of them (`eos_token_id` may be either).
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>, CheckpointError> {
+        let one = |v: &Value| -> Result<u32, CheckpointError> {
+            v.as_u64()
+                .and_then(|u| u32::try_from(u).ok())
+                .ok_or_else(|| {
+                    CheckpointError::invalid(
+                        self.path,
+                        key,
+                        format!("expected a token id, got {v}"),
+                    )
+                })
+        };
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+
+    /// A nested object (`rope_scaling`, `rope_parameters`), None when absent or null.
+    fn object(&self, key: &str) -> Result<Option<Fields<'a>>, CheckpointError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(obj)) => Ok(Some(Fields {
+                path: self.path,
+                obj,
+            })),
+            Some(v) => Err(CheckpointError::invalid(
+                self.path,
+                key,
+                format!("expected an object, got {v}"),
+            )),
+        }
+    }
+}
+
+/// The recipe of the Hugging Face rope fields.
+///
+/// c (`original_context`) is `original_max_position_embeddings` when given, else
+/// `max_position_embeddings` (transformers' own fallback for yarn and dynamic). The target window
+/// is `max_position_embeddings` when `original_max_position_embeddings` is given, else (and always
+/// for dynamic, whose transformers form keeps `max_position_embeddings` = c) `round(factor * c)`.
+fn hf_recipe(
+    f: &Fields<'_>,
+    model_type: ModelType,
+    max_positions: u64,
+) -> Result<Recipe, CheckpointError> {
+    let path = f.path;
+    let unsupported = |reason: String| CheckpointError::UnsupportedRope {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // transformers 5 keeps everything in rope_parameters; transformers 4 in rope_theta + rope_scaling
+    let (params, theta) = match f.object("rope_parameters")? {
+        Some(p) => {
+            if p.get("rope_type").is_none()
+                && p.get("type").is_none()
+                && p.get("rope_theta").is_none()
+            {
+                return Err(unsupported(
+                    "rope_parameters without rope_type or rope_theta (per-layer-type rope \
+                     parameters are not supported)"
+                        .to_string(),
+                ));
+            }
+            let theta = match p.f64("rope_theta")? {
+                Some(t) => Some(t),
+                None => f.f64("rope_theta")?,
+            };
+            (Some(p), theta)
+        }
+        None => (f.object("rope_scaling")?, f.f64("rope_theta")?),
+    };
+    let base = theta.unwrap_or(DEFAULT_ROPE_THETA);
+    let empty = Map::new();
+    let p = params.unwrap_or(Fields { path, obj: &empty });
+    let rope_type = match p.str("rope_type")? {
+        Some(t) => t,
+        None => p.str("type")?.unwrap_or("default"),
+    };
+    let method = match rope_type {
+        "default" => RopeMethod::Default,
+        "linear" => RopeMethod::Linear,
+        "dynamic" => RopeMethod::Dynamic,
+        "yarn" => RopeMethod::Yarn,
+        "llama3" => RopeMethod::Llama3,
+        other => {
+            return Err(unsupported(format!(
+                "rope_type {other:?} (expected default, linear, dynamic, yarn or llama3)"
+            )))
+        }
+    };
+    let factor = if method.uses_factor() {
+        let s = p
+            .f64("factor")?
+            .ok_or_else(|| unsupported(format!("rope_type {rope_type} needs a factor")))?;
+        if !(s.is_finite() && s >= 1.0) {
+            return Err(unsupported(format!("factor must be >= 1, got {s}")));
+        }
+        s
+    } else {
+        1.0
+    };
+    let original = p.u64("original_max_position_embeddings")?;
+    let c = original.unwrap_or(max_positions);
+    let context = match (method, original) {
+        (RopeMethod::Dynamic, _) | (RopeMethod::Linear | RopeMethod::Yarn, None) => {
+            (factor * c as f64).round() as u64
+        }
+        _ => max_positions,
+    }
+    .max(c);
+
+    let mut recipe = Recipe::plain(crate::rope::BaseRope { base, context: c });
+    recipe.method = method;
+    recipe.factor = factor;
+    recipe.context = context;
+    if method == RopeMethod::Yarn {
+        if p.bool("truncate")? == Some(false) {
+            return Err(unsupported(
+                "yarn with truncate: false (abf truncates the ramp bounds as transformers' default)"
+                    .to_string(),
+            ));
+        }
+        recipe.beta_fast = p.f64("beta_fast")?.unwrap_or(defaults::BETA_FAST);
+        recipe.beta_slow = p.f64("beta_slow")?.unwrap_or(defaults::BETA_SLOW);
+        // transformers _compute_yarn_parameters: attention_factor, else
+        // get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are set, else get_mscale(s)
+        let get_mscale = |m: f64| 1.0 + m * (yarn_mscale(factor) - 1.0);
+        recipe.yarn_attention_factor = match (
+            p.f64("attention_factor")?,
+            p.f64("mscale")?,
+            p.f64("mscale_all_dim")?,
+        ) {
+            (Some(a), _, _) => Some(a),
+            (None, Some(m), Some(m_all)) if m != 0.0 && m_all != 0.0 => {
+                Some(get_mscale(m) / get_mscale(m_all))
+            }
+            _ => None,
+        };
+        // yarn without the attention factor is NTK-by-parts (method.md)
+        if recipe.yarn_attention_factor == Some(1.0) {
+            recipe.method = RopeMethod::NtkByParts;
+            recipe.yarn_attention_factor = None;
+        }
+    }
+    if method == RopeMethod::Llama3 {
+        recipe.low_freq_factor = p
+            .f64("low_freq_factor")?
+            .unwrap_or(defaults::LOW_FREQ_FACTOR);
+        recipe.high_freq_factor = p
+            .f64("high_freq_factor")?
+            .unwrap_or(defaults::HIGH_FREQ_FACTOR);
+    }
+    // Only transformers' ministral3 evaluates llama_4_scaling_beta; a llama config ignores it.
+    if model_type == ModelType::Ministral3 {
+        if let Some(beta) = p.f64("llama_4_scaling_beta")? {
+            let length = original.ok_or_else(|| {
+                unsupported(
+                    "llama_4_scaling_beta needs rope_parameters.original_max_position_embeddings"
+                        .to_string(),
+                )
+            })?;
+            if beta != 0.0 {
+                recipe.scale_law = ScaleLaw::Step { beta, length };
+            }
+        }
+    }
+    recipe
+        .validate()
+        .map_err(|source| CheckpointError::Recipe {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(recipe)
 }

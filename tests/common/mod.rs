@@ -18,6 +18,9 @@ pub fn smollm_gguf() -> Option<PathBuf> {
     if std::env::var("ABF_REQUIRE_DATA").is_ok_and(|v| v == "1") {
         panic!("{} is missing: run `make fetch`", p.display());
     }
-    eprintln!("note: {} is missing (run `make fetch`); skipping", p.display());
+    eprintln!(
+        "note: {} is missing (run `make fetch`); skipping",
+        p.display()
+    );
     None
 }

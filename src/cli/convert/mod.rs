@@ -1,5 +1,8 @@
 //! `abf-convert`: convert and patch checkpoints and GGUF files.
 
+mod inspect;
+mod patch_gguf;
+mod patch_config;
 mod rope;
 
 use std::process::ExitCode;
@@ -23,6 +26,12 @@ pub struct Cli {
 pub enum Command {
     /// Print a recipe's inverse frequencies, attention factor and logit scales.
     Rope(rope::RopeArgs),
+    /// Print a GGUF file's header, keys, tensors, summary and the recipe it encodes.
+    Inspect(inspect::InspectArgs),
+    /// Edit a GGUF's metadata: set/delete keys, relabel the architecture, apply a recipe.
+    PatchGguf(patch_gguf::PatchArgs),
+    /// Rewrite a model directory's config.json for a recipe (transformers or exact form).
+    PatchConfig(patch_config::PatchConfigArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -33,5 +42,8 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Rope(args) => rope::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::PatchGguf(args) => patch_gguf::run(args),
+        Command::PatchConfig(args) => patch_config::run(args),
     }
 }

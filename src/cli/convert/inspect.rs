@@ -1,0 +1,155 @@
+//! `abf-convert inspect FILE`: a GGUF file's header, keys, tensors, summary and recipe.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use crate::cli::{print_json, Exit};
+use crate::gguf::keys::{self, ArchKey};
+use crate::gguf::{open_mmap, read_recipe, GgufFile, Value};
+
+/// Arrays longer than this are summarized unless `--full`.
+const SHOWN_ITEMS: usize = 8;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The GGUF file.
+    pub file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print long arrays in full.
+    #[arg(long)]
+    pub full: bool,
+}
+
+/// The one-line summary: architecture, rope base, context and scaling.
+pub fn summary(file: &GgufFile) -> serde_json::Value {
+    let m = &file.metadata;
+    let arch = file.architecture().unwrap_or("?").to_string();
+    let get = |k: ArchKey| m.get(&k.key(&arch)).map(|v| v.to_json(None));
+    json!({
+        "architecture": arch,
+        "rope_base": get(ArchKey::RopeFreqBase).unwrap_or(json!(keys::DEFAULT_FREQ_BASE)),
+        "context_length": get(ArchKey::ContextLength),
+        "scaling": get(ArchKey::RopeScalingType).unwrap_or(json!(keys::SCALING_NONE)),
+        "scaling_factor": get(ArchKey::RopeScalingFactor),
+        "original_context_length": get(ArchKey::RopeScalingOriginalContextLength),
+        "temperature_scale": get(ArchKey::AttentionTemperatureScale),
+    })
+}
+
+fn summary_line(s: &serde_json::Value) -> String {
+    let mut line = format!(
+        "{} rope base {} context {} scaling {}",
+        s["architecture"].as_str().unwrap_or("?"),
+        s["rope_base"],
+        s["context_length"],
+        s["scaling"].as_str().unwrap_or("none")
+    );
+    if !s["scaling_factor"].is_null() {
+        line += &format!(" factor {}", s["scaling_factor"]);
+    }
+    if !s["original_context_length"].is_null() {
+        line += &format!(" original context {}", s["original_context_length"]);
+    }
+    if !s["temperature_scale"].is_null() {
+        line += &format!(" temperature scale {}", s["temperature_scale"]);
+    }
+    line
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
+    let mapped =
+        open_mmap(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let file = &mapped.file;
+    let max = (!args.full).then_some(SHOWN_ITEMS);
+    let recipe = read_recipe(&file.metadata);
+    let summary = summary(file);
+    if args.json {
+        let keys: Vec<_> = file
+            .metadata
+            .iter()
+            .zip(&file.spans)
+            .map(|((k, v), span)| {
+                json!({"key": k, "type": v.type_label(), "value": v.to_json(max), "offset": span.value_offset})
+            })
+            .collect();
+        let tensors: Vec<_> = file
+            .tensors
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name, "type": t.ggml_type.to_string(), "type_code": t.ggml_type.code(),
+                    "known": t.is_known(), "shape": t.dims, "offset": t.offset, "size": t.size,
+                })
+            })
+            .collect();
+        let (recipe_json, recipe_error) = match &recipe {
+            Ok(Some(r)) => (r.to_json_block(), None),
+            Ok(None) => (serde_json::Value::Null, None),
+            Err(e) => (serde_json::Value::Null, Some(e.to_string())),
+        };
+        print_json(&json!({
+            "file": args.file.display().to_string(),
+            "version": file.version,
+            "alignment": file.alignment,
+            "data_start": file.data_start,
+            "file_len": file.file_len,
+            "summary": summary,
+            "recipe": recipe_json,
+            "recipe_error": recipe_error,
+            "recipe_gaps": recipe.as_ref().ok().and_then(|r| r.as_ref()).map(|r| r.runtime_gaps()),
+            "keys": keys,
+            "tensors": tensors,
+        }))?;
+        return Ok(Exit::Ok);
+    }
+    println!("{}", args.file.display());
+    println!(
+        "gguf v{}, alignment {}, {} keys, {} tensors, data at byte {} ({} bytes in file)",
+        file.version,
+        file.alignment,
+        file.metadata.len(),
+        file.tensors.len(),
+        file.data_start,
+        file.file_len
+    );
+    println!("summary: {}", summary_line(&summary));
+    match &recipe {
+        Ok(Some(r)) => {
+            println!("recipe: {r}");
+            for g in r.runtime_gaps() {
+                println!("  note: {g}");
+            }
+        }
+        Ok(None) => println!("recipe: none"),
+        Err(e) => println!("recipe: unreadable ({e})"),
+    }
+    println!("keys:");
+    for (k, v) in file.metadata.iter() {
+        let shown = match (v, args.full) {
+            (Value::Array(_), true) => v.to_json(None).to_string(),
+            _ => v.to_string(),
+        };
+        println!("  {k:<48} {:<14} {shown}", v.type_label());
+    }
+    println!("tensors:");
+    for t in &file.tensors {
+        let unknown = if t.is_known() {
+            ""
+        } else {
+            " (unknown type, carried through)"
+        };
+        println!(
+            "  {:<40} {:<8} {:<24} offset {}{unknown}",
+            t.name,
+            t.ggml_type.to_string(),
+            format!("{:?}", t.dims),
+            t.offset
+        );
+    }
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,96 @@
+//! `abf-convert patch-config`: rewrite a model directory's config.json for a recipe.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use crate::checkpoint::{patch_config, write_patched, HfConfig, PatchOutput, Runtime};
+use crate::cli::{print_json, Exit};
+use crate::rope::{BaseRope, RecipeArgs};
+
+#[derive(Args, Debug)]
+pub struct PatchConfigArgs {
+    /// Model directory (config.json, safetensors weights, tokenizer files).
+    pub model_dir: PathBuf,
+    /// Write a new model directory here (weights hard-linked or copied, other files copied).
+    #[arg(short = 'o', long = "output", conflicts_with = "in_place")]
+    pub output: Option<PathBuf>,
+    /// Replace MODEL_DIR/config.json itself (atomically).
+    #[arg(long)]
+    pub in_place: bool,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// transformers: the Hugging Face fields transformers runs natively; exact: our abf_recipe block.
+    #[arg(long, value_enum, default_value_t = Runtime::Transformers)]
+    pub runtime: Runtime,
+    /// Write the nearest runtime form of a recipe the runtime cannot run exactly.
+    #[arg(long)]
+    pub allow_approximate: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
+    let output = match (&args.output, args.in_place) {
+        (Some(dir), false) => PatchOutput::Dir(dir.clone()),
+        (None, true) => PatchOutput::InPlace,
+        _ => anyhow::bail!("give -o OUT_DIR or --in-place"),
+    };
+    let input = HfConfig::load(&args.model_dir)?;
+    let current = input.model.recipe.clone();
+    let model = BaseRope {
+        base: current.rope_base,
+        context: current.original_context,
+    };
+    let recipe = args
+        .recipe
+        .resolve(Some(&current), model)
+        .context("recipe flags")?;
+    let patched = patch_config(&input, &recipe, args.runtime, args.allow_approximate)?;
+    let files = write_patched(&args.model_dir, &patched, &output)?;
+    if args.json {
+        print_json(&json!({
+            "input": args.model_dir,
+            "config": files.config_path,
+            "runtime": args.runtime.name(),
+            "model_type": patched.model_type.name(),
+            "recipe": patched.recipe.to_json_block(),
+            "runtime_recipe": patched.runtime_recipe.to_json_block(),
+            "exact": patched.approximations.is_empty(),
+            "approximations": patched.approximations,
+            "linked": files.linked,
+            "copied": files.copied,
+            "skipped": files.skipped,
+        }))?;
+    } else {
+        println!(
+            "wrote {} (runtime {}, model_type {})",
+            files.config_path.display(),
+            args.runtime.name(),
+            patched.model_type.name()
+        );
+        println!("recipe: {}", patched.recipe);
+        if !patched.approximations.is_empty() {
+            println!("approximated as: {}", patched.runtime_recipe);
+            for gap in &patched.approximations {
+                println!("  approximation: {gap}");
+            }
+        }
+        if let PatchOutput::Dir(_) = output {
+            println!(
+                "files: {} hard-linked, {} copied{}",
+                files.linked.len(),
+                files.copied.len(),
+                if files.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(", skipped {}", files.skipped.join(", "))
+                }
+            );
+        }
+    }
+    Ok(Exit::Ok)
+}

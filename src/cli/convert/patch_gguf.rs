@@ -1,0 +1,249 @@
+//! `abf-convert patch-gguf`: edit a GGUF's metadata (set, delete, relabel, apply a recipe),
+//! in place when every length is kept, else by rewriting the header and copying the tensors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::json;
+
+use crate::cli::{print_json, Exit};
+use crate::gguf::keys::{self, ArchKey};
+use crate::gguf::{
+    apply_recipe, diff, in_place_writes, open_mmap, read_recipe, rewrite, write_in_place, Metadata,
+    Runtime, Value, ValueType,
+};
+use crate::rope::{BaseRope, RecipeArgs};
+
+#[derive(Args, Debug)]
+pub struct PatchArgs {
+    /// The GGUF file to patch.
+    pub input: PathBuf,
+    /// Write the result here (the input is left untouched).
+    #[arg(short, long, conflicts_with = "in_place")]
+    pub output: Option<PathBuf>,
+    /// Patch the input itself (only same-size edits, unless --allow-rewrite).
+    #[arg(long)]
+    pub in_place: bool,
+    /// Set a key: KEY=TYPE:VALUE with TYPE one of u8 i8 u16 i16 u32 i32 f32 bool string u64 i64 f64.
+    #[arg(long = "set", value_name = "KEY=TYPE:VALUE")]
+    pub set: Vec<String>,
+    /// Delete a key.
+    #[arg(long = "delete", value_name = "KEY")]
+    pub delete: Vec<String>,
+    /// Rename the architecture (general.architecture and every `{arch}.` key).
+    #[arg(long, value_name = "NEW")]
+    pub rename_arch: Option<String>,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Which runtime the recipe keys are for: llama.cpp (its native keys) or exact (also abf.recipe.*).
+    #[arg(long, default_value = "llama.cpp", value_parser = parse_runtime)]
+    pub runtime: Runtime,
+    /// Write the nearest runtime form of a recipe llama.cpp cannot run exactly.
+    #[arg(long)]
+    pub allow_approximate: bool,
+    /// With --in-place, allow an edit that changes the header's size (temp file + rename over the input).
+    #[arg(long)]
+    pub allow_rewrite: bool,
+    /// Replace an existing -o file.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the metadata diff and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_runtime(s: &str) -> Result<Runtime, String> {
+    s.parse()
+}
+
+/// Parse `KEY=TYPE:VALUE`.
+pub fn parse_set(spec: &str) -> anyhow::Result<(String, Value)> {
+    let (key, rest) = spec
+        .split_once('=')
+        .with_context(|| format!("--set {spec:?}: expected KEY=TYPE:VALUE"))?;
+    let (ty, value) = rest
+        .split_once(':')
+        .with_context(|| format!("--set {spec:?}: expected KEY=TYPE:VALUE"))?;
+    let ty = ValueType::from_name(ty)
+        .filter(|t| *t != ValueType::Array)
+        .with_context(|| format!("--set {spec:?}: unknown type {ty:?} (u8 i8 u16 i16 u32 i32 f32 bool string u64 i64 f64)"))?;
+    if key.is_empty() {
+        bail!("--set {spec:?}: empty key");
+    }
+    let v = Value::parse(ty, value).map_err(|e| anyhow::anyhow!("--set {spec:?}: {e}"))?;
+    Ok((key.to_string(), v))
+}
+
+/// Apply the edits in order: relabel, recipe, deletes, sets. Returns notes.
+fn edit(args: &PatchArgs, meta: &mut Metadata) -> anyhow::Result<Vec<String>> {
+    let mut notes = Vec::new();
+    if let Some(new) = &args.rename_arch {
+        meta.rename_arch(new)?;
+    }
+    if !args.recipe.is_empty() {
+        let arch = meta
+            .architecture()?
+            .context("the file has no general.architecture")?
+            .to_string();
+        let current = read_recipe(meta).context("reading the file's current recipe")?;
+        let ctx = meta
+            .arch_u32(&arch, ArchKey::ContextLength)?
+            .with_context(|| format!("the file has no {}", ArchKey::ContextLength.key(&arch)))?;
+        let base = meta
+            .arch_f32(&arch, ArchKey::RopeFreqBase)?
+            .map(f64::from)
+            .unwrap_or(keys::DEFAULT_FREQ_BASE);
+        let model = BaseRope {
+            base,
+            context: ctx as u64,
+        };
+        let recipe = args
+            .recipe
+            .resolve(current.as_ref(), model)
+            .context("recipe flags")?;
+        notes.push(format!("recipe: {recipe}"));
+        notes.extend(apply_recipe(
+            meta,
+            &recipe,
+            args.runtime,
+            args.allow_approximate,
+        )?);
+    }
+    for k in &args.delete {
+        if meta.remove(k).is_none() {
+            bail!("--delete {k:?}: no such key");
+        }
+    }
+    let arch = meta.architecture().ok().flatten().map(str::to_string);
+    for spec in &args.set {
+        let (key, value) = parse_set(spec)?;
+        if let Some(want) = keys::required_type(arch.as_deref(), &key) {
+            if want != value.value_type() {
+                bail!(
+                    "--set {spec:?}: llama.cpp requires {key} to be {want}, not {}",
+                    value.value_type()
+                );
+            }
+        }
+        if key == keys::GENERAL_ALIGNMENT {
+            if let Value::U32(a) = value {
+                meta.set_alignment(a)?;
+                continue;
+            }
+        }
+        meta.set(key, value);
+    }
+    Ok(notes)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
+    if args.output.is_none() && !args.in_place && !args.dry_run {
+        bail!("give -o OUT, --in-place or --dry-run");
+    }
+    if let Some(out) = &args.output {
+        if same_file(&args.input, out) {
+            bail!("-o names the input file; use --in-place");
+        }
+    }
+    let mapped =
+        open_mmap(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let old = &mapped.file;
+    let mut meta = old.metadata.clone();
+    let notes = edit(&args, &mut meta)?;
+    let changes = diff(&old.metadata, &meta);
+    let in_place = in_place_writes(old, &meta);
+    let mut notes = notes;
+    let mode = if args.in_place {
+        match &in_place {
+            Ok(w) if w.is_empty() => "none",
+            Ok(_) => "in-place",
+            Err(_) if args.allow_rewrite => "rewrite",
+            Err(reason) => {
+                let msg = format!(
+                    "--in-place: {reason}, which changes the header's size; add --allow-rewrite \
+                     to rewrite the file (temporary file renamed over the input)"
+                );
+                if !args.dry_run {
+                    bail!("{msg}");
+                }
+                notes.push(format!("refused without --allow-rewrite: {msg}"));
+                "refused"
+            }
+        }
+    } else if args.output.is_some() {
+        "rewrite"
+    } else {
+        match &in_place {
+            Ok(w) if w.is_empty() => "none",
+            Ok(_) => "in-place",
+            Err(_) => "rewrite",
+        }
+    };
+    let target = args.output.clone().unwrap_or_else(|| args.input.clone());
+    let mut bytes_written = 0u64;
+    if !args.dry_run {
+        match mode {
+            "in-place" => {
+                let writes = in_place
+                    .as_ref()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .clone();
+                drop(mapped);
+                write_in_place(&args.input, &writes)?;
+                bytes_written = writes.iter().map(|w| w.new.len() as u64).sum();
+            }
+            "rewrite" => {
+                let overwrite = args.in_place || args.force;
+                bytes_written = rewrite(&args.input, old, &meta, &target, overwrite)
+                    .with_context(|| format!("writing {}", target.display()))?;
+            }
+            _ => {}
+        }
+    }
+    if args.json {
+        print_json(&json!({
+            "input": args.input.display().to_string(),
+            "output": target.display().to_string(),
+            "mode": mode,
+            "dry_run": args.dry_run,
+            "changes": changes.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+            "notes": notes,
+            "bytes_written": bytes_written,
+        }))?;
+    } else {
+        for c in &changes {
+            println!("{c}");
+        }
+        if changes.is_empty() {
+            println!("no metadata changes");
+        }
+        for n in &notes {
+            println!("note: {n}");
+        }
+        let verb = if args.dry_run { "would write" } else { "wrote" };
+        match mode {
+            "in-place" => println!(
+                "{verb} {} in place ({} changed value(s), no byte moved)",
+                args.input.display(),
+                changes.len()
+            ),
+            "rewrite" => println!(
+                "{verb} {} (header rewritten, tensor data copied verbatim)",
+                target.display()
+            ),
+            _ => println!("nothing to write"),
+        }
+    }
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,303 @@
+//! The LLaMA-family decoder (LLaMA, Mistral, Ministral 3 text), driven by the recipe.
+//!
+//! Read top to bottom: MLP, decoder layer, model. Tensor names are Hugging Face's.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::attention::{Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
+use super::ops::{self, compute_dtype, Path};
+use super::rope::Positions;
+use crate::checkpoint::ModelConfig;
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`mlp.{gate,up,down}_proj`).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Mlp> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: vb.get((inter, hidden), "gate_proj.weight")?,
+            up_proj: vb.get((inter, hidden), "up_proj.weight")?,
+            down_proj: vb.get((hidden, inter), "down_proj.weight")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // silu is a plain unary op with a backward pass, so both paths share this.
+        let g = ops::linear(x, &self.gate_proj)?.silu()?;
+        let u = ops::linear(x, &self.up_proj)?;
+        ops::linear(&(g * u)?, &self.down_proj)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual stream.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<DecoderLayer> {
+        let hidden = cfg.hidden_size;
+        Ok(DecoderLayer {
+            input_layernorm: vb.get(hidden, "input_layernorm.weight")?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: vb.get(hidden, "post_attention_layernorm.weight")?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+/// A LLaMA-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// `lm_head.weight`, or a clone of `embed_tokens` (same storage, same variable) when tied.
+    lm_head: Tensor,
+    cfg: ModelConfig,
+    query_block: usize,
+}
+
+impl Llama {
+    /// Load every weight of `cfg` from `vb` (Hugging Face names, rooted at the checkpoint's top
+    /// level). The model's dtype and device are the VarBuilder's. With `tie_word_embeddings` the
+    /// output head is `model.embed_tokens.weight` (as transformers ties it, even when the file
+    /// also holds an `lm_head.weight`).
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Llama> {
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+            candle_core::bail!("head_dim must be even and positive, got {}", cfg.head_dim)
+        }
+        if !matches!(
+            vb.dtype(),
+            DType::F32 | DType::BF16 | DType::F16 | DType::F64
+        ) {
+            candle_core::bail!(
+                "unsupported model dtype {:?} (f32, bf16, f16 or f64)",
+                vb.dtype()
+            )
+        }
+        let m = vb.pp("model");
+        let embed_tokens = m.get((vocab, hidden), "embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = m.get(hidden, "norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.get((vocab, hidden), "lm_head.weight")?
+        };
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cfg: cfg.clone(),
+            query_block: DEFAULT_QUERY_BLOCK,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The dtype of the weights (and of the residual stream).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Query rows per attention block.
+    pub fn query_block(&self) -> usize {
+        self.query_block
+    }
+
+    /// Set the query rows per attention block (at least 1). Results do not depend on it beyond
+    /// rounding; memory of one layer's attention is `batch * heads * block * seq` scores.
+    pub fn set_query_block(&mut self, rows: usize) {
+        self.query_block = rows.max(1);
+    }
+
+    /// Every weight with its Hugging Face name (the output head only when it is not tied).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.clone(),
+            ));
+            for (name, w) in ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .iter()
+                .zip(l.self_attn.weights())
+            {
+                out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.clone(),
+            ));
+            out.push((format!("{p}.mlp.gate_proj.weight"), l.mlp.gate_proj.clone()));
+            out.push((format!("{p}.mlp.up_proj.weight"), l.mlp.up_proj.clone()));
+            out.push((format!("{p}.mlp.down_proj.weight"), l.mlp.down_proj.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Rotary tables and logit scales for positions `start_pos .. start_pos + len`.
+    pub fn positions(&self, start_pos: usize, len: usize) -> Result<Positions> {
+        Positions::new(
+            &self.cfg.recipe,
+            self.cfg.head_dim,
+            self.layers.len(),
+            start_pos,
+            len,
+            self.dtype(),
+            self.device(),
+        )
+    }
+
+    /// Token embeddings: `[batch, seq]` ids (u32) to `[batch, seq, hidden]` in the model dtype.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if b == 0 || t == 0 {
+            candle_core::bail!("empty token batch {:?}", tokens.shape())
+        }
+        if tokens.dtype() != DType::U32 {
+            candle_core::bail!("token ids must be u32, got {:?}", tokens.dtype())
+        }
+        let ids = tokens.flatten_all()?;
+        let max = ids.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            candle_core::bail!(
+                "token id {max} is out of range for vocab_size {}",
+                self.cfg.vocab_size
+            )
+        }
+        self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, ()))
+    }
+
+    /// Decoder layer `i` on the residual stream `x` (`[batch, seq, hidden]`) at `pos`.
+    /// A trainer that recomputes layers keeps only each layer's input.
+    pub fn layer(&self, i: usize, x: &Tensor, pos: &Positions, path: Path) -> Result<Tensor> {
+        self.layer_probed(i, x, pos, path, None)
+    }
+
+    fn layer_probed(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: &Positions,
+        path: Path,
+        probe: Option<&mut EntropyProbe>,
+    ) -> Result<Tensor> {
+        let Some(l) = self.layers.get(i) else {
+            candle_core::bail!("layer {i} does not exist ({} layers)", self.layers.len())
+        };
+        let eps = self.cfg.rms_norm_eps;
+        let h = ops::rms_norm(x, &l.input_layernorm, eps, path)?;
+        let h = l
+            .self_attn
+            .forward(&h, pos, i, path, self.query_block, probe)?;
+        let x = (x + h)?;
+        let h = ops::rms_norm(&x, &l.post_attention_layernorm, eps, path)?;
+        let h = l.mlp.forward(&h)?;
+        x + h
+    }
+
+    /// Final norm and output head: `[batch, seq, hidden]` to `[batch, seq, vocab]` logits in f32
+    /// (f64 for f64 models).
+    pub fn head(&self, x: &Tensor, path: Path) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps, path)?;
+        ops::linear(&h, &self.lm_head)?.to_dtype(compute_dtype(self.dtype()))
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) of `tokens` (`[batch, seq]` u32) placed at absolute
+    /// positions `start_pos ..` (the tokens attend only to each other; there is no cache), with the
+    /// fused inference kernels. No gradients flow through this.
+    pub fn forward(&self, tokens: &Tensor, start_pos: usize) -> Result<Tensor> {
+        self.forward_path(tokens, start_pos, Path::Fast)
+    }
+
+    /// The same logits through differentiable ops only (for training).
+    pub fn forward_train(&self, tokens: &Tensor, start_pos: usize) -> Result<Tensor> {
+        self.forward_path(tokens, start_pos, Path::Differentiable)
+    }
+
+    pub fn forward_path(&self, tokens: &Tensor, start_pos: usize, path: Path) -> Result<Tensor> {
+        let mut x = self.embed(tokens)?;
+        let pos = self.positions(start_pos, x.dim(1)?)?;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, &x, &pos, path)?;
+        }
+        self.head(&x, path)
+    }
+
+    /// Logits (fast path, positions from 0) and the attention entropy of every layer at
+    /// `query_positions` (indices into the sequence): `entropy[layer][k]` is the mean over heads
+    /// and batch rows of `H = -sum p ln p` of the query at `query_positions[k]` over its visible
+    /// keys, with the recipe's logit scale applied (the attention the model actually uses).
+    pub fn forward_with_entropy(
+        &self,
+        tokens: &Tensor,
+        query_positions: &[usize],
+    ) -> Result<(Tensor, Vec<Vec<f32>>)> {
+        let (logits, per_head) = self.forward_with_entropy_heads(tokens, query_positions)?;
+        let mean = per_head
+            .into_iter()
+            .map(|layer| {
+                layer
+                    .into_iter()
+                    .map(|v| v.iter().map(|&x| x as f64).sum::<f64>() as f32 / v.len() as f32)
+                    .collect()
+            })
+            .collect();
+        Ok((logits, mean))
+    }
+
+    /// As [`Llama::forward_with_entropy`], unaveraged: `entropy[layer][k][b * heads + h]`.
+    pub fn forward_with_entropy_heads(
+        &self,
+        tokens: &Tensor,
+        query_positions: &[usize],
+    ) -> Result<(Tensor, Vec<Vec<Vec<f32>>>)> {
+        let (_, t) = tokens.dims2()?;
+        if let Some(&p) = query_positions.iter().find(|&&p| p >= t) {
+            candle_core::bail!("entropy query position {p} is past the sequence ({t} tokens)")
+        }
+        let mut x = self.embed(tokens)?;
+        let pos = self.positions(0, t)?;
+        let mut entropy = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            let mut probe = EntropyProbe {
+                positions: query_positions,
+                values: vec![Vec::new(); query_positions.len()],
+            };
+            x = self.layer_probed(i, &x, &pos, Path::Fast, Some(&mut probe))?;
+            entropy.push(probe.values);
+        }
+        Ok((self.head(&x, Path::Fast)?, entropy))
+    }
+}

@@ -1,0 +1,107 @@
+//! The forward's elementary operations, each in two forms.
+//!
+//! [`Path::Differentiable`] uses only plain tensor ops that candle can differentiate.
+//! [`Path::Fast`] uses candle's fused kernels (`rms_norm`, `rotary_emb::rope`,
+//! `softmax_last_dim`), which have NO backward pass: gradients through them are silently dropped,
+//! so training must never take that path. Both compute the same function; they agree to f32
+//! rounding (tests/model_oracle.rs).
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Which implementation of the elementary operations a forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Fused kernels, no backward pass: inference, evaluation, verification.
+    Fast,
+    /// Plain differentiable tensor ops: training.
+    Differentiable,
+}
+
+/// The dtype norms and softmax are computed in: f32, or f64 for f64 models.
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// RMSNorm `x * rsqrt(mean(x^2) + eps) * w` over the last dimension, computed in f32 (f64 for
+/// f64 models) and rounded once to the dtype of `x` (transformers' LlamaRMSNorm, which also
+/// normalises in f32; it rounds before multiplying by `w`, we after).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let cdt = compute_dtype(dtype);
+    let xf = x.to_dtype(cdt)?;
+    let wf = w.to_dtype(cdt)?;
+    let y = match path {
+        Path::Fast => candle_nn::ops::rms_norm(&xf.contiguous()?, &wf, eps as f32)?,
+        Path::Differentiable => {
+            let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let r = (ms + eps)?.sqrt()?.recip()?;
+            xf.broadcast_mul(&r)?.broadcast_mul(&wf)?
+        }
+    };
+    y.to_dtype(dtype)
+}
+
+/// Rotary embedding, rotate-half layout (transformers' `apply_rotary_pos_emb`): for `x` of shape
+/// `[b, h, t, d]` and tables `[t, d/2]`, with `x1 = x[.., :d/2]`, `x2 = x[.., d/2:]`:
+/// `out = cat(x1 cos - x2 sin, x2 cos + x1 sin)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
+    match path {
+        Path::Fast => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+        Path::Differentiable => {
+            let (_b, _h, t, d) = x.dims4()?;
+            let half = d / 2;
+            let c = cos.reshape((1, 1, t, half))?;
+            let s = sin.reshape((1, 1, t, half))?;
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+            let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+            Tensor::cat(&[&o1, &o2], D::Minus1)
+        }
+    }
+}
+
+/// Softmax over the last dimension. The differentiable form subtracts the (detached) row max,
+/// which leaves the value and the gradient unchanged and keeps `exp` finite; masked entries
+/// (`-inf`) give exactly 0.
+pub fn softmax(x: &Tensor, path: Path) -> Result<Tensor> {
+    match path {
+        Path::Fast => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        Path::Differentiable => {
+            let m = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&m)?.exp()?;
+            let z = e.sum_keepdim(D::Minus1)?;
+            e.broadcast_div(&z)
+        }
+    }
+}
+
+/// `x W^T` for `x` of shape `[.., in]` and a Hugging Face weight `W` of shape `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: input is a scalar")
+    };
+    let rows: usize = lead.iter().product();
+    let (out, _) = w.dims2()?;
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    y.reshape(shape)
+}
+
+/// Attention entropy `H = ln Z - sum(e^s s) / Z` (natural log, `s` = logits minus their max,
+/// `Z = sum e^s`; method.md) of every row of `scores` over the last dimension.
+/// `scores` must hold only visible (finite) entries.
+pub fn entropy(scores: &Tensor) -> Result<Tensor> {
+    let m = scores.max_keepdim(D::Minus1)?;
+    let s = scores.broadcast_sub(&m)?;
+    let e = s.exp()?;
+    let z = e.sum_keepdim(D::Minus1)?;
+    let es = (&e * &s)?.sum_keepdim(D::Minus1)?;
+    (z.log()? - es.broadcast_div(&z)?)?.squeeze(D::Minus1)
+}

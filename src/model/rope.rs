@@ -1,0 +1,154 @@
+//! Position tables of one forward: rotary cos/sin and the per-layer logit scale on q.
+//!
+//! Everything is derived from the recipe (`Recipe::inv_freq`, `Recipe::attention_factor`,
+//! `Recipe::logit_scale`); nothing here re-derives a frequency or a scale law.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::rope::Recipe;
+
+/// Rotary tables and logit scales for the absolute positions `start .. start + len`.
+///
+/// `cos`, `sin` are `[len, head_dim / 2]` in the model dtype, already multiplied by the recipe's
+/// attention factor (YaRN's mscale; 1 otherwise), Hugging Face rotate-half layout: entry `j`
+/// rotates the pair (`j`, `j + head_dim / 2`).
+#[derive(Debug, Clone)]
+pub struct Positions {
+    start: usize,
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
+    /// Per layer: `[1, 1, len, 1]` logit scale in the model dtype, `None` where every scale is 1.
+    scales: Vec<Option<Tensor>>,
+}
+
+impl Positions {
+    /// Tables for a model of `num_layers` layers and rotary dimension `head_dim`, positions
+    /// `start .. start + len`, in `dtype` on `device`.
+    ///
+    /// The angle `p * theta_j`, its cos/sin and the attention factor are evaluated in f64 and
+    /// rounded once to the model dtype (f32 for f32 and bf16 models, which then round to bf16).
+    /// Hugging Face forms the angle in f32, which at position 16k is off by up to ~1e-3 rad for
+    /// the fastest pair; the reference here is the exact value.
+    pub fn new(
+        recipe: &Recipe,
+        head_dim: usize,
+        num_layers: usize,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Positions> {
+        if head_dim == 0 || head_dim % 2 != 0 {
+            candle_core::bail!("rotary head dimension must be even and positive, got {head_dim}")
+        }
+        let half = head_dim / 2;
+        // Dynamic NTK recomputes its base from the length seen so far (transformers passes
+        // max position + 1); every other method ignores the argument.
+        let seen = (start + len) as u64;
+        let inv_freq = recipe.inv_freq(head_dim, Some(seen));
+        if inv_freq.len() != half {
+            candle_core::bail!(
+                "recipe gave {} inverse frequencies for head dimension {head_dim}",
+                inv_freq.len()
+            )
+        }
+        let factor = recipe.attention_factor();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for i in 0..len {
+            let p = (start + i) as f64;
+            for &f in &inv_freq {
+                let a = p * f;
+                cos.push(a.cos() * factor);
+                sin.push(a.sin() * factor);
+            }
+        }
+        let cos = table(cos, (len, half), dtype, device)?;
+        let sin = table(sin, (len, half), dtype, device)?;
+
+        // Layers share one scale vector (the law does not depend on the layer beyond exemption),
+        // so it is built once and cloned (tensors are reference counted).
+        let scaled: Option<Tensor> = if recipe.has_scaling() {
+            let values: Vec<f64> = (0..len)
+                .map(|i| recipe.law_scale((start + i) as u64))
+                .collect();
+            if values.iter().all(|&s| s == 1.0) {
+                None
+            } else {
+                Some(scale_table(values, dtype, device)?.reshape((1, 1, len, 1))?)
+            }
+        } else {
+            None
+        };
+        let scales = (0..num_layers)
+            .map(|layer| {
+                // logit_scale is 1 for exempt layers; the law vector covers the rest.
+                let exempt = (0..len).all(|i| recipe.logit_scale(layer, (start + i) as u64) == 1.0);
+                if exempt {
+                    None
+                } else {
+                    scaled.clone()
+                }
+            })
+            .collect();
+        Ok(Positions {
+            start,
+            len,
+            cos,
+            sin,
+            scales,
+        })
+    }
+
+    /// First absolute position.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `[len, head_dim / 2]` cos table (attention factor included).
+    pub fn cos(&self) -> &Tensor {
+        &self.cos
+    }
+
+    /// `[len, head_dim / 2]` sin table (attention factor included).
+    pub fn sin(&self) -> &Tensor {
+        &self.sin
+    }
+
+    /// The `[1, 1, len, 1]` logit scale of `layer`, `None` when it is 1 at every position.
+    pub fn scale(&self, layer: usize) -> Option<&Tensor> {
+        self.scales.get(layer).and_then(|s| s.as_ref())
+    }
+}
+
+/// An f64 table rounded to the model dtype (f64 models keep f64; others go through f32).
+fn table(values: Vec<f64>, shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    if dtype == DType::F64 {
+        Tensor::from_vec(values, shape, device)
+    } else {
+        let v: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
+        Tensor::from_vec(v, shape, device)?.to_dtype(dtype)
+    }
+}
+
+/// Logit scales the way the paper's reference patch forms them: evaluated in float32, then cast
+/// to the model dtype before multiplying q (bf16: lambda(8192) = 1.0859375 for c = 4096).
+fn scale_table(values: Vec<f64>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let len = values.len();
+    if dtype == DType::F64 {
+        Tensor::from_vec(values, len, device)
+    } else {
+        let v: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
+        Tensor::from_vec(v, len, device)?.to_dtype(dtype)
+    }
+}
