@@ -465,7 +465,7 @@ fn adamw_keeps_f32_masters_for_bf16_weights() {
     let mut opt = AdamW::new(&ps, cfg).unwrap();
     let g = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
     for _ in 0..10 {
-        opt.update(&mut ps, &[g.clone()], 1e-4).unwrap();
+        opt.update(&mut ps, std::slice::from_ref(&g), 1e-4).unwrap();
     }
     let master = vals(&ps[0])[0];
     assert!((master - (1.0 - 10.0 * 1e-4)).abs() < 1e-5, "{master}");
@@ -818,4 +818,479 @@ fn lora_starts_at_the_base_model_and_merges_at_export() {
     for (x, y) in flat(&out[name]).iter().zip(flat(&want)) {
         assert!((x - y).abs() < 1e-6);
     }
+}
+
+// ---------------------------------------------------------------- the real model (crate::model)
+
+use abf::rope::{BaseRope, Recipe, RopeMethod};
+
+/// A tiny LLaMA on disk, its config with an eabf recipe whose window c = 32 makes the logit
+/// scale exceed 1 within the test sequences, and its weights in `dtype`.
+fn tiny_llama(
+    dtype: DType,
+    skip: usize,
+) -> (
+    tempfile::TempDir,
+    abf::checkpoint::ModelConfig,
+    Vec<(String, Tensor)>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), &TinySpec::default(), 11);
+    let mut cfg = abf::checkpoint::ModelConfig::load(dir.path()).unwrap();
+    let mut r = Recipe::for_method(
+        RopeMethod::Eabf,
+        BaseRope {
+            base: 10000.0,
+            context: 32,
+        },
+    );
+    r.skip_layers = skip;
+    cfg.recipe = r;
+    let w = abf::train::hf::load_weights(dir.path(), &cfg, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(dtype).unwrap()))
+        .collect();
+    (dir, cfg, w)
+}
+
+fn llama_batch() -> Batch {
+    let mut rng = SplitMix64(3);
+    let n = 48;
+    let tokens: Vec<u32> = (0..n).map(|_| 5 + rng.below(300) as u32).collect();
+    let mask = (0..n).map(|j| j % 3 != 0).collect();
+    let e = Example { tokens, mask };
+    Batch::from_examples(&[&e], &Device::Cpu).unwrap()
+}
+
+fn llama_loss_grads(
+    cfg: &abf::checkpoint::ModelConfig,
+    w: Vec<(String, Tensor)>,
+    plan: BackwardPlan,
+) -> (ParamSet, f64, Vec<Tensor>) {
+    let set = ParamSet::full(w, DType::F64).unwrap();
+    let vb = VarBuilder::from_tensors(set.weight_map().unwrap(), DType::F64, &Device::Cpu);
+    let model = abf::train::hf::llama_factory(cfg.clone())(vb).unwrap();
+    let mut acc = GradAcc::new(set.params.len());
+    let loss = loss_and_grads(
+        model.as_ref(),
+        &llama_batch(),
+        0.05,
+        &set.params,
+        &mut acc,
+        plan,
+    )
+    .unwrap();
+    let g = acc.finish(&set.params).unwrap();
+    (set, loss, g)
+}
+
+#[test]
+fn llama_recomputation_and_scaled_attention_match_finite_differences() {
+    let (_d, cfg, w) = tiny_llama(DType::F64, 1);
+    let plain = BackwardPlan {
+        recompute: false,
+        head_chunk: 1 << 20,
+    };
+    let rec = BackwardPlan {
+        recompute: true,
+        head_chunk: 16,
+    };
+    let (set, l0, g0) = llama_loss_grads(&cfg, w.clone(), plain);
+    let (_, l1, g1) = llama_loss_grads(&cfg, w.clone(), rec);
+    assert!((l0 - l1).abs() < 1e-12 * l0.abs(), "{l0} {l1}");
+    for (p, (a, b)) in set.params.iter().zip(g0.iter().zip(&g1)) {
+        for (x, y) in flat(a).iter().zip(flat(b)) {
+            assert!(
+                (x - y).abs() < 1e-12 * (1.0 + x.abs()),
+                "{}: {x} {y}",
+                p.name
+            );
+        }
+    }
+    // central differences in f64 through the whole recipe-driven forward (rope with the ABF
+    // base, logit scale lambda(p+1) = ln(p+1)/ln 32 > 1 past position 31 on layers 1 and 2)
+    let h = 1e-6;
+    let loss_with = |name: &str, j: usize, d: f64| -> f64 {
+        let mut w2 = w.clone();
+        let t = &mut w2.iter_mut().find(|(n, _)| n == name).unwrap().1;
+        let mut v = flat(t);
+        v[j] += d;
+        *t = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+        llama_loss_grads(&cfg, w2, plain).1
+    };
+    let mut checked = 0;
+    for name in [
+        "model.layers.2.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.2.input_layernorm.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
+        let pi = set.params.iter().position(|p| p.name == name).unwrap();
+        let g = flat(&g1[pi]);
+        // the largest-gradient entry and two fixed ones
+        let big = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        for j in [big, 7 % g.len(), g.len() - 1] {
+            let fd = (loss_with(name, j, h) - loss_with(name, j, -h)) / (2.0 * h);
+            assert!(
+                (fd - g[j]).abs() < 1e-7 + 1e-5 * fd.abs(),
+                "{name}[{j}]: fd {fd} analytic {}",
+                g[j]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 27);
+}
+
+#[test]
+fn logit_scaling_reaches_the_gradient() {
+    // same weights and base; eabf (scaled) against abf (unscaled) must give different gradients
+    // for the scaled layers, and identical ones when the scale is 1 everywhere (short sequence
+    // in the window)
+    let (_d, cfg, w) = tiny_llama(DType::F64, 0);
+    let mut abf_cfg = cfg.clone();
+    abf_cfg.recipe.method = RopeMethod::Abf;
+    abf_cfg.recipe.scale_law = abf::rope::ScaleLaw::None;
+    let plan = BackwardPlan::default();
+    let (set, _, ge) = llama_loss_grads(&cfg, w.clone(), plan);
+    let (_, _, ga) = llama_loss_grads(&abf_cfg, w, plan);
+    let qi = set
+        .params
+        .iter()
+        .position(|p| p.name == "model.layers.2.self_attn.q_proj.weight")
+        .unwrap();
+    let diff = flat(&ge[qi])
+        .iter()
+        .zip(flat(&ga[qi]))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff > 1e-6, "{diff}");
+}
+
+fn read_log(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("training_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn fixture_str() -> String {
+    fixture().display().to_string()
+}
+
+/// Common flags of the CLI runs: 4 examples, batch 4, so every step sees the same batch and
+/// losses are comparable step to step.
+fn run_flags<'a>(model: &'a str, out: &'a str, data: &'a str) -> Vec<&'a str> {
+    vec![
+        "--model",
+        model,
+        "--data",
+        data,
+        "-o",
+        out,
+        "--seq-len",
+        "96",
+        "--samples",
+        "4",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "5",
+        "--head-chunk",
+        "32",
+    ]
+}
+
+#[test]
+fn cli_trains_the_fixture_and_writes_a_checkpoint_with_the_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_tiny_model(&model, &TinySpec::default(), 1);
+    let out = dir.path().join("out");
+    let (m, o, d) = (
+        model.display().to_string(),
+        out.display().to_string(),
+        fixture_str(),
+    );
+    let mut args = run_flags(&m, &o, &d);
+    args.extend(["--steps", "6", "--json"]);
+    let (code, stdout, stderr) = tune_cli(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["finished"], true);
+    assert_eq!(summary["steps_done"], 6);
+    let log = read_log(&out);
+    assert_eq!(log.len(), 6);
+    let losses: Vec<f64> = log.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+    // the same batch every step: the loss falls
+    assert!(losses[5] < 0.8 * losses[0], "{losses:?}");
+    for (k, l) in log.iter().enumerate() {
+        assert_eq!(l["step"], k as u64 + 1);
+        for key in ["lr", "grad_norm", "tokens_per_s", "tokens"] {
+            assert!(l[key].as_f64().is_some(), "{key}");
+        }
+    }
+    // cosine over 6 steps from 1e-2
+    assert!((log[3]["lr"].as_f64().unwrap() - 0.5e-2).abs() < 1e-12);
+    // the output is a checkpoint whose config carries the recipe and the target window
+    let cfg = abf::checkpoint::ModelConfig::load(&out).unwrap();
+    let want = Recipe::for_method(
+        RopeMethod::Eabf,
+        BaseRope {
+            base: 10000.0,
+            context: 32,
+        },
+    );
+    assert_eq!(cfg.recipe, want);
+    assert_eq!(cfg.max_position_embeddings, 128);
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // and the model code loads it, with weights that moved
+    let before = abf::train::hf::load_weights(&model, &cfg, &Device::Cpu).unwrap();
+    let after: HashMap<String, Tensor> = abf::train::hf::load_weights(&out, &cfg, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(before.len(), after.len());
+    let (n, t) = &before[before.len() / 2];
+    assert_ne!(flat(t), flat(&after[n]), "{n}");
+    let vb = VarBuilder::from_tensors(after, DType::F32, &Device::Cpu);
+    abf::model::Llama::load(vb, &cfg).unwrap();
+}
+
+#[test]
+fn cli_resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_tiny_model(&model, &TinySpec::default(), 2);
+    let (m, d) = (model.display().to_string(), fixture_str());
+    let a = dir.path().join("a").display().to_string();
+    let b = dir.path().join("b").display().to_string();
+    // 8 examples, batch 4: two batches an epoch, order reshuffled each epoch
+    let flags = |o: &str| -> Vec<String> {
+        let mut v: Vec<String> = run_flags(&m, o, &d).iter().map(|s| s.to_string()).collect();
+        if let Some(s) = v.iter_mut().skip_while(|s| *s != "--samples").nth(1) {
+            *s = "8".to_string();
+        }
+        v.extend([
+            "--steps".into(),
+            "6".into(),
+            "--save-every".into(),
+            "2".into(),
+        ]);
+        v
+    };
+    let straight: Vec<String> = flags(&a);
+    let (code, _, err) = tune_cli(&straight.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let mut first: Vec<String> = flags(&b);
+    first.extend(["--stop-after".into(), "3".into()]);
+    let (code, out, err) = tune_cli(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("stopped after 3 of 6"), "{out}");
+    assert!(!std::path::Path::new(&b).join("model.safetensors").exists());
+    let (code, _, err) = tune_cli(&["--resume", &b]);
+    assert_eq!(code, 0, "{err}");
+    let la = read_log(std::path::Path::new(&a));
+    let lb = read_log(std::path::Path::new(&b));
+    assert_eq!(lb.len(), 6);
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x["loss"], y["loss"]);
+        assert_eq!(x["lr"], y["lr"]);
+        assert_eq!(x["grad_norm"], y["grad_norm"]);
+    }
+    let wa = candle_core::safetensors::load(
+        std::path::Path::new(&a).join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let wb = candle_core::safetensors::load(
+        std::path::Path::new(&b).join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(wa.len(), wb.len());
+    let mut max = 0f64;
+    for (n, t) in &wa {
+        for (x, y) in flat(t).iter().zip(flat(&wb[n])) {
+            max = max.max((x - y).abs());
+        }
+    }
+    assert!(max <= 1e-6, "{max}");
+    // resuming a finished run has nothing to do but is not an error; a missing checkpoint is
+    let (code, _, err) = tune_cli(&[
+        "--resume",
+        &dir.path().join("nowhere").display().to_string(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+#[test]
+fn cli_lora_trains_adapters_and_merges_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_tiny_model(
+        &model,
+        &TinySpec {
+            tied: true,
+            ..TinySpec::default()
+        },
+        3,
+    );
+    let out = dir.path().join("out");
+    let (m, o, d) = (
+        model.display().to_string(),
+        out.display().to_string(),
+        fixture_str(),
+    );
+    let mut args = run_flags(&m, &o, &d);
+    args.extend([
+        "--steps",
+        "3",
+        "--lora",
+        "4",
+        "--json",
+        "--method",
+        "abf",
+        "--rope-base",
+        "40000",
+    ]);
+    let (code, stdout, stderr) = tune_cli(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let trainable = s["trainable_parameters"].as_u64().unwrap();
+    let total = s["parameters"].as_u64().unwrap();
+    assert!(trainable < total / 2, "{trainable} of {total}");
+    let cfg = abf::checkpoint::ModelConfig::load(&out).unwrap();
+    assert_eq!(cfg.recipe.method, RopeMethod::Abf);
+    assert_eq!(cfg.recipe.rope_base, 40000.0);
+    let w = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(w.keys().all(|k| !k.contains("lora")), "adapters are merged");
+    let base =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    assert_ne!(flat(&w[q]), flat(&base[q]));
+    // frozen: lm_head is tied here, so check a norm moved (trainable) and shapes are unchanged
+    assert_eq!(w[q].dims(), base[q].dims());
+}
+
+#[test]
+fn nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_tiny_model(&model, &TinySpec::default(), 4);
+    let out = dir.path().join("out");
+    let (m, o, d) = (
+        model.display().to_string(),
+        out.display().to_string(),
+        fixture_str(),
+    );
+    let mut args = run_flags(&m, &o, &d);
+    let lr = args.iter().position(|a| *a == "--lr").unwrap();
+    args[lr + 1] = "1e30";
+    args.extend(["--steps", "6", "--save-every", "1", "--weight-decay", "0"]);
+    let (code, _, stderr) = tune_cli(&args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("the loss is") && stderr.contains("last good checkpoint"),
+        "{stderr}"
+    );
+    let state = abf::train::trainer::read_state(&out.join("checkpoint")).unwrap();
+    assert!(state.step >= 1 && state.step < 6, "{}", state.step);
+}
+
+#[test]
+fn cli_exit_codes_and_messages() {
+    let (code, out, _) = tune_cli(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--method",
+        "--lora",
+        "--resume",
+        "--adam-betas",
+        "--save-every",
+        "--skip-layers",
+    ] {
+        assert!(out.contains(flag), "{flag}");
+    }
+    let (code, _, err) = tune_cli(&["--data", "x.jsonl"]);
+    assert_eq!(code, 2, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_tiny_model(&model, &TinySpec::default(), 5);
+    let m = model.display().to_string();
+    let o = dir.path().join("o").display().to_string();
+    // a missing data file
+    let (code, _, err) = tune_cli(&["--model", &m, "--data", "/nonexistent/data.jsonl", "-o", &o]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/data.jsonl"), "{err}");
+    // no usable records
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": []}\n").unwrap();
+    let (code, _, err) = tune_cli(&[
+        "--model",
+        &m,
+        "--data",
+        &bad.display().to_string(),
+        "-o",
+        &o,
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bad.jsonl") && err.contains("no training examples"),
+        "{err}"
+    );
+    // CUDA on a build without it
+    if !candle_core::utils::cuda_is_available() {
+        let (code, _, err) = tune_cli(&[
+            "--model",
+            &m,
+            "--data",
+            &fixture_str(),
+            "-o",
+            &o,
+            "--device",
+            "cuda:0",
+        ]);
+        assert_eq!(code, 2);
+        assert!(err.contains("without CUDA"), "{err}");
+    }
+    // a bad flag value
+    let (code, _, _) = tune_cli(&[
+        "--model",
+        &m,
+        "--data",
+        &fixture_str(),
+        "-o",
+        &o,
+        "--adam-betas",
+        "0.9",
+    ]);
+    assert_eq!(code, 2);
+    // an existing non-empty output directory without --force
+    std::fs::create_dir_all(&o).unwrap();
+    std::fs::write(std::path::Path::new(&o).join("x"), "x").unwrap();
+    let (code, _, err) = tune_cli(&["--model", &m, "--data", &fixture_str(), "-o", &o]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not empty"), "{err}");
 }

@@ -1,23 +1,326 @@
-//! `abf-tune`: not yet implemented; answers `--help`.
+//! `abf-tune`: fine-tune a model to a longer window with entropy-aware ABF (or any recipe).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::{bail, Context};
 use clap::Parser;
+use serde_json::json;
 
-use super::{run_main, Exit};
+use super::{print_json, progress, run_main, Exit};
+use crate::checkpoint::HfConfig;
+use crate::rope::{BaseRope, RecipeArgs, RopeMethod};
+use crate::train::lora::LoraConfig;
+use crate::train::optim::AdamWConfig;
+use crate::train::run::{spec_from_checkpoint, tune, Event, TuneSpec};
+use crate::train::schedule::ScheduleKind;
+use crate::train::trainer::TrainConfig;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "abf-tune",
     version,
-    about = "Fine-tune a model to a longer window with entropy-aware ABF"
+    about = "Fine-tune a model to a longer window with entropy-aware ABF",
+    long_about = "Fine-tune a Hugging Face LLaMA-family checkpoint on long conversations with a \
+                  context-extension recipe (default: entropy-aware ABF, --method eabf). The output \
+                  directory is a Hugging Face checkpoint with the recipe in config.json, plus \
+                  training_log.jsonl and, with --save-every, a checkpoint/ folder to --resume from."
 )]
-pub struct Cli {}
+pub struct Cli {
+    /// Model directory (config.json, safetensors, tokenizer files).
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
+    /// Conversations: ShareGPT or OpenAI-style records, JSON or JSONL.
+    #[arg(long, required_unless_present = "resume")]
+    pub data: Option<PathBuf>,
+    /// Output directory.
+    #[arg(short, long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Chat template: a built-in (llama-2, chatml) or a Jinja file (default: the model's
+    /// tokenizer_config.json chat_template).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Longest training sequence; longer conversations are split at turn boundaries (default:
+    /// the recipe's target window).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Keep this many examples after a seeded shuffle.
+    #[arg(long, default_value_t = 100)]
+    pub samples: usize,
+    /// Drop conversations shorter than this many tokens (the paper: 10000).
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
+    /// Sequences per optimizer step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Sequences per forward/backward pass (gradients accumulate to --batch-size).
+    #[arg(long, default_value_t = 1)]
+    pub micro_batch: usize,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 2, conflicts_with = "steps")]
+    pub epochs: u64,
+    /// Optimizer steps in all (instead of --epochs).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Warm-up steps (linear from 0).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Decoupled weight decay (not applied to norms).
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// AdamW betas.
+    #[arg(long, default_value = "0.9,0.95", value_parser = parse_betas)]
+    pub adam_betas: (f64, f64),
+    /// AdamW epsilon.
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    /// Learning-rate schedule after warm-up.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant"])]
+    pub schedule: String,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Train rank-RANK LoRA adapters on q/k/v/o and gate/up/down plus norms and embeddings,
+    /// merged at save.
+    #[arg(long, value_name = "RANK")]
+    pub lora: Option<usize>,
+    /// LoRA scale numerator (update = alpha / rank * B A; default 2 x rank).
+    #[arg(long, requires = "lora")]
+    pub lora_alpha: Option<f64>,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype (master weights and optimizer state are f32 either way; default: f32 on
+    /// CPU, bf16 on CUDA).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub dtype: Option<String>,
+    /// Seed of data order, sampling and LoRA initialization.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Save a checkpoint with optimizer state every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+    /// Continue the run whose output directory this is, exactly (other run flags are ignored).
+    #[arg(long, value_name = "OUT_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Stop after this many steps in all (saving a checkpoint to resume from).
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Positions per loss chunk (bounds the logits' memory).
+    #[arg(long, default_value_t = 1024, hide = true)]
+    pub head_chunk: usize,
+    /// Keep every layer's activations instead of recomputing them (tests, small models).
+    #[arg(long, hide = true)]
+    pub no_recompute: bool,
+    /// Replace an existing, non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_betas(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected two numbers like 0.9,0.95, got {s:?}"))?;
+    let p = |x: &str| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}"));
+    Ok((p(a)?, p(b)?))
+}
+
+/// The device named by `--device`; `cuda:N` needs a build with the `cuda` feature.
+pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let Some(n) = name.strip_prefix("cuda") else {
+        bail!("unknown device {name:?} (expected cpu or cuda:N)")
+    };
+    let ordinal: usize = match n.strip_prefix(':') {
+        Some(i) => i.parse().with_context(|| format!("device {name:?}"))?,
+        None if n.is_empty() => 0,
+        None => bail!("unknown device {name:?} (expected cpu or cuda:N)"),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device {name}: this abf-tune was built without CUDA (rebuild with --features cuda, \
+             see scripts/build-cuda.sh)"
+        )
+    }
+    candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening {name}"))
+}
+
+fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
+    let (Some(model), Some(data), Some(out)) = (&cli.model, &cli.data, &cli.out) else {
+        bail!("--model, --data and -o are required (or --resume OUT_DIR)")
+    };
+    let hf = HfConfig::load(model)?;
+    let current = hf.model.recipe.clone();
+    let mut args = cli.recipe.clone();
+    // The default method is eabf, unless the model already carries an extension recipe.
+    if args.method.is_none() && current.method == RopeMethod::Default {
+        args.method = Some(RopeMethod::Eabf);
+    }
+    let base = BaseRope {
+        base: current.rope_base,
+        context: current.original_context,
+    };
+    let recipe = args
+        .resolve(Some(&current), base)
+        .with_context(|| format!("recipe for {}", model.display()))?;
+    let on_cuda = cli.device.starts_with("cuda");
+    let dtype = cli
+        .dtype
+        .clone()
+        .unwrap_or_else(|| if on_cuda { "bf16" } else { "f32" }.to_string());
+    let train = TrainConfig {
+        batch_size: cli.batch_size,
+        micro_batch: cli.micro_batch,
+        epochs: cli.epochs,
+        steps: cli.steps,
+        lr: cli.lr,
+        warmup: cli.warmup,
+        schedule: cli
+            .schedule
+            .parse::<ScheduleKind>()
+            .map_err(anyhow::Error::msg)?,
+        adam: AdamWConfig {
+            beta1: cli.adam_betas.0,
+            beta2: cli.adam_betas.1,
+            eps: cli.adam_eps,
+            weight_decay: cli.weight_decay,
+        },
+        grad_clip: cli.grad_clip,
+        lora: cli.lora.map(|rank| LoraConfig {
+            rank,
+            alpha: cli.lora_alpha.unwrap_or(2.0 * rank as f64),
+        }),
+        seed: cli.seed,
+        save_every: cli.save_every,
+        head_chunk: cli.head_chunk,
+        recompute: !cli.no_recompute,
+    };
+    train.validate()?;
+    let seq_len = cli.seq_len.unwrap_or(recipe.context as usize);
+    if seq_len < 2 {
+        bail!("--seq-len must be at least 2")
+    }
+    let spec = TuneSpec {
+        model_dir: model.clone(),
+        data: data.clone(),
+        recipe: recipe.to_json_block(),
+        template: cli.template.clone(),
+        seq_len,
+        min_tokens: cli.min_tokens,
+        samples: Some(cli.samples),
+        train,
+        dtype,
+    };
+    Ok((spec, out.clone()))
+}
 
 pub fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    run_main(|| {
-        eprintln!("abf-tune is not implemented yet");
-        Ok(Exit::Error)
-    })
+    let cli = Cli::parse();
+    run_main(|| run(&cli))
+}
+
+fn run(cli: &Cli) -> anyhow::Result<Exit> {
+    let device = device(&cli.device)?;
+    let (spec, out, resume) = match &cli.resume {
+        Some(dir) => {
+            let spec =
+                spec_from_checkpoint(dir).with_context(|| format!("--resume {}", dir.display()))?;
+            (spec, dir.clone(), true)
+        }
+        None => {
+            let (spec, out) = spec_from_flags(cli)?;
+            if out.is_dir() && std::fs::read_dir(&out)?.next().is_some() && !cli.force {
+                bail!(
+                    "{} exists and is not empty (use --force to train into it, or --resume {} to continue)",
+                    out.display(),
+                    out.display()
+                )
+            }
+            (spec, out, false)
+        }
+    };
+    if spec.dtype == "bf16" && device.is_cpu() {
+        eprintln!("note: bf16 on CPU is slow; f32 is the CPU default");
+    }
+    let bar = progress(0, "abf-tune", cli.json);
+    let mut on = |e: Event| match e {
+        Event::Prepared {
+            examples,
+            total_steps,
+            start_step,
+        } => {
+            bar.set_length(total_steps);
+            bar.set_position(start_step);
+            bar.set_message(format!("{examples} examples"));
+        }
+        Event::Step(s) => {
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                s.loss, s.lr, s.tokens_per_s
+            ));
+            if !cli.json && bar.is_hidden() {
+                eprintln!(
+                    "step {}/{} loss {:.4} lr {:.3e} grad norm {:.3} {:.0} tok/s",
+                    s.step,
+                    bar.length().unwrap_or(0),
+                    s.loss,
+                    s.lr,
+                    s.grad_norm,
+                    s.tokens_per_s
+                );
+            }
+        }
+        Event::Saved { step, dir } => {
+            bar.println(format!("checkpoint at step {step}: {}", dir.display()));
+        }
+    };
+    let summary = tune(&spec, &out, &device, resume, cli.stop_after, &mut on)?;
+    bar.finish_and_clear();
+    if cli.json {
+        print_json(&json!(summary))?;
+    } else {
+        if summary.skipped_records > 0 {
+            eprintln!(
+                "skipped {} of {} records: {}",
+                summary.skipped_records,
+                summary.records,
+                summary.skip_reasons.join("; ")
+            );
+        }
+        println!(
+            "{} {} of {} steps, loss {} -> {}, {} examples ({} tokens), {} trainable of {} parameters, {:.1} s",
+            if summary.finished { "trained" } else { "stopped after" },
+            summary.steps_done,
+            summary.total_steps,
+            summary.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+            summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+            summary.data.kept,
+            summary.data.tokens,
+            summary.trainable_parameters,
+            summary.parameters,
+            summary.seconds
+        );
+        println!("recipe: {}", summary.recipe);
+        println!(
+            "{}: {}",
+            if summary.finished {
+                "model"
+            } else {
+                "checkpoint"
+            },
+            summary.out.display()
+        );
+    }
+    Ok(Exit::Ok)
 }

@@ -2,9 +2,11 @@
 
 pub mod data;
 pub mod examples;
+pub mod hf;
 pub mod lora;
 pub mod optim;
 pub mod recompute;
+pub mod run;
 pub mod schedule;
 pub mod template;
 pub mod trainer;
@@ -45,6 +47,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("safetensors {path}: {reason}")]
     Safetensors { path: String, reason: String },
+    #[error(transparent)]
+    Checkpoint(Box<crate::checkpoint::CheckpointError>),
     #[error("internal: {0}")]
     Internal(String),
 }

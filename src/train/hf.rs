@@ -1,0 +1,157 @@
+//! The trainer's glue to the rest of abf: the recipe-driven LLaMA forward (`crate::model`) seen as
+//! layers, weights from a Hugging Face checkpoint, and the output checkpoint.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+use super::recompute::LayerModel;
+use super::TrainError;
+use crate::checkpoint::{
+    patch_config, save_checkpoint, HfConfig, ModelConfig, Runtime, SafetensorStore, SaveSpec,
+    TensorData, DEFAULT_SHARD_BYTES,
+};
+use crate::model::{Llama, Path as ForwardPath, Positions};
+use crate::rope::Recipe;
+
+/// The model of `crate::model` through its differentiable path, positions from 0. The position
+/// tables (rotary cos/sin and the recipe's logit scales) are built once per sequence length.
+pub struct LlamaLayers {
+    model: Llama,
+    positions: RefCell<Option<Positions>>,
+}
+
+impl LlamaLayers {
+    pub fn new(model: Llama) -> LlamaLayers {
+        LlamaLayers {
+            model,
+            positions: RefCell::new(None),
+        }
+    }
+
+    fn positions(&self, len: usize) -> candle_core::Result<Positions> {
+        let mut slot = self.positions.borrow_mut();
+        if let Some(p) = slot.as_ref().filter(|p| p.len() == len) {
+            return Ok(p.clone());
+        }
+        let p = self.model.positions(0, len)?;
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+}
+
+impl LayerModel for LlamaLayers {
+    fn num_layers(&self) -> usize {
+        self.model.config().num_hidden_layers
+    }
+
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.embed(ids)
+    }
+
+    fn layer(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let pos = self.positions(x.dim(1)?)?;
+        self.model.layer(i, x, &pos, ForwardPath::Differentiable)
+    }
+
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.head(x, ForwardPath::Differentiable)
+    }
+}
+
+/// A factory building the model of `cfg` (recipe included) from one step's weights.
+pub fn llama_factory(
+    cfg: ModelConfig,
+) -> impl Fn(VarBuilder<'static>) -> Result<Box<dyn LayerModel>, TrainError> {
+    move |vb| Ok(Box::new(LlamaLayers::new(Llama::load(vb, &cfg)?)) as Box<dyn LayerModel>)
+}
+
+/// The weights of a checkpoint directory on `device`, in file order. With tied embeddings an
+/// `lm_head.weight` in the file is left out: the head is `embed_tokens` (as transformers ties it).
+pub fn load_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let store = SafetensorStore::open(dir).map_err(ckpt)?;
+    let mut out = Vec::new();
+    for name in store.names() {
+        if cfg.tie_word_embeddings && name == "lm_head.weight" {
+            continue;
+        }
+        if name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        out.push((name.to_string(), store.load(name, device).map_err(ckpt)?));
+    }
+    Ok(out)
+}
+
+pub(crate) fn ckpt(e: crate::checkpoint::CheckpointError) -> TrainError {
+    TrainError::Checkpoint(Box::new(e))
+}
+
+/// The checkpoint's dtype: that of its first floating-point tensor.
+pub fn checkpoint_dtype(weights: &[(String, Tensor)]) -> DType {
+    weights
+        .iter()
+        .map(|(_, t)| t.dtype())
+        .find(|d| d.is_float())
+        .unwrap_or(DType::F32)
+}
+
+/// Write the trained model into `out` (which may hold the run's log and checkpoint): weights,
+/// config.json with the recipe in its block and `max_position_embeddings` = the target window,
+/// and the source's tokenizer files. The files are staged in a sibling folder and moved in.
+pub fn export(
+    out: &Path,
+    source: &Path,
+    hf: &HfConfig,
+    recipe: &Recipe,
+    tensors: &[(String, Tensor)],
+) -> Result<Vec<PathBuf>, TrainError> {
+    let patched = patch_config(hf, recipe, Runtime::Exact, false).map_err(ckpt)?;
+    let config = Value::Object(patched.config);
+    let data: Vec<TensorData<'static>> = tensors
+        .iter()
+        .map(|(n, t)| TensorData::from_candle(n, t))
+        .collect::<Result<_, _>>()
+        .map_err(ckpt)?;
+    let stage = out.join(".export.tmp");
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage).map_err(|e| TrainError::io(&stage, e))?;
+    }
+    let report = save_checkpoint(
+        &stage,
+        &SaveSpec {
+            config: &config,
+            tensors: &data,
+            tokenizer_dir: Some(source),
+            max_shard_bytes: DEFAULT_SHARD_BYTES,
+        },
+    )
+    .map_err(ckpt)?;
+    // weights of an earlier export that this one does not overwrite would be stale
+    for entry in std::fs::read_dir(out).map_err(|e| TrainError::io(out, e))? {
+        let p = entry.map_err(|e| TrainError::io(out, e))?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("model") && name.contains(".safetensors") {
+            std::fs::remove_file(&p).map_err(|e| TrainError::io(&p, e))?;
+        }
+    }
+    let mut moved = Vec::new();
+    for entry in std::fs::read_dir(&report.dir).map_err(|e| TrainError::io(&report.dir, e))? {
+        let p = entry.map_err(|e| TrainError::io(&report.dir, e))?.path();
+        if let Some(name) = p.file_name() {
+            let dst = out.join(name);
+            std::fs::rename(&p, &dst).map_err(|e| TrainError::io(&dst, e))?;
+            moved.push(dst);
+        }
+    }
+    std::fs::remove_dir_all(&report.dir).map_err(|e| TrainError::io(&report.dir, e))?;
+    moved.sort();
+    Ok(moved)
+}
