@@ -1377,3 +1377,25 @@ fn measure_smollm_shaped_steps() {
         println!("{l}");
     }
 }
+
+/// SmolLM2-135M-Instruct's `chat_template` (as stored in its GGUF's `tokenizer.chat_template`):
+/// it adds a default system prompt when the conversation has none, which the incremental spans
+/// must survive.
+const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[test]
+fn smollm2_template_spans() {
+    let t = ChatTemplate::new(SMOLLM2_TEMPLATE, "smollm2", "", "<|im_end|>").unwrap();
+    let msgs = &convo()[1..];
+    let r = t.render_with_spans(msgs).unwrap();
+    assert!(r
+        .text
+        .starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
+    let spans: Vec<&str> = r.assistant.iter().map(|s| &r.text[s.clone()]).collect();
+    assert_eq!(spans, vec!["One.<|im_end|>\n", "Two.<|im_end|>\n"]);
+    // with a system message of its own, no default is added
+    let r = t.render_with_spans(&convo()).unwrap();
+    assert!(r
+        .text
+        .starts_with("<|im_start|>system\nBe brief.<|im_end|>"));
+}

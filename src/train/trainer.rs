@@ -124,6 +124,8 @@ pub struct StepStats {
     /// Resident memory of the process (bytes) and its peak, from /proc (Linux).
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
+    /// Device memory in use on a CUDA device (total minus free, all processes).
+    pub gpu_used_bytes: Option<u64>,
 }
 
 /// The run's state: parameters, optimizer, data and position.
@@ -268,6 +270,7 @@ impl Trainer {
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
             rss_bytes: rss,
             peak_rss_bytes: peak,
+            gpu_used_bytes: gpu_memory(&self.device),
         })
     }
 
@@ -440,6 +443,25 @@ pub fn memory() -> (Option<u64>, Option<u64>) {
             .map(|kb| kb * 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Memory in use on a CUDA device (None on CPU and in builds without CUDA).
+#[cfg(feature = "cuda")]
+pub fn gpu_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cuda(d) => {
+            let stream = d.cuda_stream();
+            let (free, total) = stream.context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+        _ => None,
+    }
+}
+
+/// Memory in use on a CUDA device (None on CPU and in builds without CUDA).
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_memory(_device: &Device) -> Option<u64> {
+    None
 }
 
 /// The checkpoint folder inside an output directory.
