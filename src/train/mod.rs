@@ -41,8 +41,12 @@ pub enum TrainError {
     Config(String),
     #[error("resume from {path}: {reason}")]
     Resume { path: String, reason: String },
-    #[error("step {step}: the loss is {value}; stopped (the last good checkpoint is kept)")]
-    NonFinite { step: u64, value: f64 },
+    #[error("step {step}: the {what} is {value}; stopped before the update (the last good checkpoint is kept)")]
+    NonFinite {
+        step: u64,
+        what: &'static str,
+        value: f64,
+    },
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("safetensors {path}: {reason}")]

@@ -244,6 +244,7 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(TrainError::NonFinite {
                 step: k + 1,
+                what: "loss",
                 value: loss,
             });
         }
@@ -251,6 +252,7 @@ impl Trainer {
         if !norm.is_finite() {
             return Err(TrainError::NonFinite {
                 step: k + 1,
+                what: "gradient norm",
                 value: norm,
             });
         }
