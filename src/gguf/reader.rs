@@ -382,7 +382,7 @@ impl GgufFile {
             let size = match ggml_type.info() {
                 Some(t) => {
                     let row = dims.first().copied().unwrap_or(1);
-                    if row % t.block_size != 0 {
+                    if !row.is_multiple_of(t.block_size) {
                         return Err(GgufError::PartialBlock {
                             name,
                             row,
@@ -432,7 +432,7 @@ impl GgufFile {
         for i in 0..n {
             let next_offset = tensors.get(i + 1).map(|t| t.offset);
             let t = &mut tensors[i];
-            if t.offset % alignment != 0 {
+            if !t.offset.is_multiple_of(alignment) {
                 return Err(GgufError::MisalignedOffset {
                     name: t.name.clone(),
                     tensor_offset: t.offset,
