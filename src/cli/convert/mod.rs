@@ -1,8 +1,8 @@
 //! `abf-convert`: convert and patch checkpoints and GGUF files.
 
 mod inspect;
-mod patch_gguf;
 mod patch_config;
+mod patch_gguf;
 mod rope;
 
 use std::process::ExitCode;
