@@ -266,12 +266,11 @@ fn candle_logits(model: &Llama, toks: &[u32], start: usize, path: Path) -> Vec<V
 }
 
 fn to_rows(logits: &Tensor) -> Vec<Vec<f64>> {
-    let l = logits
+    logits
         .squeeze(0)
         .and_then(|l| l.to_dtype(DType::F64))
         .and_then(|l| l.to_vec2::<f64>())
-        .expect("logits");
-    l
+        .expect("logits")
 }
 
 fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
@@ -599,6 +598,33 @@ fn eabf(skip: usize, law: ScaleLaw) -> Recipe {
 // ---------------------------------------------------------------------------------------------
 // Recipes
 // ---------------------------------------------------------------------------------------------
+
+/// The recipe's frequencies against the oracle's at LLaMA-2 scale (d = 128, b = 1e4, c = 4096).
+#[test]
+fn recipe_frequencies_match_the_oracle_formulas() {
+    let llama2 = BaseRope {
+        base: 10_000.0,
+        context: 4096,
+    };
+    for m in RopeMethod::ALL {
+        let r = Recipe::for_method(m, llama2);
+        for seq in [100, 4096, 16_384, 40_000] {
+            let got = r.inv_freq(128, Some(seq as u64));
+            let want = oracle_inv_freq(&r, 128, seq);
+            assert_eq!(got.len(), want.len());
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-12 * w.abs(),
+                    "{m} seq {seq} pair {j}: {g} vs {w}"
+                );
+            }
+        }
+        assert_eq!(r.attention_factor(), oracle_attention_factor(&r), "{m}");
+    }
+    // method.md: YaRN s = 4 has mscale 1.1386 (logits x 1.2965)
+    let y = oracle_attention_factor(&Recipe::for_method(RopeMethod::Yarn, llama2));
+    assert!((y - 1.1386).abs() < 1e-4 && (y * y - 1.2965).abs() < 1e-4);
+}
 
 #[test]
 fn plain_rope_matches_oracle() {
