@@ -26,7 +26,7 @@ fn make(path: &Path, mb: u64) {
     let per = 1u64 << 20; // elements (4 MiB of f32)
     let n = (mb << 20).div_ceil(per * 4).max(1);
     let chunk: Vec<u8> = (0..per * 4)
-        .map(|i| (i * 2_654_435_761 >> 13) as u8)
+        .map(|i| ((i * 2_654_435_761) >> 13) as u8)
         .collect();
     let mut w = GgufWriter::create(path, true).unwrap();
     for (k, v) in m.iter() {

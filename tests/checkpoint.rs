@@ -524,6 +524,8 @@ fn sharded_and_single_file_give_the_same_tensors() {
     let sharded = tempfile::tempdir().unwrap();
     write_sharded(sharded.path(), &tensors);
 
+    let ck = abf::checkpoint::Checkpoint::open(sharded.path());
+    assert!(ck.is_err(), "no config.json in the sharded directory");
     let a = SafetensorStore::open(single.path()).unwrap();
     let b = SafetensorStore::open(sharded.path()).unwrap();
     assert!(!a.is_sharded() && b.is_sharded());
@@ -1010,6 +1012,27 @@ fn write_patched_links_weights_and_leaves_input_alone() {
             b.tensor_view(n).unwrap().data
         );
     }
+    // a transformers rewrite of a config carrying our block drops the block
+    let exact = patch_config(&input, &abf, Runtime::Exact, false).unwrap();
+    let with_block = parse(Value::Object(exact.config)).unwrap();
+    assert_eq!(with_block.recipe_source, RecipeSource::Block);
+    let p2 = patch_config(
+        &with_block,
+        &with_block.model.recipe,
+        Runtime::Transformers,
+        false,
+    )
+    .unwrap();
+    assert!(!p2.config.contains_key("abf_recipe"));
+    assert_eq!(p2.config["rope_theta"], json!(500000.0));
+    // the whole directory opens as a checkpoint
+    let ck = abf::checkpoint::Checkpoint::open(&out).unwrap();
+    let vb = ck.var_builder(DType::F32, &Device::Cpu);
+    assert_eq!(
+        vb.get((32, 16), "lm_head.weight").unwrap().dims(),
+        &[32, 16]
+    );
+    assert_eq!(ck.tokenizer().unwrap().config.add_bos_token, Some(true));
     // writing over the model directory itself with -o is refused
     let err = write_patched(&src, &p, &PatchOutput::Dir(src.clone())).unwrap_err();
     assert!(err.to_string().contains("--in-place"), "{err}");

@@ -30,7 +30,7 @@ impl B {
         self.u64(t.len() as u64).raw(t.as_bytes())
     }
     fn pad(mut self, a: usize) -> B {
-        while self.0.len() % a != 0 {
+        while !self.0.len().is_multiple_of(a) {
             self.0.push(0);
         }
         self
@@ -489,7 +489,7 @@ fn writer_honours_alignment() {
     let out = write_vec(&meta, &tensors);
     let f = GgufFile::parse(&out).unwrap();
     assert_eq!(f.alignment, 64);
-    assert_eq!(f.data_start % 64, 0);
+    assert!(f.data_start.is_multiple_of(64));
     assert_eq!(f.tensors[1].offset, 64);
     assert_eq!(f.tensor_bytes(&out, 1).unwrap(), &[9u8; 20]);
 }

@@ -173,7 +173,7 @@ impl HfConfig {
             None => num_attention_heads,
             Some(_) => need("num_key_value_heads")?,
         };
-        if num_attention_heads % num_key_value_heads != 0 {
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(CheckpointError::invalid(
                 path,
                 "num_key_value_heads",
@@ -185,7 +185,7 @@ impl HfConfig {
         let head_dim = match f.u64("head_dim")? {
             Some(_) => need("head_dim")?,
             None => {
-                if hidden_size % num_attention_heads != 0 {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(CheckpointError::invalid(
                         path,
                         "hidden_size",
@@ -198,7 +198,7 @@ impl HfConfig {
                 hidden_size / num_attention_heads
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(CheckpointError::invalid(
                 path,
                 "head_dim",

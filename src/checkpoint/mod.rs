@@ -2,6 +2,7 @@
 //! checkpoint writer and the config rewriter (patch-config).
 
 pub mod config;
+pub mod dir;
 pub mod error;
 pub mod patch_config;
 pub mod safetensors;
@@ -9,6 +10,7 @@ pub mod tokenizer;
 pub mod writer;
 
 pub use config::{HfConfig, ModelConfig, ModelType, RecipeSource, RopeForm, CONFIG_FILE};
+pub use dir::Checkpoint;
 pub use error::CheckpointError;
 pub use patch_config::{
     patch_config, transformers_form, write_patched, PatchFiles, PatchOutput, PatchedConfig, Runtime,

@@ -142,7 +142,7 @@ fn write_safetensors_file(
             reason: e.to_string(),
         })?;
     // the data section starts 8-aligned, the header padded with spaces (as safetensors does)
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let io = |e| CheckpointError::io(path, e);

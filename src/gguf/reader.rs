@@ -16,6 +16,8 @@ pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const MAX_DIMS: u32 = 4;
 /// Smallest tensor info: name length (8), n_dims (4), type (4), offset (8).
 const MIN_TENSOR_INFO: u64 = 24;
+/// Most items reserved ahead of parsing them (each item's bytes are checked as it is read).
+const PREALLOC: u64 = 4096;
 /// Smallest key/value: key length (8), type (4), one byte of value.
 const MIN_KV: u64 = 13;
 
@@ -259,7 +261,7 @@ fn read_array(c: &mut Cursor, key: &str) -> Result<Array, GgufError> {
             Array::Bool(v)
         }
         ValueType::String => {
-            let mut v = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n.min(PREALLOC as usize));
             for i in 0..n {
                 v.push(
                     c.bytes_str(&|| format!("string {i} of array {key:?}"))?
@@ -314,7 +316,8 @@ impl GgufFile {
         check(n_kv, MIN_KV, "key/value count", c.left())?;
 
         let mut metadata = Metadata::new();
-        let mut spans = Vec::with_capacity(n_kv as usize);
+        // capacities are capped: a count is only trusted as far as items actually parse
+        let mut spans = Vec::with_capacity(n_kv.min(PREALLOC) as usize);
         let mut seen_keys = std::collections::HashSet::new();
         for i in 0..n_kv {
             let key_offset = c.offset();
@@ -341,7 +344,7 @@ impl GgufFile {
         }
         let alignment = metadata.alignment()?;
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
         let mut seen_tensors = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let info_offset = c.offset();
@@ -382,7 +385,7 @@ impl GgufFile {
             let size = match ggml_type.info() {
                 Some(t) => {
                     let row = dims.first().copied().unwrap_or(1);
-                    if row % t.block_size != 0 {
+                    if !row.is_multiple_of(t.block_size) {
                         return Err(GgufError::PartialBlock {
                             name,
                             row,
@@ -432,7 +435,7 @@ impl GgufFile {
         for i in 0..n {
             let next_offset = tensors.get(i + 1).map(|t| t.offset);
             let t = &mut tensors[i];
-            if t.offset % alignment != 0 {
+            if !t.offset.is_multiple_of(alignment) {
                 return Err(GgufError::MisalignedOffset {
                     name: t.name.clone(),
                     tensor_offset: t.offset,

@@ -100,7 +100,7 @@ impl GgmlType {
     /// not a whole number of blocks, or an overflow.
     pub fn byte_size(&self, elements: u64) -> Option<u64> {
         let t = self.info()?;
-        if elements % t.block_size != 0 {
+        if !elements.is_multiple_of(t.block_size) {
             return None;
         }
         (elements / t.block_size).checked_mul(t.type_size)

@@ -35,7 +35,7 @@ pub struct RopeArgs {
 }
 
 pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
-    if args.head_dim < 2 || args.head_dim % 2 != 0 {
+    if args.head_dim < 2 || !args.head_dim.is_multiple_of(2) {
         anyhow::bail!(
             "--head-dim must be an even number >= 2, got {}",
             args.head_dim
