@@ -23,6 +23,7 @@ pub enum Exit {
 
 /// Run a command body: set up logging, print an error chain to stderr, map to an exit code.
 pub fn run_main(body: impl FnOnce() -> anyhow::Result<Exit>) -> ExitCode {
+    restore_sigpipe();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ABF_LOG")
@@ -39,6 +40,16 @@ pub fn run_main(body: impl FnOnce() -> anyhow::Result<Exit>) -> ExitCode {
             }
             ExitCode::from(Exit::Error as u8)
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `abf-convert inspect F | head` would panic on the closed pipe;
+/// restore the default so the process ends quietly, as Unix filters do.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread starts; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
