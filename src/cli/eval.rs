@@ -1,23 +1,122 @@
-//! `abf-eval`: not yet implemented; answers `--help`.
+//! `abf-eval`: long-context measurements (logits hand-off now; perplexity, passkey, entropy as
+//! they land).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 
-use super::{run_main, Exit};
+use super::{print_json, run_main, Exit};
+use crate::checkpoint::Checkpoint;
+use crate::eval::{logits::tokens_for, model_logits, write_npy, LogitsInput};
+use crate::rope::{BaseRope, RecipeArgs};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "abf-eval",
     version,
-    about = "Measure long-context quality: perplexity by position, passkey, attention entropy"
+    about = "Measure long-context quality: logits, perplexity by position, passkey, attention entropy"
 )]
-pub struct Cli {}
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write f32 logits [n_tokens, vocab] at every position as a NumPy .npy file.
+    Logits(LogitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// Model directory (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON file with a list of token ids.
+    #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+    pub tokens: Option<PathBuf>,
+    /// Text file, tokenized with the model's tokenizer.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Output .npy file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Compute dtype.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
 pub fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    run_main(|| {
-        eprintln!("abf-eval is not implemented yet");
-        Ok(Exit::Error)
+    let cli = Cli::parse();
+    run_main(|| match cli.command {
+        Command::Logits(args) => logits(args),
     })
+}
+
+fn logits(args: LogitsArgs) -> anyhow::Result<Exit> {
+    let ckpt = Checkpoint::open(&args.model)?;
+    let current = ckpt.config.model.recipe.clone();
+    let base = BaseRope {
+        base: current.rope_base,
+        context: current.original_context,
+    };
+    let recipe = args
+        .recipe
+        .resolve(Some(&current), base)
+        .context("recipe flags")?;
+    let text;
+    let input = match (&args.tokens, &args.text) {
+        (Some(path), _) => {
+            let raw = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let ids: Vec<u32> = serde_json::from_str(&raw).with_context(|| {
+                format!("{}: expected a JSON list of token ids", path.display())
+            })?;
+            LogitsInput::Tokens(ids)
+        }
+        (None, Some(path)) => {
+            text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            LogitsInput::Text(&text)
+        }
+        (None, None) => anyhow::bail!("give --tokens FILE.json or --text FILE"),
+    };
+    let tokens = tokens_for(&ckpt, input)?;
+    let dtype = if args.dtype == "bf16" {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let (data, vocab) = model_logits(&args.model, &recipe, &tokens, dtype, &Device::Cpu)?;
+    write_npy(&args.out, &[tokens.len(), vocab], &data, args.force)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    if args.json {
+        print_json(&json!({
+            "model": args.model,
+            "out": args.out,
+            "tokens": tokens.len(),
+            "vocab": vocab,
+            "recipe": recipe.to_json_block(),
+        }))?;
+    } else {
+        println!(
+            "wrote {} ([{}, {}] f32 logits, recipe: {recipe})",
+            args.out.display(),
+            tokens.len(),
+            vocab
+        );
+    }
+    Ok(Exit::Ok)
 }

@@ -43,7 +43,7 @@ impl Attention {
             cfg.head_dim,
             cfg.hidden_size,
         );
-        if h == 0 || kv == 0 || h % kv != 0 {
+        if h == 0 || kv == 0 || !h.is_multiple_of(kv) {
             candle_core::bail!(
                 "num_attention_heads {h} must be a positive multiple of num_key_value_heads {kv}"
             )

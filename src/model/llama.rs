@@ -76,7 +76,7 @@ impl Llama {
     /// also holds an `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Llama> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+        if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
             candle_core::bail!("head_dim must be even and positive, got {}", cfg.head_dim)
         }
         if !matches!(

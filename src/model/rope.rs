@@ -39,7 +39,7 @@ impl Positions {
         dtype: DType,
         device: &Device,
     ) -> Result<Positions> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             candle_core::bail!("rotary head dimension must be even and positive, got {head_dim}")
         }
         let half = head_dim / 2;

@@ -1,0 +1,303 @@
+//! Quantize and dequantize ggml block types with candle's quantizers, spread over every core.
+//!
+//! Blocks are independent, so any split of a tensor on block boundaries gives the same bytes as
+//! one sequential pass; we split into fixed chunks of whole blocks (never straddling a row,
+//! since rows are whole blocks) and let rayon schedule them. To pick the thread count, call
+//! these inside `rayon::ThreadPool::install`.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, GgmlType as CandleBlock,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::error::QuantError;
+use crate::gguf::types::{self, GgmlType, TypeInfo};
+
+// GGUF stores little-endian bytes and we copy candle's structs byte for byte.
+#[cfg(target_endian = "big")]
+compile_error!("abf::quant reinterprets ggml blocks as little-endian structs");
+
+/// Elements per parallel work item: large enough to amortise scheduling, small enough that a
+/// chunk's scratch buffers stay in cache and 2-16 cores all get work on a small tensor.
+const CHUNK_ELEMENTS: usize = 1 << 15;
+
+/// A block struct whose bytes are exactly ggml's on-disk block.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` (or primitive) with no padding and consist only of integer,
+/// `f32`, `f16` and `bf16` fields, so every byte pattern is a valid value and the value's bytes
+/// are its ggml encoding. The size is checked against our type table below.
+unsafe trait PlainBlock: CandleBlock + 'static {}
+
+macro_rules! plain_blocks {
+    ($($block:ty => $info:path),* $(,)?) => {
+        $(
+            // SAFETY: see `PlainBlock`; candle declares these `#[repr(C)]` from ggml's structs.
+            unsafe impl PlainBlock for $block {}
+            const _: () = assert!(
+                std::mem::size_of::<$block>() as u64 == $info.type_size
+                    && <$block as CandleBlock>::BLCK_SIZE as u64 == $info.block_size,
+                "candle block layout differs from ggml's type table"
+            );
+        )*
+    };
+}
+
+plain_blocks! {
+    f32 => types::F32,
+    f16 => types::F16,
+    bf16 => types::BF16,
+    BlockQ4_0 => types::Q4_0,
+    BlockQ4_1 => types::Q4_1,
+    BlockQ5_0 => types::Q5_0,
+    BlockQ5_1 => types::Q5_1,
+    BlockQ8_0 => types::Q8_0,
+    BlockQ2K => types::Q2_K,
+    BlockQ3K => types::Q3_K,
+    BlockQ4K => types::Q4_K,
+    BlockQ5K => types::Q5_K,
+    BlockQ6K => types::Q6_K,
+    BlockQ8K => types::Q8_K,
+}
+
+fn block_bytes<T: PlainBlock>(blocks: &[T]) -> &[u8] {
+    // SAFETY: `PlainBlock` guarantees no padding, so every byte of the slice is initialised.
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+    }
+}
+
+fn block_bytes_mut<T: PlainBlock>(blocks: &mut [T]) -> &mut [u8] {
+    // SAFETY: `PlainBlock` guarantees every byte pattern is a valid `T`.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            blocks.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(blocks),
+        )
+    }
+}
+
+/// `src` holds whole blocks of `T`; `dst` has room for exactly their bytes.
+fn quantize_chunk<T: PlainBlock>(src: &[f32], dst: &mut [u8]) {
+    let mut blocks = vec![T::zeros(); src.len() / T::BLCK_SIZE];
+    T::from_float(src, &mut blocks);
+    dst.copy_from_slice(block_bytes(&blocks));
+}
+
+/// `src` holds whole blocks of `T` (as bytes); `dst` has room for exactly their elements.
+fn dequantize_chunk<T: PlainBlock>(src: &[u8], dst: &mut [f32]) {
+    // Copy into an aligned buffer: the bytes come from a file at any offset.
+    let mut blocks = vec![T::zeros(); dst.len() / T::BLCK_SIZE];
+    block_bytes_mut(&mut blocks).copy_from_slice(src);
+    T::to_float(&blocks, dst);
+}
+
+/// The two kernels of one supported type.
+#[derive(Clone, Copy)]
+struct Codec {
+    info: &'static TypeInfo,
+    quantize: fn(&[f32], &mut [u8]),
+    dequantize: fn(&[u8], &mut [f32]),
+}
+
+impl Codec {
+    fn of<T: PlainBlock>(info: &'static TypeInfo) -> Codec {
+        Codec {
+            info,
+            quantize: quantize_chunk::<T>,
+            dequantize: dequantize_chunk::<T>,
+        }
+    }
+
+    fn block_size(&self) -> usize {
+        self.info.block_size as usize
+    }
+
+    fn type_size(&self) -> usize {
+        self.info.type_size as usize
+    }
+
+    /// Blocks per parallel work item.
+    fn chunk_blocks(&self) -> usize {
+        (CHUNK_ELEMENTS / self.block_size()).max(1)
+    }
+}
+
+fn codec(ty: GgmlType) -> Option<Codec> {
+    let info = ty.info()?;
+    let c = match info.code {
+        c if c == types::F32.code => Codec::of::<f32>(&types::F32),
+        c if c == types::F16.code => Codec::of::<f16>(&types::F16),
+        c if c == types::BF16.code => Codec::of::<bf16>(&types::BF16),
+        c if c == types::Q4_0.code => Codec::of::<BlockQ4_0>(&types::Q4_0),
+        c if c == types::Q4_1.code => Codec::of::<BlockQ4_1>(&types::Q4_1),
+        c if c == types::Q5_0.code => Codec::of::<BlockQ5_0>(&types::Q5_0),
+        c if c == types::Q5_1.code => Codec::of::<BlockQ5_1>(&types::Q5_1),
+        c if c == types::Q8_0.code => Codec::of::<BlockQ8_0>(&types::Q8_0),
+        c if c == types::Q2_K.code => Codec::of::<BlockQ2K>(&types::Q2_K),
+        c if c == types::Q3_K.code => Codec::of::<BlockQ3K>(&types::Q3_K),
+        c if c == types::Q4_K.code => Codec::of::<BlockQ4K>(&types::Q4_K),
+        c if c == types::Q5_K.code => Codec::of::<BlockQ5K>(&types::Q5_K),
+        c if c == types::Q6_K.code => Codec::of::<BlockQ6K>(&types::Q6_K),
+        c if c == types::Q8_K.code => Codec::of::<BlockQ8K>(&types::Q8_K),
+        _ => return None,
+    };
+    Some(c)
+}
+
+/// Whether [`quantize`] and [`dequantize`] handle `ty`.
+pub fn is_supported(ty: GgmlType) -> bool {
+    codec(ty).is_some()
+}
+
+/// Every type [`quantize`] and [`dequantize`] handle, in table order.
+pub fn supported_types() -> Vec<GgmlType> {
+    types::TYPES
+        .iter()
+        .map(GgmlType::Known)
+        .filter(|t| is_supported(*t))
+        .collect()
+}
+
+/// Bytes that `n_elements` of `ty` occupy, checking that they are whole blocks.
+pub fn quantized_size(ty: GgmlType, n_elements: usize) -> Result<usize, QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    if !n_elements.is_multiple_of(c.block_size()) {
+        return Err(QuantError::PartialBlock {
+            ty,
+            n_elements,
+            block_size: c.block_size(),
+        });
+    }
+    (n_elements / c.block_size())
+        .checked_mul(c.type_size())
+        .ok_or(QuantError::TooLarge { ty, n_elements })
+}
+
+fn check_rows(
+    c: &Codec,
+    ty: GgmlType,
+    n_elements: usize,
+    row_len: usize,
+) -> Result<(), QuantError> {
+    if row_len == 0 || !row_len.is_multiple_of(c.block_size()) {
+        return Err(QuantError::RowLength {
+            ty,
+            row_len,
+            block_size: c.block_size(),
+        });
+    }
+    if !n_elements.is_multiple_of(row_len) {
+        return Err(QuantError::PartialRow {
+            ty,
+            n_elements,
+            row_len,
+        });
+    }
+    Ok(())
+}
+
+/// Quantize `data` (rows of `row_len` elements) to `ty`, returning ggml's bytes.
+pub fn quantize(ty: GgmlType, data: &[f32], row_len: usize) -> Result<Vec<u8>, QuantError> {
+    let mut out = vec![0u8; quantized_size(ty, data.len())?];
+    quantize_into(ty, data, row_len, &mut out)?;
+    Ok(out)
+}
+
+/// [`quantize`] into a caller's buffer of exactly [`quantized_size`] bytes.
+pub fn quantize_into(
+    ty: GgmlType,
+    data: &[f32],
+    row_len: usize,
+    out: &mut [u8],
+) -> Result<(), QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    check_rows(&c, ty, data.len(), row_len)?;
+    let expected = quantized_size(ty, data.len())?;
+    if out.len() != expected {
+        return Err(QuantError::ByteLength {
+            ty,
+            n_elements: data.len(),
+            expected,
+            got: out.len(),
+        });
+    }
+    let chunk = c.chunk_blocks();
+    data.par_chunks(chunk * c.block_size())
+        .zip(out.par_chunks_mut(chunk * c.type_size()))
+        .for_each(|(src, dst)| (c.quantize)(src, dst));
+    Ok(())
+}
+
+/// Dequantize `n_elements` of `ty` from ggml's bytes, which must be exactly that tensor.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, QuantError> {
+    // Validate before allocating: `n_elements` may come from an untrusted header.
+    let expected = quantized_size(ty, n_elements)?;
+    if bytes.len() != expected {
+        return Err(QuantError::ByteLength {
+            ty,
+            n_elements,
+            expected,
+            got: bytes.len(),
+        });
+    }
+    let mut out = vec![0f32; n_elements];
+    dequantize_into(ty, bytes, &mut out)?;
+    Ok(out)
+}
+
+/// [`dequantize`] into a caller's buffer; its length is the element count.
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    let expected = quantized_size(ty, out.len())?;
+    if bytes.len() != expected {
+        return Err(QuantError::ByteLength {
+            ty,
+            n_elements: out.len(),
+            expected,
+            got: bytes.len(),
+        });
+    }
+    let chunk = c.chunk_blocks();
+    bytes
+        .par_chunks(chunk * c.type_size())
+        .zip(out.par_chunks_mut(chunk * c.block_size()))
+        .for_each(|(src, dst)| (c.dequantize)(src, dst));
+    Ok(())
+}
+
+/// Single-threaded [`quantize`], for tests and benchmarks that check the parallel split.
+pub fn quantize_sequential(
+    ty: GgmlType,
+    data: &[f32],
+    row_len: usize,
+) -> Result<Vec<u8>, QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    check_rows(&c, ty, data.len(), row_len)?;
+    let mut out = vec![0u8; quantized_size(ty, data.len())?];
+    (c.quantize)(data, &mut out);
+    Ok(out)
+}
+
+/// Single-threaded [`dequantize`].
+pub fn dequantize_sequential(
+    ty: GgmlType,
+    bytes: &[u8],
+    n_elements: usize,
+) -> Result<Vec<f32>, QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    let expected = quantized_size(ty, n_elements)?;
+    if bytes.len() != expected {
+        return Err(QuantError::ByteLength {
+            ty,
+            n_elements,
+            expected,
+            got: bytes.len(),
+        });
+    }
+    let mut out = vec![0f32; n_elements];
+    (c.dequantize)(bytes, &mut out);
+    Ok(out)
+}
