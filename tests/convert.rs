@@ -583,3 +583,122 @@ fn cli_dry_run_force_and_errors() {
         TensorDtype::BF16
     );
 }
+
+#[test]
+fn quantized_outputs_round_trip_within_their_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let t = Tiny {
+        hidden: 256,
+        inter: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 272,
+        ..Tiny::default()
+    };
+    write_tiny(&src, t, 9, &[]);
+    let a = SafetensorStore::open(&src).unwrap();
+    // relative RMS error bounds per type: 8-bit ~0.4%, 4-bit k-quants ~10%
+    for (out, bound) in [
+        (OutType::Q8_0, 0.01),
+        (OutType::Q4KM, 0.15),
+        (OutType::Q4_1, 0.15),
+        (OutType::Q6K, 0.03),
+    ] {
+        let gguf = tmp.path().join("q.gguf");
+        let opts = ToGgufOptions {
+            outtype: out,
+            ..ToGgufOptions::default()
+        };
+        let plan = to_gguf(&src, &gguf, &opts);
+        let back = tmp.path().join("qback");
+        from_gguf(
+            &gguf,
+            &back,
+            &FromGgufOptions {
+                force: true,
+                ..FromGgufOptions::default()
+            },
+        )
+        .unwrap();
+        let b = SafetensorStore::open(&back).unwrap();
+        let q = "model.layers.1.self_attn.q_proj.weight";
+        let ty = plan
+            .tensors
+            .iter()
+            .find(|p| p.name == "blk.1.attn_q.weight")
+            .unwrap()
+            .ggml_type;
+        assert_eq!(ty, out.base_type(), "{out}");
+        for n in [
+            q,
+            "model.layers.0.mlp.down_proj.weight",
+            "model.embed_tokens.weight",
+        ] {
+            let f = |s: &SafetensorStore| -> Vec<f32> {
+                s.tensor_view(n)
+                    .unwrap()
+                    .data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            };
+            let (x, y) = (f(&a), f(&b));
+            let num: f64 = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| ((p - q) as f64).powi(2))
+                .sum();
+            let den: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum();
+            let rel = (num / den).sqrt();
+            assert!(rel < bound && rel > 0.0, "{out} {n}: relative error {rel}");
+        }
+    }
+}
+
+#[test]
+fn unsupported_type_names_the_tensor() {
+    use abf::gguf::{GgmlType, GgufWriter, TensorSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tiny(&src, Tiny::default(), 4, &[]);
+    let good = tmp.path().join("g.gguf");
+    to_gguf(&src, &good, &f32_opts());
+    // the same file with one tensor stored as IQ2_XXS (code 16), which nothing here decodes
+    let m = open_mmap(&good).unwrap();
+    let bad = tmp.path().join("bad.gguf");
+    let mut w = GgufWriter::create(&bad, true).unwrap();
+    for (k, v) in m.file.metadata.iter() {
+        w.add_kv(k, v.clone()).unwrap();
+    }
+    let target = "blk.1.ffn_up.weight";
+    let iq = GgmlType::from_code(16);
+    for t in &m.file.tensors {
+        let spec = if t.name == target {
+            TensorSpec::with_size(
+                t.name.clone(),
+                vec![256, 96 * 64 / 256],
+                iq,
+                (96 * 64 / 256) * 66,
+            )
+        } else {
+            TensorSpec::with_size(t.name.clone(), t.dims.clone(), t.ggml_type, t.size)
+        };
+        w.add_tensor(spec).unwrap();
+    }
+    for (i, t) in m.file.tensors.iter().enumerate() {
+        if t.name == target {
+            w.write_tensor_data(&t.name, &vec![0u8; (96 * 64 / 256) * 66])
+                .unwrap();
+        } else {
+            w.write_tensor_data(&t.name, m.file.tensor_bytes(m.bytes(), i).unwrap())
+                .unwrap();
+        }
+    }
+    w.commit().unwrap();
+    let err = from_gguf(&bad, &tmp.path().join("out"), &FromGgufOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(target) && msg.contains("IQ2_XXS"), "{msg}");
+    assert!(!tmp.path().join("out").exists(), "nothing written");
+}

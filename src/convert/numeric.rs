@@ -101,32 +101,29 @@ pub fn float_dtype(ty: GgmlType) -> Option<TensorDtype> {
     }
 }
 
-/// Quantize rows of `row_len` f32 elements to a block type.
+/// Quantize rows of `row_len` f32 elements to a block type (`crate::quant`, every core).
 pub fn quantize(
     name: &str,
     ty: GgmlType,
     data: &[f32],
-    _row_len: usize,
+    row_len: usize,
 ) -> Result<Vec<u8>, ConvertError> {
-    // the block quantizers live in crate::quant (parallel, candle's k_quants)
-    Err(ConvertError::tensor(
-        name,
-        format!(
-            "quantizing to {ty} needs src/quant, which this build does not have yet ({} elements)",
-            data.len()
-        ),
-    ))
+    crate::quant::quantize(ty, data, row_len).map_err(|e| ConvertError::tensor(name, e.to_string()))
 }
 
-/// Dequantize `n` elements of a block type to f32.
+/// Dequantize `n` elements of a block type to f32; a type `crate::quant` does not handle is
+/// an error naming the tensor.
 pub fn dequantize(
     name: &str,
     ty: GgmlType,
-    _data: &[u8],
-    _n: usize,
+    data: &[u8],
+    n: usize,
 ) -> Result<Vec<f32>, ConvertError> {
-    Err(ConvertError::UnsupportedType {
-        tensor: name.to_string(),
-        ty: ty.to_string(),
-    })
+    if !crate::quant::is_supported(ty) {
+        return Err(ConvertError::UnsupportedType {
+            tensor: name.to_string(),
+            ty: ty.to_string(),
+        });
+    }
+    crate::quant::dequantize(ty, data, n).map_err(|e| ConvertError::tensor(name, e.to_string()))
 }
