@@ -185,11 +185,12 @@ fn smollm_round_trip_matches_llama_cpp() {
         "original Q4_1 vs our f32 in llama.cpp: NMSE {eq:.3e}, mean KLD {kld:.4}, top-1 {:.1}%",
         top1 * 100.0
     );
-    // the f32 file is the Q4_1 file's weights dequantized: what differs is the runtime's own
-    // quantization of activations for Q4_1 matmuls (q8_1), a few percent of the logit variance
+    // the f32 file holds the Q4_1 file's weights dequantized: what differs is llama.cpp's own
+    // rounding of activations to q8_1 for the Q4_1/Q8_0 matmuls (measured: NMSE 1.2e-3,
+    // KLD 0.0033, top-1 96%); bounds at llama.cpp's "good" NMSE line
     assert!(eq > 1e-6, "the Q4_1 file cannot match f32 exactly");
     assert!(
-        eq < 0.05 && kld < 0.1 && top1 > 0.85,
+        eq < 1e-2 && kld < 0.02 && top1 > 0.9,
         "NMSE {eq} KLD {kld} top-1 {top1}"
     );
 }
