@@ -1,9 +1,11 @@
 //! `abf-convert`: convert and patch checkpoints and GGUF files.
 
+mod from_gguf;
 mod inspect;
 mod patch_config;
 mod patch_gguf;
 mod rope;
+mod to_gguf;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,10 @@ pub enum Command {
     PatchGguf(patch_gguf::PatchArgs),
     /// Rewrite a model directory's config.json for a recipe (transformers or exact form).
     PatchConfig(patch_config::PatchConfigArgs),
+    /// Convert a Hugging Face checkpoint to a llama.cpp GGUF (recipe, tokenizer, quantization).
+    ToGguf(to_gguf::ToGgufArgs),
+    /// Convert a GGUF back to a Hugging Face checkpoint (safetensors, config, tokenizer).
+    FromGguf(from_gguf::FromGgufArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -45,5 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Inspect(args) => inspect::run(args),
         Command::PatchGguf(args) => patch_gguf::run(args),
         Command::PatchConfig(args) => patch_config::run(args),
+        Command::ToGguf(args) => to_gguf::run(args),
+        Command::FromGguf(args) => from_gguf::run(args),
     }
 }

@@ -1,0 +1,109 @@
+//! to-gguf speed: f16, q8_0 and q4_k_m of SmolLM2 (its f32 checkpoint made by from-gguf) in GB/s
+//! of input, beside a plain copy of the same bytes. `cargo bench --bench convert` prints a
+//! markdown section; with ABF_BENCH_OUT=path it also writes it there.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use abf::checkpoint::Checkpoint;
+use abf::convert::quant_plan::OutType;
+use abf::convert::{from_gguf, plan_to_gguf, write_gguf, FromGgufOptions, ToGgufOptions};
+
+const REPEATS: usize = 3;
+
+fn main() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut md = String::new();
+    writeln!(
+        md,
+        "## to-gguf (SmolLM2-135M, f32 checkpoint from from-gguf)\n"
+    )
+    .unwrap();
+    if !src.is_file() {
+        writeln!(
+            md,
+            "skipped: {} is missing (run `make fetch`)",
+            src.display()
+        )
+        .unwrap();
+        finish(&md);
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("smollm");
+    from_gguf(&src, &dir, &FromGgufOptions::default()).expect("from-gguf");
+    let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+    let weights = dir.join("model.safetensors");
+    let input = std::fs::metadata(&weights).expect("weights").len();
+    let cores = rayon::current_num_threads();
+    writeln!(
+        md,
+        "Input {:.0} MB of f32 safetensors, {cores} threads, best of {REPEATS}.\n",
+        input as f64 / 1e6
+    )
+    .unwrap();
+    writeln!(md, "| operation | seconds | GB/s of input | output MB |").unwrap();
+    writeln!(md, "|---|---|---|---|").unwrap();
+    let copy_out = tmp.path().join("copy.bin");
+    let best = |f: &mut dyn FnMut() -> u64| -> (f64, u64) {
+        let mut best = f64::INFINITY;
+        let mut bytes = 0;
+        for _ in 0..REPEATS {
+            let t = Instant::now();
+            bytes = f();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        (best, bytes)
+    };
+    let (s, b) = best(&mut || std::fs::copy(&weights, &copy_out).expect("copy"));
+    writeln!(
+        md,
+        "| plain copy (`std::fs::copy`) | {s:.3} | {:.2} | {:.0} |",
+        input as f64 / s / 1e9,
+        b as f64 / 1e6
+    )
+    .unwrap();
+    for out in [OutType::F16, OutType::Q8_0, OutType::Q4KM] {
+        let opts = ToGgufOptions {
+            outtype: out,
+            ..ToGgufOptions::default()
+        };
+        let path = tmp.path().join(format!("{}.gguf", out.name()));
+        let (s, b) = best(&mut || {
+            let plan = plan_to_gguf(&ckpt, &opts).expect("plan");
+            write_gguf(&ckpt, &plan, &path, true, &|_, _| {})
+                .expect("write")
+                .output_bytes
+        });
+        writeln!(
+            md,
+            "| to-gguf {} | {s:.3} | {:.2} | {:.0} |",
+            out.name(),
+            input as f64 / s / 1e9,
+            b as f64 / 1e6
+        )
+        .unwrap();
+    }
+    let python = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("convert_hf_to_gguf.py").is_file()))
+        .unwrap_or(false);
+    if python {
+        writeln!(
+            md,
+            "\nllama.cpp's convert_hf_to_gguf.py is on PATH but not timed here."
+        )
+        .unwrap();
+    } else {
+        writeln!(md, "\nllama.cpp's Python converter (convert_hf_to_gguf.py) is not on this machine: its column is skipped.").unwrap();
+    }
+    finish(&md);
+}
+
+fn finish(md: &str) {
+    print!("{md}");
+    if let Some(p) = std::env::var_os("ABF_BENCH_OUT") {
+        std::fs::write(&p, md).expect("ABF_BENCH_OUT");
+    }
+}

@@ -1,0 +1,298 @@
+//! GGUF -> Hugging Face checkpoint: every tensor dequantized (F32/F16/BF16 directly, block
+//! types through `crate::quant`), q/k rows un-permuted, safetensors plus config.json (with the
+//! `abf_recipe` block from `gguf::read_recipe`), tokenizer.json and tokenizer_config.json
+//! rebuilt from the GGUF vocabulary. The directory is staged and renamed into place.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Map, Value as Json};
+
+use super::error::ConvertError;
+use super::numeric;
+use super::permute::unpermute_qk;
+use super::tensor_map::{gguf_to_hf, Role, ROPE_FREQS};
+use super::tokenizer_gguf::GgufVocab;
+use crate::checkpoint::writer::{write_json, StagedDir};
+use crate::checkpoint::{
+    patch_config, HfConfig, Runtime as ConfigRuntime, TensorData, TensorDtype, CONFIG_FILE,
+    DEFAULT_SHARD_BYTES,
+};
+use crate::gguf::keys::{self, ArchKey};
+use crate::gguf::{open_mmap, read_recipe, Metadata};
+use crate::rope::{Recipe, CONFIG_BLOCK};
+
+/// The element type of the written safetensors.
+pub type OutDtype = TensorDtype;
+
+#[derive(Debug, Clone)]
+pub struct FromGgufOptions {
+    pub dtype: TensorDtype,
+    /// Replace an existing non-empty output directory.
+    pub force: bool,
+}
+
+impl Default for FromGgufOptions {
+    fn default() -> Self {
+        FromGgufOptions {
+            dtype: TensorDtype::F32,
+            force: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FromGgufReport {
+    pub dir: PathBuf,
+    pub tensors: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+    pub recipe: Recipe,
+    pub tied_embeddings: bool,
+    pub notes: Vec<String>,
+}
+
+fn need_u32(meta: &Metadata, arch: &str, k: ArchKey) -> Result<u32, ConvertError> {
+    meta.arch_u32(arch, k)?.ok_or_else(|| ConvertError::Key {
+        key: k.key(arch),
+        reason: "missing".into(),
+    })
+}
+
+/// Convert `path` into the directory `out`.
+pub fn from_gguf(
+    path: &Path,
+    out: &Path,
+    opts: &FromGgufOptions,
+) -> Result<FromGgufReport, ConvertError> {
+    let start = Instant::now();
+    let mapped = open_mmap(path)?;
+    let file = &mapped.file;
+    let meta = &file.metadata;
+    let mut notes = Vec::new();
+    let arch = meta
+        .architecture()?
+        .ok_or_else(|| ConvertError::Key {
+            key: keys::GENERAL_ARCHITECTURE.into(),
+            reason: "missing".into(),
+        })?
+        .to_string();
+    if arch != keys::ARCH_LLAMA && arch != keys::ARCH_MISTRAL3 {
+        return Err(ConvertError::Model(format!(
+            "architecture {arch:?}: from-gguf reads llama and mistral3"
+        )));
+    }
+    let hidden = need_u32(meta, &arch, ArchKey::EmbeddingLength)? as usize;
+    let layers = need_u32(meta, &arch, ArchKey::BlockCount)? as usize;
+    let ff = need_u32(meta, &arch, ArchKey::FeedForwardLength)? as usize;
+    let heads = need_u32(meta, &arch, ArchKey::HeadCount)? as usize;
+    let kv_heads = meta
+        .arch_u32(&arch, ArchKey::HeadCountKv)?
+        .map(|x| x as usize)
+        .unwrap_or(heads);
+    if heads == 0 || kv_heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(ConvertError::Model(format!(
+            "{hidden} embedding with {heads} heads / {kv_heads} kv heads"
+        )));
+    }
+    let head_dim = hidden / heads;
+    let eps = meta
+        .arch_f32(&arch, ArchKey::LayerNormRmsEpsilon)?
+        .map(f64::from)
+        .unwrap_or(1e-5);
+    let recipe = match read_recipe(meta)? {
+        Some(r) => r,
+        None => {
+            return Err(ConvertError::Key {
+                key: ArchKey::ContextLength.key(&arch),
+                reason: "missing: no recipe can be read".into(),
+            })
+        }
+    };
+    if file.tensor(ROPE_FREQS).is_some() && recipe.method != crate::rope::RopeMethod::Llama3 {
+        notes.push(
+            "rope_freqs.weight present but no abf.recipe keys: its llama3 factors are not \
+             carried into config.json"
+                .into(),
+        );
+    }
+
+    // tensors
+    let bytes = mapped.bytes();
+    let mut tensors: Vec<TensorData<'static>> = Vec::with_capacity(file.tensors.len());
+    let mut vocab_rows = None;
+    let mut has_output = false;
+    let mut input_bytes = 0u64;
+    for (i, t) in file.tensors.iter().enumerate() {
+        if t.name == ROPE_FREQS {
+            continue;
+        }
+        let (hf, role, _) = gguf_to_hf(&t.name).ok_or_else(|| ConvertError::UnknownGgufTensor {
+            tensor: t.name.clone(),
+        })?;
+        let data = file
+            .tensor_bytes(bytes, i)
+            .ok_or_else(|| ConvertError::tensor(&t.name, "data outside the file"))?;
+        input_bytes += data.len() as u64;
+        let n = usize::try_from(t.elements())
+            .map_err(|_| ConvertError::tensor(&t.name, "too many elements"))?;
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        let converted: Vec<u8> = match numeric::float_dtype(t.ggml_type) {
+            Some(from) => numeric::convert(from, opts.dtype, data),
+            None => {
+                let f = numeric::dequantize(&t.name, t.ggml_type, data, n)?;
+                numeric::from_f32(opts.dtype, &f)
+            }
+        };
+        let rows = shape.first().copied().unwrap_or(1);
+        let converted = match role {
+            Role::Q => unpermute_qk(&t.name, &converted, rows, heads)?,
+            Role::K => unpermute_qk(&t.name, &converted, rows, kv_heads)?,
+            _ => converted,
+        };
+        match role {
+            Role::Embedding => vocab_rows = Some(rows),
+            Role::Output => has_output = true,
+            _ => {}
+        }
+        tensors.push(TensorData {
+            name: hf,
+            dtype: opts.dtype,
+            shape,
+            data: Cow::Owned(converted),
+        });
+    }
+    // the order transformers saves in: by name
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let vocab = GgufVocab::read(meta)?;
+    let vocab_size = meta
+        .arch_u32(&arch, ArchKey::VocabSize)?
+        .map(|v| v as usize)
+        .or(vocab_rows)
+        .or(vocab.as_ref().map(|v| v.tokens.len()))
+        .ok_or_else(|| ConvertError::Model("no vocabulary size".into()))?;
+
+    // config.json: LLaMA fields, the transformers form of the recipe, and our exact block
+    let dtype_name = match opts.dtype {
+        TensorDtype::F32 => "float32",
+        TensorDtype::F16 => "float16",
+        TensorDtype::BF16 => "bfloat16",
+    };
+    let mut cfg = Map::new();
+    cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+    cfg.insert("model_type".into(), json!("llama"));
+    cfg.insert("hidden_act".into(), json!("silu"));
+    cfg.insert("hidden_size".into(), json!(hidden));
+    cfg.insert("intermediate_size".into(), json!(ff));
+    cfg.insert("num_hidden_layers".into(), json!(layers));
+    cfg.insert("num_attention_heads".into(), json!(heads));
+    cfg.insert("num_key_value_heads".into(), json!(kv_heads));
+    cfg.insert("head_dim".into(), json!(head_dim));
+    cfg.insert("rms_norm_eps".into(), json!(eps));
+    cfg.insert("vocab_size".into(), json!(vocab_size));
+    cfg.insert("max_position_embeddings".into(), json!(recipe.context));
+    cfg.insert("rope_theta".into(), json!(recipe.rope_base));
+    cfg.insert("tie_word_embeddings".into(), json!(!has_output));
+    cfg.insert("attention_bias".into(), json!(false));
+    cfg.insert("mlp_bias".into(), json!(false));
+    if let Some(v) = &vocab {
+        if let Some(b) = v.bos {
+            cfg.insert("bos_token_id".into(), json!(b));
+        }
+        if let Some(e) = v.eos {
+            cfg.insert("eos_token_id".into(), json!(e));
+        }
+    }
+    cfg.insert("torch_dtype".into(), json!(dtype_name));
+    let config_path = out.join(CONFIG_FILE);
+    let plain = HfConfig::from_value(&config_path, Json::Object(cfg))?;
+    let patched = patch_config(&plain, &recipe, ConfigRuntime::Transformers, true)?;
+    notes.extend(
+        patched
+            .approximations
+            .iter()
+            .map(|g| format!("config.json transformers fields approximate: {g}")),
+    );
+    let mut config = patched.config;
+    config.insert(CONFIG_BLOCK.into(), recipe.to_json_block());
+    let config = Json::Object(config);
+
+    // write: stage beside the target; with --force an existing directory is moved aside and
+    // removed only once the new one is in place
+    let non_empty = out.is_dir()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+    if non_empty && !opts.force {
+        return Err(ConvertError::Io {
+            path: out.to_path_buf(),
+            reason: "output directory exists and is not empty (use --force to replace it)".into(),
+        });
+    }
+    let aside = non_empty.then(|| {
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        out.with_file_name(format!(".{name}.old.{}", std::process::id()))
+    });
+    let staged = StagedDir::create(&staged_target(out, aside.is_some()))?;
+    let files =
+        crate::checkpoint::write_safetensors(staged.path(), &tensors, DEFAULT_SHARD_BYTES, false)?;
+    write_json(&staged.path().join(CONFIG_FILE), &config, false)?;
+    if let Some(v) = &vocab {
+        let (tj, tc, tnotes) = v.to_hf()?;
+        notes.extend(tnotes);
+        write_json(&staged.path().join("tokenizer.json"), &tj, false)?;
+        write_json(&staged.path().join("tokenizer_config.json"), &tc, false)?;
+    } else {
+        notes.push("the GGUF has no tokenizer: none written".into());
+    }
+    let output_bytes = files
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let staged_dir = staged.commit()?;
+    let dir = match &aside {
+        Some(old) => {
+            let io = |e: std::io::Error| ConvertError::Io {
+                path: out.to_path_buf(),
+                reason: e.to_string(),
+            };
+            std::fs::rename(out, old).map_err(io)?;
+            if let Err(e) = std::fs::rename(&staged_dir, out) {
+                let _ = std::fs::rename(old, out);
+                return Err(io(e));
+            }
+            std::fs::remove_dir_all(old).map_err(io)?;
+            out.to_path_buf()
+        }
+        None => staged_dir,
+    };
+    Ok(FromGgufReport {
+        dir,
+        tensors: tensors.len(),
+        input_bytes,
+        output_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        recipe,
+        tied_embeddings: !has_output,
+        notes,
+    })
+}
+
+/// Where to stage: the target itself, or (when it will replace an existing directory) a
+/// sibling renamed over it at the end.
+fn staged_target(out: &Path, replacing: bool) -> PathBuf {
+    if !replacing {
+        return out.to_path_buf();
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!(".{name}.new.{}", std::process::id()))
+}

@@ -1,0 +1,401 @@
+//! Checkpoint -> GGUF for llama.cpp: tensor names and q/k permutation as llama.cpp's converter
+//! writes them, every hyperparameter key with the type llama.cpp requires, the recipe through
+//! `gguf::apply_recipe` (Llama 3 factors as the `rope_freqs.weight` tensor), the tokenizer, and
+//! per-tensor types from `quant_plan`. Streaming: one tensor at a time from the mapped
+//! safetensors to the atomic output.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::error::ConvertError;
+use super::numeric;
+use super::permute::permute_qk;
+use super::quant_plan::{choose_type, OutType, PlanContext};
+use super::tensor_map::{hf_index, hf_to_gguf, Role, ROPE_FREQS};
+use super::tokenizer_gguf::vocab_from_dir;
+use crate::checkpoint::{Checkpoint, TensorDtype};
+use crate::gguf::keys::{self, ArchKey};
+use crate::gguf::{apply_recipe, GgmlType, GgufWriter, Metadata, Runtime, TensorSpec, Value};
+use crate::rope::{
+    base_inv_freq, BaseRope, FieldValue, Recipe, RecipeArgs, RopeMethod, GGUF_PREFIX,
+};
+
+/// What to convert to.
+#[derive(Debug, Clone)]
+pub struct ToGgufOptions {
+    pub outtype: OutType,
+    pub runtime: Runtime,
+    /// Flags laid over the checkpoint's own recipe.
+    pub recipe: RecipeArgs,
+    pub allow_approximate: bool,
+    /// `tokenizer.ggml.pre` to write instead of the recognised one.
+    pub tokenizer_pre: Option<String>,
+    /// `general.name` (default: config `_name_or_path`, else the directory name).
+    pub name: Option<String>,
+}
+
+impl Default for ToGgufOptions {
+    fn default() -> Self {
+        ToGgufOptions {
+            outtype: OutType::F16,
+            runtime: Runtime::LlamaCpp,
+            recipe: RecipeArgs::default(),
+            allow_approximate: false,
+            tokenizer_pre: None,
+            name: None,
+        }
+    }
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTensor {
+    pub name: String,
+    /// The checkpoint tensor it comes from (None for `rope_freqs.weight`).
+    pub source: Option<String>,
+    /// GGUF order (fastest first).
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    pub bytes: u64,
+    /// Heads to permute the rows for (q: n_head, k: n_head_kv).
+    pub permute_heads: Option<usize>,
+    /// Why the type differs from the output type's rule, when it fell back.
+    pub note: Option<String>,
+}
+
+/// Everything to write, decided before any tensor is read.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub metadata: Metadata,
+    pub tensors: Vec<PlannedTensor>,
+    /// The recipe written (after the flags).
+    pub recipe: Recipe,
+    pub notes: Vec<String>,
+    /// Bytes of checkpoint tensors read.
+    pub input_bytes: u64,
+    /// Llama 3 frequency factors (`rope_freqs.weight`).
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+impl Plan {
+    pub fn output_tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.bytes).sum()
+    }
+}
+
+/// What writing did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToGgufReport {
+    pub tensors: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+}
+
+impl ToGgufReport {
+    /// Input bytes per second, in GB/s.
+    pub fn gb_per_s(&self) -> f64 {
+        self.input_bytes as f64 / self.seconds.max(1e-9) / 1e9
+    }
+}
+
+/// llama.cpp's converter skips these (recomputed at run time).
+fn skipped(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
+
+/// Order: embedding, blocks in table order, final norm, head (as llama.cpp's converter emits a
+/// LLaMA checkpoint).
+fn order_key(name: &str) -> (usize, usize, usize) {
+    match hf_to_gguf(name) {
+        Some((_, _, Some(b))) => (1, b, table_index(name)),
+        Some((_, Role::Embedding, None)) => (0, 0, 0),
+        Some((_, Role::Norm, None)) => (2, 0, 0),
+        Some(_) => (3, 0, 0),
+        None => (4, 0, 0),
+    }
+}
+
+fn table_index(name: &str) -> usize {
+    hf_index(name).unwrap_or(usize::MAX)
+}
+
+fn push_exact_fields(meta: &mut Metadata, recipe: &Recipe) {
+    for k in meta
+        .keys()
+        .filter(|k| k.starts_with(GGUF_PREFIX))
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    {
+        meta.remove(&k);
+    }
+    for (name, v) in recipe.to_fields() {
+        let value = match v {
+            FieldValue::Str(s) => Value::string(s),
+            FieldValue::F64(x) => Value::F64(x),
+            FieldValue::U64(x) => Value::U64(x),
+        };
+        meta.set(format!("{GGUF_PREFIX}{name}"), value);
+    }
+}
+
+/// Write the recipe keys. Llama 3 and (approximated) dynamic NTK are written as plain rope with
+/// their base; Llama 3's band factors go into `rope_freqs.weight` (the factor llama.cpp divides
+/// each frequency by: plain / llama3 inverse frequency, as `convert_hf_to_gguf.py` computes).
+fn write_recipe(
+    meta: &mut Metadata,
+    recipe: &Recipe,
+    head_dim: usize,
+    opts: &ToGgufOptions,
+) -> Result<(Vec<String>, Option<Vec<f32>>), ConvertError> {
+    let mut notes = Vec::new();
+    let mut freqs = None;
+    let runtime_recipe = match recipe.method {
+        RopeMethod::Llama3 => {
+            let plain = base_inv_freq(recipe.rope_base, head_dim);
+            let l3 = recipe.inv_freq(head_dim, None);
+            freqs = Some(
+                plain
+                    .iter()
+                    .zip(&l3)
+                    .map(|(p, q)| (p / q) as f32)
+                    .collect::<Vec<f32>>(),
+            );
+            notes.push("llama3 frequency factors written as rope_freqs.weight".into());
+            let mut r = recipe.clone();
+            r.method = RopeMethod::Default;
+            r.factor = 1.0;
+            r
+        }
+        RopeMethod::Dynamic if opts.allow_approximate => {
+            notes.push(
+                "approximate: llama.cpp has no dynamic NTK; written as plain rope with its base"
+                    .into(),
+            );
+            let mut r = recipe.clone();
+            r.method = RopeMethod::Default;
+            r.factor = 1.0;
+            r
+        }
+        _ => recipe.clone(),
+    };
+    notes.extend(apply_recipe(
+        meta,
+        &runtime_recipe,
+        Runtime::LlamaCpp,
+        opts.allow_approximate,
+    )?);
+    if opts.runtime == Runtime::Exact {
+        push_exact_fields(meta, recipe);
+    }
+    Ok((notes, freqs))
+}
+
+/// Decide the output: metadata, tensor list and types.
+pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, ConvertError> {
+    let cfg = &ckpt.config.model;
+    let arch = keys::ARCH_LLAMA;
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
+        return Err(ConvertError::Model(format!(
+            "head_dim {} x {} heads != hidden_size {}: llama.cpp would need attention.key_length, \
+             which this converter does not write",
+            cfg.head_dim, cfg.num_attention_heads, cfg.hidden_size
+        )));
+    }
+    let current = cfg.recipe.clone();
+    let recipe = if opts.recipe.is_empty() {
+        current
+    } else {
+        opts.recipe.resolve(
+            Some(&current),
+            BaseRope {
+                base: current.rope_base,
+                context: current.original_context,
+            },
+        )?
+    };
+
+    let mut meta = Metadata::new();
+    meta.set_architecture(arch);
+    let name = opts.name.clone().unwrap_or_else(|| {
+        ckpt.config
+            .raw
+            .get("_name_or_path")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                ckpt.dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into())
+            })
+    });
+    meta.set(keys::GENERAL_NAME, Value::string(name));
+    let u32s = [
+        (ArchKey::EmbeddingLength, cfg.hidden_size),
+        (ArchKey::BlockCount, cfg.num_hidden_layers),
+        (ArchKey::FeedForwardLength, cfg.intermediate_size),
+        (ArchKey::HeadCount, cfg.num_attention_heads),
+        (ArchKey::HeadCountKv, cfg.num_key_value_heads),
+        (ArchKey::RopeDimensionCount, cfg.head_dim),
+    ];
+    meta.set_context_length(arch, recipe.context)?;
+    for (k, v) in u32s {
+        meta.set_arch_u32(arch, k, v as u64)?;
+    }
+    meta.set_arch_number(arch, ArchKey::LayerNormRmsEpsilon, cfg.rms_norm_eps)?;
+
+    // tokenizer first: its token count is vocab_size
+    let (vocab, mut notes) = vocab_from_dir(
+        &ckpt.dir,
+        cfg.vocab_size,
+        (cfg.bos_token_id, cfg.eos_token_id),
+        opts.tokenizer_pre.as_deref(),
+    )?;
+    meta.set_arch_u32(arch, ArchKey::VocabSize, vocab.tokens.len() as u64)?;
+    meta.set_rope_freq_base(arch, recipe.rope_base)?;
+    let (rnotes, rope_freqs) = write_recipe(&mut meta, &recipe, cfg.head_dim, opts)?;
+    notes.extend(rnotes);
+    meta.set(
+        keys::GENERAL_FILE_TYPE,
+        Value::U32(opts.outtype.file_type()),
+    );
+    meta.set(keys::GENERAL_QUANTIZATION_VERSION, Value::U32(2));
+    meta.set_alignment(keys::DEFAULT_ALIGNMENT as u32)?;
+    vocab.write(&mut meta);
+
+    // tensors
+    let store = &ckpt.weights;
+    let mut names: Vec<&str> = store.names().filter(|n| !skipped(n)).collect();
+    let has_lm_head = names.contains(&"lm_head.weight");
+    if cfg.tie_word_embeddings && has_lm_head {
+        notes.push("tie_word_embeddings: lm_head.weight is not written".into());
+        names.retain(|n| *n != "lm_head.weight");
+    }
+    names.sort_by_key(|n| order_key(n));
+    let ctx = PlanContext {
+        n_layer: cfg.num_hidden_layers,
+        n_gqa: cfg.num_attention_heads / cfg.num_key_value_heads.max(1),
+        has_output: has_lm_head && !cfg.tie_word_embeddings,
+    };
+    let mut tensors = Vec::with_capacity(names.len() + 1);
+    if let Some(f) = &rope_freqs {
+        let ty = GgmlType::from_code(0);
+        tensors.push(PlannedTensor {
+            name: ROPE_FREQS.to_string(),
+            source: None,
+            dims: vec![f.len() as u64],
+            ggml_type: ty,
+            bytes: 4 * f.len() as u64,
+            permute_heads: None,
+            note: None,
+        });
+    }
+    let mut input_bytes = 0u64;
+    for n in names {
+        let (gname, role, layer) = hf_to_gguf(n).ok_or_else(|| ConvertError::UnknownHfTensor {
+            tensor: n.to_string(),
+        })?;
+        let shape = store.shape(n)?;
+        let view = store.tensor_view(n)?;
+        input_bytes += view.data.len() as u64;
+        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        let row_len = dims.first().copied().unwrap_or(1);
+        let (ty, note) = choose_type(opts.outtype, role, dims.len(), row_len, layer, &ctx);
+        let elements: u64 = dims.iter().product();
+        let bytes = ty
+            .byte_size(elements)
+            .ok_or_else(|| ConvertError::tensor(n, format!("{dims:?} has no whole {ty} blocks")))?;
+        let permute_heads = match role {
+            Role::Q => Some(cfg.num_attention_heads),
+            Role::K => Some(cfg.num_key_value_heads),
+            _ => None,
+        };
+        tensors.push(PlannedTensor {
+            name: gname,
+            source: Some(n.to_string()),
+            dims,
+            ggml_type: ty,
+            bytes,
+            permute_heads,
+            note,
+        });
+    }
+    Ok(Plan {
+        metadata: meta,
+        tensors,
+        recipe,
+        notes,
+        input_bytes,
+        rope_freqs,
+    })
+}
+
+/// The bytes of one planned tensor, ready to write.
+fn encode_tensor(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<u8>, ConvertError> {
+    let Some(src) = &t.source else {
+        return Err(ConvertError::tensor(&t.name, "no source tensor"));
+    };
+    let view = ckpt.weights.tensor_view(src)?;
+    let rows = view.shape.first().copied().unwrap_or(1);
+    let permuted;
+    let data: &[u8] = match t.permute_heads {
+        Some(h) => {
+            permuted = permute_qk(src, view.data, rows, h)?;
+            &permuted
+        }
+        None => view.data,
+    };
+    match numeric::float_dtype(t.ggml_type) {
+        Some(to) => Ok(numeric::convert(view.dtype, to, data)),
+        None => {
+            let f = numeric::to_f32(view.dtype, data);
+            let row_len = t.dims.first().copied().unwrap_or(1) as usize;
+            numeric::quantize(&t.name, t.ggml_type, &f, row_len)
+        }
+    }
+}
+
+/// Write the plan to `out` (atomic; an existing file is replaced only with `force`).
+/// `progress` is called with each tensor's input bytes as it is written.
+pub fn write_gguf(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    out: &Path,
+    force: bool,
+    progress: &dyn Fn(&str, u64),
+) -> Result<ToGgufReport, ConvertError> {
+    let start = Instant::now();
+    let specs = plan
+        .tensors
+        .iter()
+        .map(|t| TensorSpec::new(t.name.clone(), t.dims.clone(), t.ggml_type))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut w = GgufWriter::create(out, force)?;
+    for (k, v) in plan.metadata.iter() {
+        w.add_kv(k, v.clone())?;
+    }
+    for s in specs {
+        w.add_tensor(s)?;
+    }
+    for t in &plan.tensors {
+        let bytes = match (&t.source, &plan.rope_freqs) {
+            (None, Some(f)) => numeric::from_f32(TensorDtype::F32, f),
+            _ => encode_tensor(ckpt, t)?,
+        };
+        w.write_tensor_data(&t.name, &bytes)?;
+        let input = match &t.source {
+            Some(s) => ckpt.weights.tensor_view(s)?.data.len() as u64,
+            None => 0,
+        };
+        progress(&t.name, input);
+    }
+    let output_bytes = w.commit()?;
+    Ok(ToGgufReport {
+        tensors: plan.tensors.len(),
+        input_bytes: plan.input_bytes,
+        output_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
