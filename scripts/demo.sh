@@ -39,5 +39,14 @@ step "5. the same with the exact recipe recorded under abf.recipe.* (log law app
 "$bin/abf-convert" inspect "$out/smollm2-eabf-exact.gguf" --json \
   | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({k: d[k] for k in d if k in ("summary", "recipe")}, indent=1))'
 
+step "6. from GGUF to a Hugging Face checkpoint (dequantized, q/k un-permuted, tokenizer rebuilt)"
+"$bin/abf-convert" from-gguf "$src" -o "$out/smollm2-hf" --force
+
+step "7. the checkpoint, with ABF + the step law, to an f16 GGUF that llama.cpp runs as trained"
+"$bin/abf-convert" to-gguf "$out/smollm2-hf" -o "$out/smollm2-abf-step-f16.gguf" --outtype f16 --force \
+  --method abf --original-context 8192 --scale-law step
+"$bin/abf-convert" inspect "$out/smollm2-abf-step-f16.gguf" --json \
+  | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["summary"], indent=1))'
+
 step "done: outputs in $out/"
 ls -la "$out"
