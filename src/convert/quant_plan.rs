@@ -190,11 +190,7 @@ pub fn choose_type(
                 OutType::Q4K if i < n / 8 => ty = Q5_K,
                 _ => {}
             },
-            Role::AttnOutput => {
-                if out == OutType::Q2K {
-                    ty = Q3_K
-                }
-            }
+            Role::AttnOutput if out == OutType::Q2K => ty = Q3_K,
             _ => {}
         }
     }
