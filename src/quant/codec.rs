@@ -215,15 +215,7 @@ pub fn quantize_into(
 ) -> Result<(), QuantError> {
     let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
     check_rows(&c, ty, data.len(), row_len)?;
-    let expected = quantized_size(ty, data.len())?;
-    if out.len() != expected {
-        return Err(QuantError::ByteLength {
-            ty,
-            n_elements: data.len(),
-            expected,
-            got: out.len(),
-        });
-    }
+    check_byte_len(ty, data.len(), out.len())?;
     let chunk = c.chunk_blocks();
     data.par_chunks(chunk * c.block_size())
         .zip(out.par_chunks_mut(chunk * c.type_size()))
@@ -231,18 +223,24 @@ pub fn quantize_into(
     Ok(())
 }
 
-/// Dequantize `n_elements` of `ty` from ggml's bytes, which must be exactly that tensor.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, QuantError> {
-    // Validate before allocating: `n_elements` may come from an untrusted header.
+/// `got` bytes must be exactly the size of `n_elements` of `ty`.
+fn check_byte_len(ty: GgmlType, n_elements: usize, got: usize) -> Result<(), QuantError> {
     let expected = quantized_size(ty, n_elements)?;
-    if bytes.len() != expected {
+    if got != expected {
         return Err(QuantError::ByteLength {
             ty,
             n_elements,
             expected,
-            got: bytes.len(),
+            got,
         });
     }
+    Ok(())
+}
+
+/// Dequantize `n_elements` of `ty` from ggml's bytes, which must be exactly that tensor.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, QuantError> {
+    // Validate before allocating: `n_elements` may come from an untrusted header.
+    check_byte_len(ty, n_elements, bytes.len())?;
     let mut out = vec![0f32; n_elements];
     dequantize_into(ty, bytes, &mut out)?;
     Ok(out)
@@ -251,15 +249,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
 /// [`dequantize`] into a caller's buffer; its length is the element count.
 pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
     let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
-    let expected = quantized_size(ty, out.len())?;
-    if bytes.len() != expected {
-        return Err(QuantError::ByteLength {
-            ty,
-            n_elements: out.len(),
-            expected,
-            got: bytes.len(),
-        });
-    }
+    check_byte_len(ty, out.len(), bytes.len())?;
     let chunk = c.chunk_blocks();
     bytes
         .par_chunks(chunk * c.type_size())
@@ -288,15 +278,7 @@ pub fn dequantize_sequential(
     n_elements: usize,
 ) -> Result<Vec<f32>, QuantError> {
     let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
-    let expected = quantized_size(ty, n_elements)?;
-    if bytes.len() != expected {
-        return Err(QuantError::ByteLength {
-            ty,
-            n_elements,
-            expected,
-            got: bytes.len(),
-        });
-    }
+    check_byte_len(ty, n_elements, bytes.len())?;
     let mut out = vec![0f32; n_elements];
     (c.dequantize)(bytes, &mut out);
     Ok(out)
