@@ -86,17 +86,55 @@ fn main() {
         )
         .unwrap();
     }
-    let python = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("convert_hf_to_gguf.py").is_file()))
-        .unwrap_or(false);
-    if python {
+    // llama.cpp's Python converter's write path (gguf-py + numpy) on the same input: see
+    // benches/gguf_py_convert.py for what it keeps and why convert_hf_to_gguf.py itself cannot run.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gguf_py_convert.py");
+    let have_gguf_py = std::process::Command::new("python3")
+        .args(["-c", "import gguf, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_gguf_py {
+        for out in ["f16", "q8_0"] {
+            let path = tmp.path().join(format!("py-{out}.gguf"));
+            let mut best = f64::INFINITY;
+            for _ in 0..REPEATS {
+                let o = std::process::Command::new("python3")
+                    .arg(&script)
+                    .arg(&weights)
+                    .arg(&path)
+                    .arg(out)
+                    .output()
+                    .expect("python3");
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                let s: f64 = String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse()
+                    .expect("seconds");
+                best = best.min(s);
+            }
+            let b = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            writeln!(
+                md,
+                "| gguf-py {out} (the Python converter's write path, 1 thread) | {best:.3} | {:.2} | {:.0} |",
+                input as f64 / best / 1e9,
+                b as f64 / 1e6
+            )
+            .unwrap();
+        }
         writeln!(
             md,
-            "\nllama.cpp's convert_hf_to_gguf.py is on PATH but not timed here."
+            "\nThe gguf-py rows run `benches/gguf_py_convert.py`: llama.cpp's `convert_hf_to_gguf.py` \
+             minus its torch/transformers imports (not installable here), i.e. the same numpy cast and \
+             Q8_0 quantizer and the same GGUFWriter on the same memory-mapped f32 tensors. gguf-py has \
+             no k-quant quantizer: q4_k_m needs llama.cpp's C++ `llama-quantize`."
         )
         .unwrap();
     } else {
-        writeln!(md, "\nllama.cpp's Python converter (convert_hf_to_gguf.py) is not on this machine: its column is skipped.").unwrap();
+        writeln!(
+            md,
+            "\nPython with gguf-py is not on this machine: the Python converter rows are skipped."
+        )
+        .unwrap();
     }
     finish(&md);
 }

@@ -9,7 +9,7 @@ trap 'rm -rf "$tmp"' EXIT
 benches=$(sed -n 's/^name = "\([a-z_]*\)"$/\1/p' <(awk '/^\[\[bench\]\]/{f=1;next} f&&/^name/{print;f=0}' Cargo.toml))
 for b in $benches; do
   echo "bench: $b"
-  ABF_BENCH_OUT="$tmp/$b.md" cargo bench --features "${FEATURES:-llamacpp}" --bench "$b"
+  ABF_BENCH_OUT="$tmp/$b.md" cargo bench --features "${FEATURES:-}" --bench "$b"
 done
 {
   echo "# Benchmarks"

@@ -69,6 +69,9 @@ pub fn convert(from: TensorDtype, to: TensorDtype, data: &[u8]) -> Vec<u8> {
     if from == to {
         return data.to_vec();
     }
+    if let Some(out) = convert_slices(from, to, data) {
+        return out;
+    }
     let (si, so) = (from.size(), to.size());
     let n = data.len() / si;
     let mut out = vec![0u8; n * so];
@@ -89,6 +92,36 @@ pub fn convert(from: TensorDtype, to: TensorDtype, data: &[u8]) -> Vec<u8> {
             }
         });
     out
+}
+
+/// f32 <-> f16/bf16 through half's slice conversions, which use the F16C instructions when the
+/// CPU has them (checked at run time) instead of per-element software rounding. `None` when the
+/// input is not 4-byte aligned as f32 (a safetensors offset need not be) or the pair is another.
+fn convert_slices(from: TensorDtype, to: TensorDtype, data: &[u8]) -> Option<Vec<u8>> {
+    use half::slice::HalfFloatSliceExt;
+    if from != TensorDtype::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    let src: &[f32] = bytemuck::try_cast_slice(data).ok()?;
+    match to {
+        TensorDtype::F16 => {
+            let mut out = vec![0u8; src.len() * 2];
+            let dst: &mut [f16] = bytemuck::try_cast_slice_mut(&mut out).ok()?;
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, x)| o.convert_from_f32_slice(x));
+            Some(out)
+        }
+        TensorDtype::BF16 => {
+            let mut out = vec![0u8; src.len() * 2];
+            let dst: &mut [bf16] = bytemuck::try_cast_slice_mut(&mut out).ok()?;
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, x)| o.convert_from_f32_slice(x));
+            Some(out)
+        }
+        _ => None,
+    }
 }
 
 /// The float dtype a ggml type is, if it is one.
@@ -126,4 +159,61 @@ pub fn dequantize(
         });
     }
     crate::quant::dequantize(ty, data, n).map_err(|e| ConvertError::tensor(name, e.to_string()))
+}
+
+#[cfg(test)]
+mod slice_path {
+    use super::*;
+
+    /// The F16C slice path rounds exactly as half's per-element software conversion (ties to
+    /// even, subnormals, overflow to inf, signed zeros), and an unaligned input takes the scalar path.
+    #[test]
+    fn slice_conversion_matches_per_element() {
+        let mut xs: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            65504.0,
+            65520.0,
+            1e9,
+            -1e9,
+            6.0e-8,
+            3.0e-8,
+            1.0e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1.000_488_3,
+            1.000_976_6,
+        ];
+        // a sweep over exponents and mantissas, including f16/bf16 rounding ties
+        let mut bits = 0x0000_1234u32;
+        for _ in 0..200_000 {
+            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let x = f32::from_bits(bits);
+            if !x.is_nan() {
+                xs.push(x);
+            }
+        }
+        let raw: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+        for to in [TensorDtype::F16, TensorDtype::BF16] {
+            let fast = convert(TensorDtype::F32, to, &raw);
+            let slow: Vec<u8> = xs
+                .iter()
+                .flat_map(|&x| match to {
+                    TensorDtype::F16 => f16::from_f32(x).to_le_bytes(),
+                    _ => bf16::from_f32(x).to_le_bytes(),
+                })
+                .collect();
+            assert!(fast == slow, "{to:?}");
+            // unaligned input: the scalar path, same bytes
+            let mut shifted = vec![0u8; raw.len() + 1];
+            shifted[1..].copy_from_slice(&raw);
+            assert!(
+                convert(TensorDtype::F32, to, &shifted[1..]) == slow,
+                "{to:?} unaligned"
+            );
+        }
+    }
 }
