@@ -50,5 +50,5 @@ export LIBRARY_PATH=$home/lib64:$home/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $home/lib64 -L $home/lib64/stubs"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda}
 nvcc --version | tail -n 2
-cargo build --release --features cuda --bins "$@"
-echo "build-cuda: binaries in $CARGO_TARGET_DIR/release (run them with LD_LIBRARY_PATH=<torch>/nvidia/cu13/lib on the GPU machine)"
+cargo build --release --features cuda --bins --example step_bench "$@"
+echo "build-cuda: binaries in $CARGO_TARGET_DIR/release (and examples/step_bench); on the GPU machine scripts/gpu-check.sh sets LD_LIBRARY_PATH to the torch wheels' nvidia/cu13/lib"

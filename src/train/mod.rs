@@ -1,5 +1,6 @@
 //! Fine-tuning: data, chat templates, optimizer, schedule, recomputation, LoRA, the trainer.
 
+pub mod bench;
 pub mod data;
 pub mod examples;
 pub mod hf;
