@@ -18,8 +18,8 @@ lens=${GPU_CHECK_LENGTHS:-4096,16384}
 fwd_len=${GPU_CHECK_FORWARD:-32768}
 per_run=${GPU_CHECK_TIMEOUT:-150}
 matmul_n=${GPU_CHECK_MATMUL_N:-8192}
-tiny=${TINY_MODEL:-fixtures/tiny-kjv}
-data=${TINY_DATA:-fixtures/conversations/kjv_long.jsonl}
+tiny=${TINY_MODEL:-fixtures/kjv-tiny}
+data=${TINY_DATA:-fixtures/conversations/kjv_demo.jsonl}
 mkdir -p "$out"
 log() { printf '[gpu-check %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
