@@ -101,8 +101,10 @@ fn model_labels(models: &[PathBuf], labels: &[String]) -> anyhow::Result<Vec<Str
     Ok(models
         .iter()
         .map(|m| {
-            m.file_name()
-                .map_or_else(|| m.display().to_string(), |n| n.to_string_lossy().into_owned())
+            m.file_name().map_or_else(
+                || m.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
         })
         .collect())
 }

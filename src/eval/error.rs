@@ -25,7 +25,9 @@ pub enum EvalError {
     },
     #[error("{what}: {message}")]
     BadValue { what: &'static str, message: String },
-    #[error("length {length} is too short for the passkey prompt, which needs at least {need} tokens")]
+    #[error(
+        "length {length} is too short for the passkey prompt, which needs at least {need} tokens"
+    )]
     PasskeyTooShort { length: usize, need: usize },
     #[error("plot {path}: {message}")]
     Plot { path: PathBuf, message: String },

@@ -102,9 +102,8 @@ pub fn build_trial(enc: &Encoder, length: usize, depth: f64, key: u32) -> Result
     }
     // Units cost a nearly constant number of tokens: estimate, then step to the largest fit.
     let probe = 8;
-    let per_unit = ((build_with(enc, key, depth, probe)?.2.len() - b0.2.len()) as f64
-        / probe as f64)
-        .max(1.0);
+    let per_unit =
+        ((build_with(enc, key, depth, probe)?.2.len() - b0.2.len()) as f64 / probe as f64).max(1.0);
     let mut units = ((length - b0.2.len()) as f64 / per_unit).floor() as usize;
     let mut best = None;
     loop {

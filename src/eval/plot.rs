@@ -10,7 +10,66 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use super::error::EvalError;
 use crate::fsutil::write_atomic;
 
-const SIZE: (u32, u32) = (960, 600);
+/// Plot area and legend panel widths, and the least height, in pixels.
+const PLOT_W: u32 = 900;
+const LEGEND_W: u32 = 220;
+const MIN_H: u32 = 600;
+/// Vertical pitch of legend entries.
+const LEGEND_ROW: i32 = 22;
+
+/// How a legend entry is marked.
+#[derive(Debug, Clone, Copy)]
+enum Mark {
+    Line(RGBAColor, bool),
+    Swatch(RGBColor),
+}
+
+/// Draw the legend in its own panel right of the plot (so it never hides data, however many
+/// series there are): a heading, then one mark and label per entry.
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    entries: &[(String, Mark)],
+) -> Result<(), String> {
+    let left = |y: i32, text: &str, size: u32| {
+        Text::new(
+            text.to_string(),
+            (44, y),
+            ("sans-serif", size)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Left, VPos::Center)),
+        )
+    };
+    area.draw(&left(60, "legend", 17)).map_err(err)?;
+    for (i, (label, mark)) in entries.iter().enumerate() {
+        let y = 60 + LEGEND_ROW * (i as i32 + 1);
+        match *mark {
+            Mark::Line(c, false) => area
+                .draw(&PathElement::new(vec![(8, y), (36, y)], c.stroke_width(2)))
+                .map_err(err)?,
+            Mark::Line(c, true) => {
+                for x in [8, 24] {
+                    area.draw(&PathElement::new(
+                        vec![(x, y), (x + 10, y)],
+                        c.stroke_width(2),
+                    ))
+                    .map_err(err)?;
+                }
+            }
+            Mark::Swatch(c) => area
+                .draw(&Rectangle::new([(8, y - 7), (36, y + 7)], c.filled()))
+                .map_err(err)?,
+        }
+        area.draw(&left(y, label, 15)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Canvas size for a legend of `entries` rows.
+fn canvas(entries: usize) -> (u32, u32) {
+    let rows = 100 + LEGEND_ROW as u32 * (entries as u32 + 1);
+    (PLOT_W + LEGEND_W, rows.max(MIN_H))
+}
 
 /// One line of a plot.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,9 +160,11 @@ pub fn line_plot(plot: &LinePlot) -> Result<String, String> {
     let log2 = plot.log2_x;
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, canvas(plot.series.len())).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
+        let (main, side) = root.split_horizontally(PLOT_W);
+        let mut entries = Vec::new();
+        let mut chart = ChartBuilder::on(&main)
             .caption(&plot.title, ("sans-serif", 24))
             .margin(20)
             .x_label_area_size(50)
@@ -138,25 +199,18 @@ pub fn line_plot(plot: &LinePlot) -> Result<String, String> {
                 Palette99::pick(i).to_rgba()
             };
             let style = color.stroke_width(2);
-            let anno = if s.dashed {
+            if s.dashed {
                 chart
                     .draw_series(DashedLineSeries::new(pts, 8, 5, style))
-                    .map_err(err)?
+                    .map_err(err)?;
             } else {
                 chart
                     .draw_series(LineSeries::new(pts, style).point_size(3))
-                    .map_err(err)?
-            };
-            anno.label(&s.label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
+                    .map_err(err)?;
+            }
+            entries.push((s.label.clone(), Mark::Line(color, s.dashed)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(err)?;
+        draw_legend(&side, &entries)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -175,7 +229,11 @@ pub struct Heatmap {
 }
 
 fn heat(v: f64) -> RGBColor {
-    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     RGBColor((220.0 * (1.0 - v)) as u8 + 20, (180.0 * v) as u8 + 40, 60)
 }
 
@@ -184,10 +242,11 @@ pub fn heatmap(map: &Heatmap) -> Result<String, String> {
     let (nc, nr) = (map.cols.len().max(1), map.rows.len().max(1));
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, canvas(2)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
+        let (main, side) = root.split_horizontally(PLOT_W);
         let centers = |n: usize| (0..n).map(|i| i as f64 + 0.5).collect::<Vec<_>>();
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(&main)
             .caption(&map.title, ("sans-serif", 24))
             .margin(20)
             .x_label_area_size(50)
@@ -225,7 +284,10 @@ pub fn heatmap(map: &Heatmap) -> Result<String, String> {
         for (r, row) in map.values.iter().enumerate() {
             for (c, &v) in row.iter().enumerate() {
                 let (x, y) = (c as f64, r as f64);
-                cells.push(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], heat(v).filled()));
+                cells.push(Rectangle::new(
+                    [(x, y), (x + 1.0, y + 1.0)],
+                    heat(v).filled(),
+                ));
                 texts.push(Text::new(
                     format!("{v:.2}"),
                     (x + 0.5, y + 0.5),
@@ -238,23 +300,12 @@ pub fn heatmap(map: &Heatmap) -> Result<String, String> {
         }
         chart.draw_series(cells).map_err(err)?;
         chart.draw_series(texts).map_err(err)?;
-        // Legend: the two ends of the colour scale.
-        for (name, v) in [("accuracy 0", 0.0), ("accuracy 1", 1.0)] {
-            chart
-                .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
-                .map_err(err)?
-                .label(name)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 18, y + 6)], heat(v).filled())
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(err)?;
+        // Legend: the colour scale from 0 to 1.
+        let entries: Vec<(String, Mark)> = [0.0, 0.5, 1.0]
+            .iter()
+            .map(|&v| (format!("accuracy {v}"), Mark::Swatch(heat(v))))
+            .collect();
+        draw_legend(&side, &entries)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -279,7 +330,10 @@ pub fn write_svg(path: &Path, svg: &str) -> Result<(), EvalError> {
 }
 
 /// Render with `render` and write to `path`, naming the plot on error.
-pub fn render_to(path: &Path, render: impl FnOnce() -> Result<String, String>) -> Result<(), EvalError> {
+pub fn render_to(
+    path: &Path,
+    render: impl FnOnce() -> Result<String, String>,
+) -> Result<(), EvalError> {
     let svg = render().map_err(|message| EvalError::Plot {
         path: path.to_path_buf(),
         message,

@@ -84,7 +84,7 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
             per_length.push(perplexity(&mut m.backend, w, &edges, &mut || bar.inc(1))?);
         }
         bar.finish_and_clear();
-        results.push((label.clone(), path.clone(), m.original_context, per_length));
+        results.push((label.clone(), path.clone(), bands, per_length));
     }
     if let Some(plot) = &args.plot {
         let series = results
@@ -108,8 +108,8 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
         print_json(&json!({
             "text": args.text,
             "plot": args.plot,
-            "models": results.iter().map(|(label, path, c, r)| json!({
-                "label": label, "model": path, "original_context": c, "lengths": r,
+            "models": results.iter().map(|(label, path, bands, r)| json!({
+                "label": label, "model": path, "bands": bands_json(*bands), "lengths": r,
             })).collect::<Vec<_>>(),
         }))?;
     } else {
@@ -133,11 +133,28 @@ pub(super) fn check_list(flag: &'static str, values: &[usize], min: usize) -> an
     Ok(())
 }
 
-type ModelResult = (String, PathBuf, u64, Vec<LengthPpl>);
+type ModelResult = (String, PathBuf, Bands, Vec<LengthPpl>);
+
+fn bands_json(bands: Bands) -> serde_json::Value {
+    match bands {
+        Bands::Doubling { window } => json!({"doubling_from": window}),
+        Bands::Equal(n) => json!({"equal": n}),
+    }
+}
+
+fn bands_text(bands: Bands) -> String {
+    match bands {
+        Bands::Doubling { window } => format!("bands [0, {window}) then each doubling"),
+        Bands::Equal(n) => format!("{n} equal bands"),
+    }
+}
 
 fn print_table(text: &std::path::Path, lengths: &[usize], results: &[ModelResult]) {
     let width = results.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
-    println!("perplexity of {} (rows: model, columns: context length)", text.display());
+    println!(
+        "perplexity of {} (rows: model, columns: context length)",
+        text.display()
+    );
     print!("{:width$}", "model");
     for l in lengths {
         print!(" {l:>10}");
@@ -150,8 +167,11 @@ fn print_table(text: &std::path::Path, lengths: &[usize], results: &[ModelResult
         }
         println!();
     }
-    for (label, _, c, r) in results {
-        println!("\n{label} (c = {c}): perplexity by position band");
+    for (label, _, bands, r) in results {
+        println!(
+            "\n{label}: perplexity by position band ({})",
+            bands_text(*bands)
+        );
         for l in r {
             let bands: Vec<String> = l
                 .bands
