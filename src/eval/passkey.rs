@@ -53,71 +53,25 @@ pub struct Trial {
 }
 
 /// Tokens of the prompt with `units` filler units split at `depth`, and its answer.
-fn build_with(
-    enc: &Encoder,
-    key: u32,
-    depth: f64,
-    units: usize,
-) -> Result<(usize, usize, Vec<u32>, usize), EvalError> {
+fn build_with(enc: &Encoder, key: u32, depth: f64, units: usize) -> Result<Trial, EvalError> {
     // Depth 0 puts the key right after the task line, depth 1 right before the question.
     let prefix = ((depth * units as f64).round() as usize).min(units);
     let suffix = units - prefix;
     let prompt = prompt_text(key, prefix, suffix);
     let prompt_ids = enc.encode(&prompt)?;
-    let full = enc.encode(&format!("{prompt} {key}"))?;
+    let tokens = enc.encode(&format!("{prompt} {key}"))?;
     // Tokenizers may merge across the boundary; the answer starts where the two first differ.
-    let common = prompt_ids
+    let answer_start = prompt_ids
         .iter()
-        .zip(&full)
+        .zip(&tokens)
         .take_while(|(a, b)| a == b)
         .count();
-    if common == 0 || common >= full.len() {
+    if answer_start == 0 || answer_start >= tokens.len() {
         return Err(EvalError::BadValue {
             what: "passkey",
             message: format!("the tokenizer gives no answer tokens for key {key}"),
         });
     }
-    Ok((prefix, suffix, full, common))
-}
-
-/// The trial of `key` at `depth` (0 = key first, 1 = key last) with as much filler as fits in
-/// `length` tokens, answer included.
-pub fn build_trial(enc: &Encoder, length: usize, depth: f64, key: u32) -> Result<Trial, EvalError> {
-    if !(0.0..=1.0).contains(&depth) {
-        return Err(EvalError::BadValue {
-            what: "depth",
-            message: format!("must be in [0, 1], got {depth}"),
-        });
-    }
-    let fits = |units: usize| -> Result<(bool, (usize, usize, Vec<u32>, usize)), EvalError> {
-        let b = build_with(enc, key, depth, units)?;
-        Ok((b.2.len() <= length, b))
-    };
-    let (ok0, b0) = fits(0)?;
-    if !ok0 {
-        return Err(EvalError::PasskeyTooShort {
-            length,
-            need: b0.2.len(),
-        });
-    }
-    // Units cost a nearly constant number of tokens: estimate, then step to the largest fit.
-    let probe = 8;
-    let per_unit =
-        ((build_with(enc, key, depth, probe)?.2.len() - b0.2.len()) as f64 / probe as f64).max(1.0);
-    let mut units = ((length - b0.2.len()) as f64 / per_unit).floor() as usize;
-    let mut best = None;
-    loop {
-        let (ok, b) = fits(units)?;
-        if ok {
-            best = Some((units, b));
-            units += 1;
-        } else if best.is_some() || units == 0 {
-            break;
-        } else {
-            units -= 1;
-        }
-    }
-    let (_, (prefix, suffix, tokens, answer_start)) = best.unwrap_or((0, b0));
     Ok(Trial {
         key,
         depth,
@@ -126,6 +80,42 @@ pub fn build_trial(enc: &Encoder, length: usize, depth: f64, key: u32) -> Result
         tokens,
         answer_start,
     })
+}
+
+/// The trial of `key` at `depth` (0 = key first, 1 = key last) with as many whole filler units
+/// as fit in `length` tokens, answer included.
+pub fn build_trial(enc: &Encoder, length: usize, depth: f64, key: u32) -> Result<Trial, EvalError> {
+    if !(0.0..=1.0).contains(&depth) {
+        return Err(EvalError::BadValue {
+            what: "depth",
+            message: format!("must be in [0, 1], got {depth}"),
+        });
+    }
+    let empty = build_with(enc, key, depth, 0)?;
+    if empty.tokens.len() > length {
+        return Err(EvalError::PasskeyTooShort {
+            length,
+            need: empty.tokens.len(),
+        });
+    }
+    // Units cost a nearly constant number of tokens: estimate, then step to the largest fit.
+    let probe = 8;
+    let grown = build_with(enc, key, depth, probe)?.tokens.len();
+    let per_unit = (grown.saturating_sub(empty.tokens.len()) as f64 / probe as f64).max(1.0);
+    let mut units = ((length - empty.tokens.len()) as f64 / per_unit).floor() as usize;
+    let mut best: Option<Trial> = None;
+    loop {
+        let t = build_with(enc, key, depth, units)?;
+        if t.tokens.len() <= length {
+            best = Some(t);
+            units += 1;
+        } else if best.is_some() || units == 0 {
+            break;
+        } else {
+            units -= 1;
+        }
+    }
+    Ok(best.unwrap_or(empty))
 }
 
 /// How one trial went.

@@ -311,9 +311,8 @@ pub fn heatmap(map: &Heatmap) -> Result<String, String> {
     Ok(svg)
 }
 
-/// Write an SVG document to `path` (atomically; an existing plot is replaced). Only `.svg` names
-/// are accepted.
-pub fn write_svg(path: &Path, svg: &str) -> Result<(), EvalError> {
+/// Refuse a plot path that is not `.svg` (checked before any work is done).
+pub fn check_plot_path(path: &Path) -> Result<(), EvalError> {
     let is_svg = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
@@ -323,6 +322,13 @@ pub fn write_svg(path: &Path, svg: &str) -> Result<(), EvalError> {
             message: "plots are written as SVG: give a .svg file name".into(),
         });
     }
+    Ok(())
+}
+
+/// Write an SVG document to `path` (atomically; an existing plot is replaced). Only `.svg` names
+/// are accepted.
+pub fn write_svg(path: &Path, svg: &str) -> Result<(), EvalError> {
+    check_plot_path(path)?;
     write_atomic(path, svg.as_bytes(), true).map_err(|e| EvalError::Plot {
         path: path.to_path_buf(),
         message: e.to_string(),

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::parse_dtype;
 use crate::cli::{print_json, progress, Exit};
 use crate::eval::entropy::attention_entropy;
-use crate::eval::plot::{line_plot, render_to, LinePlot, Series};
+use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
 use crate::eval::{open_model, read_text, windows, EvalError};
 
 #[derive(Args, Debug)]
@@ -41,6 +41,9 @@ pub struct EntropyArgs {
 }
 
 pub fn run(args: EntropyArgs) -> anyhow::Result<Exit> {
+    if let Some(plot) = &args.plot {
+        check_plot_path(plot)?;
+    }
     let mut positions = args.positions.clone();
     positions.sort_unstable();
     positions.dedup();

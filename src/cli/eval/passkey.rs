@@ -10,7 +10,9 @@ use super::ppl::check_list;
 use super::{model_labels, parse_dtype};
 use crate::cli::{print_json, progress, Exit};
 use crate::eval::passkey::{evaluate, Cell};
-use crate::eval::plot::{heatmap, line_plot, render_to, Heatmap, LinePlot, Series};
+use crate::eval::plot::{
+    check_plot_path, heatmap, line_plot, render_to, Heatmap, LinePlot, Series,
+};
 use crate::eval::{open_model, EvalError};
 
 /// Passkey retrieval. Each trial hides a 5-digit key at a depth of the filler and asks for it.
@@ -52,6 +54,9 @@ pub struct PasskeyArgs {
 
 pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
     let labels = model_labels(&args.model, &args.label)?;
+    if let Some(plot) = &args.plot {
+        check_plot_path(plot)?;
+    }
     check_list("--lengths", &args.lengths, 2)?;
     if let Some(d) = args.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
         return Err(EvalError::BadValue {

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{model_labels, parse_dtype};
 use crate::cli::{print_json, progress, Exit};
-use crate::eval::plot::{line_plot, render_to, LinePlot, Series};
+use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
 use crate::eval::ppl::{band_edges, perplexity, Bands, LengthPpl};
 use crate::eval::{open_model, read_text, windows, EvalError};
 
@@ -49,6 +49,9 @@ pub struct PplArgs {
 
 pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
     let labels = model_labels(&args.model, &args.label)?;
+    if let Some(plot) = &args.plot {
+        check_plot_path(plot)?;
+    }
     check_list("--lengths", &args.lengths, 2)?;
     if args.windows == 0 || args.bands == Some(0) || args.band_window == Some(0) {
         return Err(EvalError::BadValue {
