@@ -36,6 +36,7 @@ pub enum Command {
     /// Perplexity at each context length, overall and by position band, with a plot.
     Ppl(ppl::PplArgs),
     /// Passkey retrieval accuracy by length and depth (LongLoRA / YaRN protocol).
+    #[command(after_help = passkey::PROTOCOL)]
     Passkey(passkey::PasskeyArgs),
     /// Attention entropy per layer at query positions against uniform ln n (the paper's Figure 1).
     Entropy(entropy::EntropyArgs),

@@ -15,12 +15,19 @@ use crate::eval::plot::{
 };
 use crate::eval::{open_model, EvalError};
 
-/// Passkey retrieval. Each trial hides a 5-digit key at a depth of the filler and asks for it.
-/// A trial is correct when, teacher-forced, the argmax at each answer position (given the right
-/// earlier tokens, first index on ties) is the next token of " <key>": exactly when greedy
-/// decoding would write the key.
+/// How trials are built and scored (shown after `abf-eval passkey --help`).
+pub const PROTOCOL: &str = r#"Protocol (LongLoRA passkey_retrieval.py): the task line, whole filler units
+"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+the line "The pass key is NNNNN. Remember it. NNNNN is the pass key." after round(depth x units)
+of them, the rest of the filler, then "What is the pass key? The pass key is"; as many units as
+let prompt and answer fit in the length. Keys: 5 digits, uniform in 10000..99999 from --seed.
+
+Scoring (teacher-forced greedy): the answer is the tokens that `prompt + " " + key` adds to the
+tokens of the prompt. A trial is correct when at every answer token j the argmax of the logits
+at position j-1 (first index on ties), given the correct earlier tokens, is token j: exactly
+when greedy decoding from the prompt would write the key."#;
+
 #[derive(Args, Debug)]
-#[command(verbatim_doc_comment)]
 pub struct PasskeyArgs {
     /// Model directory; repeat to compare models.
     #[arg(long, required = true)]
