@@ -13,4 +13,4 @@ pub mod ppl;
 pub use error::EvalError;
 pub use logits::{model_logits, LogitsInput};
 pub use npy::{npy_header, write_npy};
-pub use open::{open_model, read_text, windows, Encoder, EvalModel};
+pub use open::{open_dir, open_model, read_text, windows, Encoder, EvalModel, ModelDir};

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use super::error::EvalError;
 use crate::checkpoint::Checkpoint;
 use crate::model::Llama;
-use crate::runtime::CandleBackend;
+use crate::runtime::{CandleBackend, LogitsBackend};
 
 /// Text to token ids with a model's tokenizer: no special tokens from the tokenizer's own
 /// post-processor, and BOS first when `tokenizer_config.json` says `add_bos_token: true` (as
@@ -48,12 +48,20 @@ impl Encoder {
     }
 }
 
-/// A model opened for evaluation.
+/// A model opened for evaluation through the logits interface only.
 pub struct EvalModel {
     pub path: PathBuf,
-    pub backend: CandleBackend,
+    pub backend: Box<dyn LogitsBackend>,
     pub encoder: Encoder,
     /// The pretraining window c of the model's recipe (for position bands).
+    pub original_context: u64,
+}
+
+/// A model directory loaded as our forward (for measurements inside the model: entropy).
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub model: Llama,
+    pub encoder: Encoder,
     pub original_context: u64,
 }
 
@@ -68,10 +76,23 @@ fn is_gguf(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
-/// Open a model directory (config.json, safetensors, tokenizer.json) as a candle backend in
-/// `dtype` on `device`. A GGUF file is refused with a clear error until the verifier's backend
-/// is merged.
+/// Open `path` as a logits backend with its tokenizer: a model directory runs on our candle
+/// forward in `dtype` on `device`. A GGUF file is refused with a clear error until the
+/// verifier's backend (`abf::runtime::open_backend`) is merged; that swap happens here only.
 pub fn open_model(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<EvalModel> {
+    let dir = open_dir(path, dtype, device)?;
+    let name = format!("candle {}", path.display());
+    Ok(EvalModel {
+        path: dir.path,
+        backend: Box::new(CandleBackend::new(dir.model, name)),
+        encoder: dir.encoder,
+        original_context: dir.original_context,
+    })
+}
+
+/// Load a model directory (config.json, safetensors, tokenizer.json) as our forward in `dtype`
+/// on `device`, with its tokenizer.
+pub fn open_dir(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<ModelDir> {
     if is_gguf(path) {
         return Err(EvalError::GgufInput {
             path: path.to_path_buf(),
@@ -96,10 +117,9 @@ pub fn open_model(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<
     } else {
         None
     };
-    let name = format!("candle {}", path.display());
-    Ok(EvalModel {
+    Ok(ModelDir {
         path: path.to_path_buf(),
-        backend: CandleBackend::new(model, name),
+        model,
         encoder: Encoder {
             tokenizer: tk.tokenizer,
             bos,

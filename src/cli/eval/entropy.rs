@@ -10,7 +10,7 @@ use super::parse_dtype;
 use crate::cli::{print_json, progress, Exit};
 use crate::eval::entropy::attention_entropy;
 use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
-use crate::eval::{open_model, read_text, windows, EvalError};
+use crate::eval::{open_dir, read_text, windows, EvalError};
 
 #[derive(Args, Debug)]
 pub struct EntropyArgs {
@@ -64,11 +64,11 @@ pub fn run(args: EntropyArgs) -> anyhow::Result<Exit> {
         .into());
     }
     let text = read_text(&args.text)?;
-    let m = open_model(&args.model, parse_dtype(&args.dtype), &Device::Cpu)?;
+    let m = open_dir(&args.model, parse_dtype(&args.dtype), &Device::Cpu)?;
     let ids = m.encoder.encode_plain(&text)?;
     let w = windows(&ids, length, args.windows, m.encoder.bos, &args.text)?;
     let bar = progress(w.len() as u64, "entropy", args.json);
-    let report = attention_entropy(m.backend.model(), &w, &positions, &mut || bar.inc(1))?;
+    let report = attention_entropy(&m.model, &w, &positions, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     if let Some(plot) = &args.plot {
         let n = |k: usize| (positions[k] + 1) as f64;

@@ -86,7 +86,7 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
         let total = args.lengths.len() * args.depths.len() * args.trials;
         let bar = progress(total as u64, &format!("passkey {label}"), args.json);
         let cells = evaluate(
-            &mut m.backend,
+            m.backend.as_mut(),
             &m.encoder,
             &args.lengths,
             &args.depths,

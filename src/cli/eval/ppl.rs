@@ -84,7 +84,9 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
         let mut per_length = Vec::new();
         for (w, &length) in cut.iter().zip(&args.lengths) {
             let edges = band_edges(length, bands);
-            per_length.push(perplexity(&mut m.backend, w, &edges, &mut || bar.inc(1))?);
+            per_length.push(perplexity(m.backend.as_mut(), w, &edges, &mut || {
+                bar.inc(1)
+            })?);
         }
         bar.finish_and_clear();
         results.push((label.clone(), path.clone(), bands, per_length));
