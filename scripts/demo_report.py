@@ -97,9 +97,9 @@ def main():
         loss = f'{tune["first_loss"]:.3f} -> {tune["last_loss"]:.3f}' if tune else "-"
         print(f"| {LABELS.get(name, name)} | " + " | ".join(f"{vals[L]:.2f}" for L in lengths) + f" | {loss} |")
     first = rows[0][1]["results"][0]
-    print(f"\nPerplexity on {first['tokens'] // max(first['windows'], 1) + 1}-token windows at each length "
-          f"({rows[0][1]['text']}, non-overlapping windows, every position); the model was pre-trained "
-          f"at {window} tokens and fine-tuned at {4 * window}.")
+    print(f"\nPerplexity of {rows[0][1]['text']} ({first['tokens'] + first['windows']} tokens), cut into "
+          f"non-overlapping windows of each length, over every predicted position; the model was "
+          f"pre-trained at {window} tokens and fine-tuned at {4 * window}.")
     # by-band detail of the longest length
     L = lengths[-1]
     print(f"\nAt {L} tokens, by position band of the predicted token:\n")
