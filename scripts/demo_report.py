@@ -75,6 +75,9 @@ def tune_line(path):
     print("%d steps, loss %.3f -> %.3f, %d samples x %d tokens, %.0f s; %s" % (
         d["steps_done"], d["first_loss"], d["last_loss"], kept, d["data"]["tokens"] // max(kept, 1),
         d["seconds"], d["recipe"]))
+    # the demo's premise: 100 samples, each the full 4 x window
+    if kept < 100 or d["data"]["tokens"] < 100 * 512:
+        sys.exit(f"{path}: expected 100 samples of 512 tokens, got {kept} ({d['data']['tokens']} tokens)")
 
 
 def main():
