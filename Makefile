@@ -27,7 +27,21 @@ bench: fetch
 	bash scripts/bench.sh
 
 demo: fetch
-	bash scripts/demo.sh
+	FEATURES=$(FEATURES) bash scripts/demo.sh
+
+# The demo's tiny model (fixtures/kjv-tiny), pre-trained by abf from a seeded initialization on the
+# King James Bible (Debian's bible-kjv: apt-get install bible-kjv). One thread, so the float
+# summation order, and with it every weight, is the same on any machine of the same build.
+FIXTURE_STEPS ?= 200
+fixture-model:
+	python3 scripts/fixture_text.py out/fixture-model/text
+	$(CARGO) build --quiet --example fixture_model
+	RAYON_NUM_THREADS=1 target/debug/examples/fixture_model pretrain --seed 42 --steps $(FIXTURE_STEPS) \
+	  --text out/fixture-model/text/train.txt --out out/fixture-model/model
+	mkdir -p fixtures/kjv-tiny
+	cd out/fixture-model/model && cp config.json generation_config.json model.safetensors tokenizer.json \
+	  tokenizer_config.json pretrain_log.jsonl ../../../fixtures/kjv-tiny/
+	cp out/fixture-model/text/heldout.txt fixtures/kjv-tiny/heldout-john.txt
 
 clean:
 	$(CARGO) clean

@@ -256,3 +256,68 @@ fn recipes_reach_llama_cpp() {
         );
     }
 }
+
+/// The demo's pre-trained fixture (fixtures/kjv-tiny): our converter labels its tokenizer
+/// `smollm`, llama.cpp tokenizes exactly as our tokenizer.json does, runs the converted model as
+/// candle does, and the model has learned its text (held-out perplexity far below the uniform
+/// 1024 of an untrained model).
+#[test]
+fn fixture_model_matches_llama_cpp() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kjv-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("kjv-tiny-f32.gguf");
+    let opts = ToGgufOptions {
+        outtype: OutType::F32,
+        ..ToGgufOptions::default()
+    };
+    let plan = to_gguf(&dir, &gguf, &opts);
+    assert_eq!(
+        plan.metadata.get_str("tokenizer.ggml.pre").unwrap(),
+        Some("smollm")
+    );
+    let held_out = std::fs::read_to_string(dir.join("heldout-john.txt")).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let llama = LlamaCpp::load(&gguf).unwrap();
+    for sample in [
+        "Hello world! Numbers 1234567 and 3.14159.",
+        "spaces    and\ttabs\n\n  newlines ",
+        "Unicode: café, naïve, 東京, 🙂",
+        "<|im_start|>user\nRecite John chapter 1.<|im_end|>\n<|im_start|>assistant\n",
+        &held_out[..4000],
+    ] {
+        let a = tok.encode(sample, false).unwrap().get_ids().to_vec();
+        let b = llama.tokenize(sample, false);
+        assert_eq!(
+            a,
+            b,
+            "tokenization differs for {:?}",
+            &sample[..40.min(sample.len())]
+        );
+    }
+    drop(llama);
+    let ids = tok
+        .encode(&held_out[..4000], false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let tokens = &ids[..128];
+    let v = 1024;
+    let reference = candle_logits(&dir, None, tokens);
+    let ll = llama_logits(&gguf, tokens);
+    let worst = worst_position_nmse(&ll, &reference, v);
+    eprintln!("kjv-tiny f32 GGUF in llama.cpp vs candle: worst-position NMSE {worst:.3e}");
+    assert!(worst < 1e-6, "worst-position NMSE {worst}");
+    // perplexity of the held-out window, from the reference logits in f64
+    let nll: f64 = reference
+        .chunks(v)
+        .zip(&tokens[1..])
+        .map(|(row, &t)| -log_softmax(row)[t as usize])
+        .sum::<f64>()
+        / (tokens.len() - 1) as f64;
+    let ppl = nll.exp();
+    eprintln!("kjv-tiny held-out perplexity over 128 tokens: {ppl:.2}");
+    assert!(
+        ppl < 100.0,
+        "the fixture has not learned its text: perplexity {ppl}"
+    );
+}

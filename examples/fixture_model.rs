@@ -1,0 +1,531 @@
+//! The demo's tiny model, pre-trained by abf itself (`make fixture-model`), and the demo's
+//! interim perplexity table.
+//!
+//! `pretrain --text TRAIN.txt --out DIR [--steps N]`: train a byte-level BPE tokenizer (the
+//! `tokenizers` crate's trainer, SmolLM2's pre-tokenizer, normalizer and decoder, so our converter
+//! labels it `smollm` and llama.cpp splits it the same way) on the text, then pre-train a small
+//! LLaMA from a seeded random initialization on consecutive windows of the text with the
+//! library's trainer (AdamW, cosine schedule, `forward_train` through `LayerModel`): every token a
+//! target, a plain language-model loss. Writes a Hugging Face checkpoint and `pretrain_log.jsonl`.
+//!
+//! `ppl --model DIR --text FILE --lengths 128,256,... [--max-tokens N] [--json]`: perplexity of
+//! the model (with the recipe of its config) on non-overlapping windows of each length, the mean
+//! over every position and over each band (the original window, then each doubling). The demo
+//! uses it until `abf-eval ppl` lands.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::{json, Value};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper};
+use tokenizers::{PreTokenizerWrapper, TokenizerBuilder};
+
+use abf::checkpoint::{save_checkpoint, Checkpoint, ModelConfig, SaveSpec, TensorData};
+use abf::model::Llama;
+use abf::train::data::SplitMix64;
+use abf::train::hf::llama_factory;
+use abf::train::{Example, ScheduleKind, TrainConfig, Trainer};
+
+/// Special tokens, ids 0.. in this order, as SmolLM2 numbers them.
+const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+/// ChatML without a default system prompt (SmolLM2's template minus its default system turn).
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+struct Shape {
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    mlp: usize,
+    window: usize,
+}
+
+const SHAPE: Shape = Shape {
+    vocab: 1024,
+    hidden: 64,
+    layers: 4,
+    heads: 2,
+    kv_heads: 1,
+    mlp: 192,
+    window: 128,
+};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        bail!("usage: fixture_model pretrain|ppl ...")
+    };
+    let flag = |name: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let need = |name: &str| flag(name).with_context(|| format!("{name} is required"));
+    match cmd.as_str() {
+        "pretrain" => {
+            let steps = flag("--steps")
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(3000);
+            let seed = flag("--seed").map(|s| s.parse()).transpose()?.unwrap_or(42);
+            pretrain(
+                Path::new(&need("--text")?),
+                Path::new(&need("--out")?),
+                steps,
+                seed,
+            )
+        }
+        "ppl" => {
+            let lengths: Vec<usize> = need("--lengths")?
+                .split(',')
+                .map(|s| s.trim().parse())
+                .collect::<Result<_, _>>()?;
+            let max_tokens = flag("--max-tokens").map(|s| s.parse()).transpose()?;
+            ppl(
+                Path::new(&need("--model")?),
+                Path::new(&need("--text")?),
+                &lengths,
+                max_tokens,
+                args.iter().any(|a| a == "--json"),
+            )
+        }
+        other => bail!("unknown command {other:?} (pretrain or ppl)"),
+    }
+}
+
+/// A byte-level BPE with SmolLM2's pipeline: no normalizer; digits one by one, then GPT-2's
+/// byte-level regex split; byte-level post-processor and decoder.
+fn train_tokenizer(text: &str, vocab: usize, path: &Path) -> anyhow::Result<()> {
+    let pre = PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Digits(Digits::new(true)),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+    ]));
+    let mut tk = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(pre))
+    .with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(
+        true, false, true,
+    ))))
+    .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
+    .build()
+    .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(
+            SPECIALS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    // one training "sentence" per line: merges never cross a line, as the regex split never does
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    tk.train(&mut trainer, lines.into_iter())
+        .map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
+    tk.save(path, true)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
+    let mut f = abf::fsutil::AtomicFile::create(path, true)?;
+    f.write_all(serde_json::to_string_pretty(v)?.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.commit()?;
+    Ok(())
+}
+
+fn config_json(s: &Shape) -> Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": s.vocab,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.mlp,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.hidden / s.heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": s.window,
+        "rope_theta": 10000.0,
+        "rope_scaling": null,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.02,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "tie_word_embeddings": true,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "torch_dtype": "float32",
+        "use_cache": true
+    })
+}
+
+/// Standard normal samples (Box-Muller over SplitMix64), times `std`.
+fn normal(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1 = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * t.cos()) as f32 * std);
+        out.push((r * t.sin()) as f32 * std);
+    }
+    out.truncate(n);
+    out
+}
+
+/// transformers' LlamaPreTrainedModel init: linear and embedding weights N(0, 0.02), norms 1.
+fn init_weights(s: &Shape, seed: u64) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let mut rng = SplitMix64(seed);
+    let dev = Device::Cpu;
+    let hd = s.hidden / s.heads;
+    let mut w = Vec::new();
+    let lin = |name: String, rows: usize, cols: usize, rng: &mut SplitMix64| {
+        let t = Tensor::from_vec(normal(rng, rows * cols, 0.02), (rows, cols), &dev);
+        t.map(|t| (name, t))
+    };
+    w.push(lin(
+        "model.embed_tokens.weight".into(),
+        s.vocab,
+        s.hidden,
+        &mut rng,
+    )?);
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        w.push(lin(
+            format!("{p}.self_attn.q_proj.weight"),
+            s.heads * hd,
+            s.hidden,
+            &mut rng,
+        )?);
+        w.push(lin(
+            format!("{p}.self_attn.k_proj.weight"),
+            s.kv_heads * hd,
+            s.hidden,
+            &mut rng,
+        )?);
+        w.push(lin(
+            format!("{p}.self_attn.v_proj.weight"),
+            s.kv_heads * hd,
+            s.hidden,
+            &mut rng,
+        )?);
+        w.push(lin(
+            format!("{p}.self_attn.o_proj.weight"),
+            s.hidden,
+            s.heads * hd,
+            &mut rng,
+        )?);
+        w.push(lin(
+            format!("{p}.mlp.gate_proj.weight"),
+            s.mlp,
+            s.hidden,
+            &mut rng,
+        )?);
+        w.push(lin(
+            format!("{p}.mlp.up_proj.weight"),
+            s.mlp,
+            s.hidden,
+            &mut rng,
+        )?);
+        w.push(lin(
+            format!("{p}.mlp.down_proj.weight"),
+            s.hidden,
+            s.mlp,
+            &mut rng,
+        )?);
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            w.push((
+                format!("{p}.{norm}.weight"),
+                Tensor::ones(s.hidden, DType::F32, &dev)?,
+            ));
+        }
+    }
+    w.push((
+        "model.norm.weight".into(),
+        Tensor::ones(s.hidden, DType::F32, &dev)?,
+    ));
+    Ok(w)
+}
+
+fn pretrain(text_path: &Path, out: &Path, steps: u64, seed: u64) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("reading {}", text_path.display()))?;
+    let s = &SHAPE;
+    let stage = PathBuf::from(format!("{}.build", out.display()));
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage)?;
+    }
+    let tok_dir = stage.join("tokenizer");
+    std::fs::create_dir_all(&tok_dir)?;
+    train_tokenizer(&text, s.vocab, &tok_dir.join("tokenizer.json"))?;
+    let mut added = serde_json::Map::new();
+    for (i, t) in SPECIALS.iter().enumerate() {
+        added.insert(
+            i.to_string(),
+            json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false,
+                   "single_word": false, "special": true}),
+        );
+    }
+    write_json(
+        &tok_dir.join("tokenizer_config.json"),
+        &json!({
+            "add_bos_token": false,
+            "add_eos_token": false,
+            "add_prefix_space": false,
+            "added_tokens_decoder": added,
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|im_end|>",
+            "unk_token": "<|endoftext|>",
+            "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": false,
+            "model_max_length": s.window,
+            "tokenizer_class": "GPT2Tokenizer",
+            "vocab_size": s.vocab
+        }),
+    )?;
+    write_json(
+        &tok_dir.join("generation_config.json"),
+        &json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}),
+    )?;
+    let tk = tokenizers::Tokenizer::from_file(tok_dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("reloading the tokenizer: {e}"))?;
+    let ids = tk
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+        .get_ids()
+        .to_vec();
+    let t_tok = t0.elapsed().as_secs_f64();
+    // consecutive windows of `window + 1` tokens (inputs and their next tokens), all targets
+    let n = s.window + 1;
+    let examples: Vec<Example> = ids
+        .chunks_exact(n)
+        .map(|c| Example {
+            tokens: c.to_vec(),
+            mask: vec![true; n],
+        })
+        .collect();
+    eprintln!(
+        "text: {} bytes, {} tokens ({:.2} bytes/token), {} windows of {}; tokenizer {:.1} s",
+        text.len(),
+        ids.len(),
+        text.len() as f64 / ids.len() as f64,
+        examples.len(),
+        s.window,
+        t_tok
+    );
+    let config = config_json(s);
+    let mcfg = ModelConfig::from_json(Path::new("config.json"), &config)?;
+    let train = TrainConfig {
+        batch_size: 32,
+        micro_batch: 8,
+        epochs: 1,
+        steps: Some(steps),
+        lr: 5e-3,
+        warmup: 20,
+        schedule: ScheduleKind::Cosine,
+        grad_clip: 1.0,
+        seed,
+        recompute: false,
+        ..TrainConfig::default()
+    };
+    let windows = examples.len();
+    let mut trainer = Trainer::new(
+        train.clone(),
+        init_weights(s, seed)?,
+        examples,
+        DType::F32,
+        Device::Cpu,
+    )?;
+    let (_, params) = trainer.set.counts();
+    eprintln!(
+        "model: {params} parameters; {steps} steps of {} x {} tokens",
+        train.batch_size, s.window
+    );
+    let factory = llama_factory(mcfg);
+    let log_path = stage.join("pretrain_log.jsonl");
+    let mut log = std::fs::File::create(&log_path)?;
+    let t_train = Instant::now();
+    let mut recent = Vec::new();
+    while trainer.step() < trainer.total_steps {
+        let st = trainer.train_step(&factory)?;
+        writeln!(
+            log,
+            "{}",
+            json!({"step": st.step, "epoch": st.epoch, "loss": st.loss, "lr": st.lr,
+                   "grad_norm": st.grad_norm, "seconds": st.seconds})
+        )?;
+        recent.push(st.loss);
+        if st.step % 50 == 0 || st.step == trainer.total_steps {
+            let k = recent.len().min(50);
+            let mean = recent[recent.len() - k..].iter().sum::<f64>() / k as f64;
+            eprintln!(
+                "step {}/{} loss {:.4} (mean of last {k}: {mean:.4}) lr {:.2e} {:.0} tok/s, {:.0} s",
+                st.step,
+                trainer.total_steps,
+                st.loss,
+                st.lr,
+                st.tokens_per_s,
+                t_train.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let tensors = trainer.set.export(None)?;
+    let data: Vec<TensorData<'static>> = tensors
+        .iter()
+        .map(|(n, t)| TensorData::from_candle(n, t))
+        .collect::<Result<_, _>>()?;
+    let k = recent.len().min(50);
+    let final_mean = recent[recent.len() - k..].iter().sum::<f64>() / k as f64;
+    let summary = json!({
+        "text": text_path, "text_bytes": text.len(), "tokens": ids.len(), "windows": windows,
+        "parameters": params, "steps": steps, "batch": train.batch_size, "window": s.window,
+        "seed": seed, "lr": train.lr, "warmup": train.warmup,
+        "final_loss": recent.last(), "final_loss_mean_last_50": final_mean,
+        "train_seconds": t_train.elapsed().as_secs_f64(), "total_seconds": t0.elapsed().as_secs_f64(),
+    });
+    writeln!(log, "{}", json!({ "summary": summary }))?;
+    drop(log);
+    if out.exists() {
+        std::fs::remove_dir_all(out)?;
+    }
+    save_checkpoint(
+        out,
+        &SaveSpec {
+            config: &config,
+            tensors: &data,
+            tokenizer_dir: Some(&tok_dir),
+            max_shard_bytes: abf::checkpoint::DEFAULT_SHARD_BYTES,
+        },
+    )?;
+    std::fs::rename(&log_path, out.join("pretrain_log.jsonl"))?;
+    std::fs::remove_dir_all(&stage)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// Mean negative log-likelihood of each next token, `[seq - 1]`, in f64.
+fn token_nll(model: &Llama, ids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+    let logits = model.forward(&input, 0)?.squeeze(0)?.to_dtype(DType::F32)?;
+    let n = ids.len() - 1;
+    let logits = logits.narrow(0, 0, n)?;
+    let lse = {
+        let max = logits.max_keepdim(D::Minus1)?;
+        (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + max)?
+    };
+    let targets = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
+    let picked = logits.gather(&targets, D::Minus1)?;
+    let nll = (lse - picked)?.squeeze(1)?.to_vec1::<f32>()?;
+    Ok(nll.into_iter().map(f64::from).collect())
+}
+
+fn ppl(
+    model_dir: &Path,
+    text_path: &Path,
+    lengths: &[usize],
+    max_tokens: Option<usize>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let ckpt = Checkpoint::open(model_dir)?;
+    let cfg = ckpt.config.model.clone();
+    let original = cfg.recipe.original_context as usize;
+    let model = Llama::load(ckpt.var_builder(DType::F32, &Device::Cpu), &cfg)?;
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("reading {}", text_path.display()))?;
+    let tk = ckpt.tokenizer()?;
+    let mut ids = tk
+        .tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+        .get_ids()
+        .to_vec();
+    if let Some(m) = max_tokens {
+        ids.truncate(m);
+    }
+    let mut rows = Vec::new();
+    for &len in lengths {
+        if len < 2 || ids.len() < len {
+            bail!(
+                "length {len}: the text has {} tokens (need at least one window)",
+                ids.len()
+            );
+        }
+        // bands: [0, c), [c, 2c), [2c, 4c), ... by the predicted token's position
+        let mut bands: Vec<(usize, usize, f64, usize)> = Vec::new();
+        let mut lo = 0;
+        let mut hi = original.min(len);
+        while lo < len {
+            bands.push((lo, hi, 0.0, 0));
+            lo = hi;
+            hi = (hi * 2).min(len);
+        }
+        let (mut sum, mut count, mut windows) = (0f64, 0usize, 0usize);
+        for w in ids.chunks_exact(len) {
+            let nll = token_nll(&model, w)?;
+            for (i, x) in nll.iter().enumerate() {
+                let pos = i + 1;
+                if let Some(b) = bands.iter_mut().find(|b| pos >= b.0 && pos < b.1) {
+                    b.2 += x;
+                    b.3 += 1;
+                }
+            }
+            sum += nll.iter().sum::<f64>();
+            count += nll.len();
+            windows += 1;
+        }
+        rows.push(json!({
+            "length": len, "windows": windows, "tokens": count,
+            "ppl": (sum / count as f64).exp(),
+            "bands": bands.iter().filter(|b| b.3 > 0).map(|b| json!({
+                "from": b.0, "to": b.1, "ppl": (b.2 / b.3 as f64).exp()
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let out = json!({
+        "model": model_dir, "text": text_path, "recipe": cfg.recipe.to_string(),
+        "original_context": original, "results": rows,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for r in &rows {
+            println!(
+                "length {:>6}: ppl {:.3} over {} windows",
+                r["length"], r["ppl"], r["windows"]
+            );
+        }
+    }
+    Ok(())
+}
