@@ -51,4 +51,9 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L $home/lib64 -L $home/lib64/stubs"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda}
 nvcc --version | tail -n 2
 cargo build --release --features cuda --bins --example step_bench "$@"
+# What a GPU machine needs, small enough to carry (a run carries at most 64 MiB; the binaries are
+# ~55 MB each, mostly embedded kernels, and compress 7x).
+bundle=$CARGO_TARGET_DIR/gpu-bundle.tar.xz
+tar -C "$CARGO_TARGET_DIR/release" -cJf "$bundle.tmp" abf-tune examples/step_bench && mv "$bundle.tmp" "$bundle"
+echo "build-cuda: $(du -h "$bundle" | cut -f1) bundle for scripts/gpu-check.sh: $bundle"
 echo "build-cuda: binaries in $CARGO_TARGET_DIR/release (and examples/step_bench); on the GPU machine scripts/gpu-check.sh sets LD_LIBRARY_PATH to the torch wheels' nvidia/cu13/lib"

@@ -2,7 +2,8 @@
 # The one prepared script for a GPU machine (docs/cuda.md): the CUDA fine-tune checked against
 # CPU, then measured on a LLaMA-2-7B-shaped model. Build first, on the CPU machine:
 #   scripts/build-cuda.sh            # -> target-cuda/release/{abf-tune, examples/step_bench}
-# then carry target-cuda/release and run there (about 5 minutes on an H200):
+# then carry target-cuda/gpu-bundle.tar.xz (the two binaries it needs, ~15 MB) and run there
+# (about 5 minutes on an H200):
 #   OUT=<folder> bash scripts/gpu-check.sh
 # Writes $OUT/gpu-check.json (every run's report) and $OUT/gpu-check.md (the benchmarks section).
 # A smoke run of the script itself on CPU (tiny shape, CPU binaries):
@@ -29,6 +30,12 @@ if [ "$dev" != cpu ]; then
     if [ -d "$d/nvidia/cu13/lib" ]; then export LD_LIBRARY_PATH="$d/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
   done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
+fi
+# The carried bundle (scripts/build-cuda.sh) when the binaries themselves were not carried.
+bundle=${ABF_BUNDLE:-target-cuda/gpu-bundle.tar.xz}
+if [ ! -x "$bin/abf-tune" ] && [ -f "$bundle" ]; then
+  bin=$out/bin
+  mkdir -p "$bin" && tar -C "$bin" -xJf "$bundle"
 fi
 step_bench=$bin/examples/step_bench
 [ -x "$step_bench" ] || step_bench=$bin/step_bench
