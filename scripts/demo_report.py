@@ -3,8 +3,9 @@
 
     python3 scripts/demo_report.py OUT_DIR WINDOW NAME...
 
-Reads OUT_DIR/NAME.ppl.json (`fixture_model ppl --json`) and, for fine-tuned names,
-OUT_DIR/NAME.tune.json (`abf-tune --json`); prints a Markdown table (method x evaluation length)
+Reads OUT_DIR/ppl.json (one `abf-eval ppl --json` over every model, labelled NAME), for
+fine-tuned names OUT_DIR/NAME.tune.json (`abf-tune --json`) and OUT_DIR/NAME.verify.json
+(`abf-verify --json`); prints a Markdown table (method x evaluation length, verdicts)
 and writes OUT_DIR/plots/ppl-by-length.svg and OUT_DIR/plots/ppl-by-band.svg (plain SVG, no
 plotting library needed).
 """
@@ -21,6 +22,35 @@ LABELS = {
     "yarn": "YaRN (s = 4)",
 }
 COLORS = ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
+
+
+def load_ppl(out, name):
+    """One model's results from abf-eval's JSON, bands as {from, to, ppl}."""
+    path = os.path.join(out, "ppl.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        d = json.load(f)
+    for m in d["models"]:
+        if m["label"] == name:
+            results = [dict(r, bands=[{"from": b["start"], "to": b["end"], "ppl": b["ppl"]} for b in r["bands"]])
+                       for r in m["lengths"]]
+            return {"text": d["text"], "results": results}
+    return None
+
+
+def verdict(out, name):
+    """'PASS' / 'FAIL ...' per backend from abf-verify's report, or '-'."""
+    v = load(out, name, "verify")
+    if v is None:
+        return "-"
+    parts = []
+    for b in v.get("backends", []):
+        fid = b.get("fidelity", {}).get("pass")
+        lc = b.get("long_context", {}).get("pass")
+        parts.append(f'{b.get("backend", "?")}: fidelity {"PASS" if fid else "FAIL"}, '
+                     f'long-context {"PASS" if lc else "FAIL"}')
+    return "; ".join(parts) or v.get("verdict", "-")
 
 
 def load(out, name, kind):
@@ -87,7 +117,7 @@ def main():
     out, window, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     rows = []
     for name in names:
-        ppl = load(out, name, "ppl")
+        ppl = load_ppl(out, name)
         if ppl is None:
             continue
         rows.append((name, ppl, load(out, name, "tune")))

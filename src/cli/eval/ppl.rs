@@ -30,6 +30,10 @@ pub struct PplArgs {
     /// is shorter).
     #[arg(long, default_value_t = 4)]
     pub windows: usize,
+    /// Use only the first N tokens of the text: with a large --windows every length then scores
+    /// the same tokens (the fairest comparison across lengths).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// N equal position bands per window instead of [0, c), [c, 2c), [2c, 4c), ...
     #[arg(long)]
     pub bands: Option<usize>,
@@ -65,7 +69,10 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
         let mut m = open_model(path, dtype, &Device::Cpu)?;
-        let ids = m.encoder.encode_plain(&text)?;
+        let mut ids = m.encoder.encode_plain(&text)?;
+        if let Some(n) = args.max_tokens {
+            ids.truncate(n);
+        }
         let bands = match (args.bands, args.band_window) {
             (Some(n), _) => Bands::Equal(n),
             (None, Some(c)) => Bands::Doubling { window: c },
