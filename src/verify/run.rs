@@ -400,7 +400,7 @@ pub fn verify_many(
             let metrics = cmp.finish();
             let kld_position0 = kl.first().copied().unwrap_or(0.0);
             let gross = gross_kld(&lines);
-            let first_bad = kl.iter().position(|&k| !(k <= gross));
+            let first_bad = kl.iter().position(|&k| exceeds(k, gross));
             results.push(judge(
                 name,
                 metrics,
@@ -507,6 +507,11 @@ impl VerifyReport {
     }
 }
 
+/// Above the line, or NaN (a NaN row is never within a line).
+fn exceeds(x: f64, line: f64) -> bool {
+    x.is_nan() || x > line
+}
+
 /// Verdicts and diagnosis of one backend's band metrics.
 #[allow(clippy::too_many_arguments)]
 fn judge(
@@ -590,8 +595,10 @@ fn diagnose(
     };
     let mut out = Vec::new();
     let within = &bands[0].metrics;
-    let gross_within =
-        !(within.kld_mean <= gross) || lines.max_nmse.is_some_and(|l| !(within.nmse <= 10.0 * l));
+    let gross_within = exceeds(within.kld_mean, gross)
+        || lines
+            .max_nmse
+            .is_some_and(|l| exceeds(within.nmse, 10.0 * l));
     if !fidelity_pass {
         if position0_bad {
             out.push(
