@@ -314,3 +314,128 @@ fn smollm_f16_and_q8_0_pass_at_4096() {
     assert!(!under_f16_large.pass);
     eprintln!("smollm verify test: {:.1} s", start.elapsed().as_secs_f64());
 }
+
+#[test]
+fn cli_exit_codes_json_and_eval_logits_on_gguf() {
+    use std::process::Command;
+    let f = fixture();
+    let json = f.root.join("report.json");
+    let verify = |gguf: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_abf-verify"))
+            .arg("--reference")
+            .arg(&f.dir)
+            .arg("--gguf")
+            .arg(gguf)
+            .args([
+                "--backend",
+                "candle",
+                "--random-tokens",
+                "--seed",
+                "1",
+                "--quiet",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&f.good, &["--json", json.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("0-64") && stdout.contains("128-256"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["pass"], true);
+    assert_eq!(report["length"], 256);
+    assert_eq!(report["backends"][0]["bands"].as_array().unwrap().len(), 3);
+
+    let bad = patched(&f, "temp.gguf", |m| {
+        m.set(
+            ArchKey::AttentionTemperatureScale.key("mistral3"),
+            Value::F32(0.5),
+        );
+    });
+    let out = verify(&bad, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("temperature_scale is 0.5"));
+    // a line loosened far enough cannot hide the metadata mismatch
+    let out = verify(&bad, &["--max-nmse", "1", "--max-kld", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = verify(&f.root.join("missing.gguf"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // abf-eval logits on the GGUF equals the directory's logits
+    let toks = f.root.join("t.json");
+    std::fs::write(&toks, "[1, 2, 3, 200, 100]").unwrap();
+    let npy = |model: &Path, name: &str| {
+        let out = f.root.join(name);
+        let st = Command::new(env!("CARGO_BIN_EXE_abf-eval"))
+            .args(["logits", "--model"])
+            .arg(model)
+            .arg("--tokens")
+            .arg(&toks)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(out).unwrap()
+    };
+    let a = npy(&f.dir, "a.npy");
+    let b = npy(&f.good, "b.npy");
+    assert_eq!(a.len(), b.len());
+    let floats = |x: &[u8]| -> Vec<f32> {
+        x[x.len() - 5 * 272 * 4..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let worst = floats(&a)
+        .iter()
+        .zip(floats(&b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{worst}");
+}
+
+#[test]
+fn approximate_recipe_is_reported_with_its_effect() {
+    // eabf: the log law with two exempt layers, which llama.cpp runs as the step law everywhere
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("eabf");
+    let t = Tiny::default();
+    let recipe = Recipe::for_method(
+        RopeMethod::Eabf,
+        BaseRope {
+            base: 10000.0,
+            context: t.context,
+        },
+    );
+    write_tiny(&dir, t, 9, &[("abf_recipe", recipe.to_json_block())]);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let gguf = tmp.path().join("eabf.gguf");
+    let opts = ToGgufOptions {
+        outtype: OutType::F32,
+        allow_approximate: true,
+        ..ToGgufOptions::default()
+    };
+    let plan = plan_to_gguf(&ckpt, &opts).unwrap();
+    write_gguf(&ckpt, &plan, &gguf, true, &|_, _| {}).unwrap();
+    let mut vo = VerifyOptions::new(&dir, &gguf);
+    vo.backends = backends();
+    let r = verify(&vo, &mut |_, _, _| {}).unwrap();
+    eprintln!("{}", abf::verify::render(&r));
+    assert_eq!(r.approximation.len(), 2, "{:?}", r.approximation);
+    let eff = r.approximation_effect.as_ref().unwrap();
+    // within c both laws are 1; beyond it the exempt layers and the law's shape differ
+    assert!(eff[0].kld_mean < 1e-12, "{:?}", eff[0]);
+    assert!(eff[1].kld_mean > 1e-6 && eff[2].kld_mean > 1e-6, "{eff:?}");
+    assert!(r.pass, "the file runs the runtime form exactly");
+}
