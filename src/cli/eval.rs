@@ -44,9 +44,12 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
-    /// Model directory (config.json + safetensors).
+    /// Model directory (config.json + safetensors), or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
+    /// Engine for a GGUF: our candle reading of its keys, or llama.cpp (directories: candle).
+    #[arg(long, default_value = "candle", value_parser = ["candle", "llama.cpp"])]
+    pub backend: String,
     /// JSON file with a list of token ids.
     #[arg(long, conflicts_with = "text", required_unless_present = "text")]
     pub tokens: Option<PathBuf>,
@@ -111,6 +114,15 @@ fn model_labels(models: &[PathBuf], labels: &[String]) -> anyhow::Result<Vec<Str
 }
 
 fn logits(args: LogitsArgs) -> anyhow::Result<Exit> {
+    if crate::runtime::is_gguf(&args.model) {
+        return super::eval_gguf::logits_gguf(&args);
+    }
+    if args.backend != "candle" {
+        anyhow::bail!(
+            "{}: llama.cpp runs GGUF files, not model directories",
+            args.model.display()
+        );
+    }
     let ckpt = Checkpoint::open(&args.model)?;
     let current = ckpt.config.model.recipe.clone();
     let base = BaseRope {

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod eval;
+mod eval_gguf;
 pub mod tune;
 pub mod verify;
 

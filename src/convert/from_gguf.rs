@@ -61,17 +61,23 @@ fn need_u32(meta: &Metadata, arch: &str, k: ArchKey) -> Result<u32, ConvertError
     })
 }
 
-/// Convert `path` into the directory `out`.
-pub fn from_gguf(
-    path: &Path,
-    out: &Path,
-    opts: &FromGgufOptions,
-) -> Result<FromGgufReport, ConvertError> {
-    let start = Instant::now();
-    let mapped = open_mmap(path)?;
-    let file = &mapped.file;
-    let meta = &file.metadata;
-    let mut notes = Vec::new();
+/// The LLaMA-family hyperparameters of a GGUF, read as llama.cpp reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufHparams {
+    /// `llama` or `mistral3`.
+    pub arch: String,
+    pub hidden: usize,
+    pub layers: usize,
+    pub ff: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+}
+
+/// Read [`GgufHparams`]: `general.architecture` (llama or mistral3) and the `{arch}.*` shape keys
+/// (`head_count_kv` defaults to `head_count`, the RMS epsilon to 1e-5, as in llama.cpp).
+pub fn read_hparams(meta: &Metadata) -> Result<GgufHparams, ConvertError> {
     let arch = meta
         .architecture()?
         .ok_or_else(|| ConvertError::Key {
@@ -81,7 +87,7 @@ pub fn from_gguf(
         .to_string();
     if arch != keys::ARCH_LLAMA && arch != keys::ARCH_MISTRAL3 {
         return Err(ConvertError::Model(format!(
-            "architecture {arch:?}: from-gguf reads llama and mistral3"
+            "architecture {arch:?}: abf reads llama and mistral3"
         )));
     }
     let hidden = need_u32(meta, &arch, ArchKey::EmbeddingLength)? as usize;
@@ -97,30 +103,43 @@ pub fn from_gguf(
             "{hidden} embedding with {heads} heads / {kv_heads} kv heads"
         )));
     }
-    let head_dim = hidden / heads;
     let eps = meta
         .arch_f32(&arch, ArchKey::LayerNormRmsEpsilon)?
         .map(f64::from)
         .unwrap_or(1e-5);
-    let recipe = match read_recipe(meta)? {
-        Some(r) => r,
-        None => {
-            return Err(ConvertError::Key {
-                key: ArchKey::ContextLength.key(&arch),
-                reason: "missing: no recipe can be read".into(),
-            })
-        }
-    };
-    if file.tensor(ROPE_FREQS).is_some() && recipe.method != crate::rope::RopeMethod::Llama3 {
-        notes.push(
-            "rope_freqs.weight present but no abf.recipe keys: its llama3 factors are not \
-             carried into config.json"
-                .into(),
-        );
-    }
+    Ok(GgufHparams {
+        head_dim: hidden / heads,
+        arch,
+        hidden,
+        layers,
+        ff,
+        heads,
+        kv_heads,
+        eps,
+    })
+}
 
-    // tensors
-    let bytes = mapped.bytes();
+/// The tensors of a GGUF in Hugging Face layout (see [`read_hf_tensors`]).
+pub struct HfTensors {
+    /// Sorted by Hugging Face name; `rope_freqs.weight` is not among them.
+    pub tensors: Vec<TensorData<'static>>,
+    /// Rows of `token_embd.weight`.
+    pub vocab_rows: Option<usize>,
+    /// Whether `output.weight` is present (embeddings untied).
+    pub has_output: bool,
+    /// Bytes of tensor data read.
+    pub input_bytes: u64,
+}
+
+/// Every LLaMA tensor of `file` (`bytes` is the whole file) under its Hugging Face name, as
+/// `dtype`: float types converted, block types dequantized through `crate::quant`, q/k rows
+/// un-permuted (llama.cpp's interleaved pairs back to rotate-half).
+pub fn read_hf_tensors(
+    file: &crate::gguf::GgufFile,
+    bytes: &[u8],
+    hp: &GgufHparams,
+    dtype: TensorDtype,
+) -> Result<HfTensors, ConvertError> {
     let mut tensors: Vec<TensorData<'static>> = Vec::with_capacity(file.tensors.len());
     let mut vocab_rows = None;
     let mut has_output = false;
@@ -140,16 +159,16 @@ pub fn from_gguf(
             .map_err(|_| ConvertError::tensor(&t.name, "too many elements"))?;
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         let converted: Vec<u8> = match numeric::float_dtype(t.ggml_type) {
-            Some(from) => numeric::convert(from, opts.dtype, data),
+            Some(from) => numeric::convert(from, dtype, data),
             None => {
                 let f = numeric::dequantize(&t.name, t.ggml_type, data, n)?;
-                numeric::from_f32(opts.dtype, &f)
+                numeric::from_f32(dtype, &f)
             }
         };
         let rows = shape.first().copied().unwrap_or(1);
         let converted = match role {
-            Role::Q => unpermute_qk(&t.name, &converted, rows, heads)?,
-            Role::K => unpermute_qk(&t.name, &converted, rows, kv_heads)?,
+            Role::Q => unpermute_qk(&t.name, &converted, rows, hp.heads)?,
+            Role::K => unpermute_qk(&t.name, &converted, rows, hp.kv_heads)?,
             _ => converted,
         };
         match role {
@@ -159,13 +178,65 @@ pub fn from_gguf(
         }
         tensors.push(TensorData {
             name: hf,
-            dtype: opts.dtype,
+            dtype,
             shape,
             data: Cow::Owned(converted),
         });
     }
     // the order transformers saves in: by name
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(HfTensors {
+        tensors,
+        vocab_rows,
+        has_output,
+        input_bytes,
+    })
+}
+
+/// Convert `path` into the directory `out`.
+pub fn from_gguf(
+    path: &Path,
+    out: &Path,
+    opts: &FromGgufOptions,
+) -> Result<FromGgufReport, ConvertError> {
+    let start = Instant::now();
+    let mapped = open_mmap(path)?;
+    let file = &mapped.file;
+    let meta = &file.metadata;
+    let mut notes = Vec::new();
+    let hp = read_hparams(meta)?;
+    let arch = hp.arch.clone();
+    let (hidden, layers, ff, heads, kv_heads, head_dim, eps) = (
+        hp.hidden,
+        hp.layers,
+        hp.ff,
+        hp.heads,
+        hp.kv_heads,
+        hp.head_dim,
+        hp.eps,
+    );
+    let recipe = match read_recipe(meta)? {
+        Some(r) => r,
+        None => {
+            return Err(ConvertError::Key {
+                key: ArchKey::ContextLength.key(&arch),
+                reason: "missing: no recipe can be read".into(),
+            })
+        }
+    };
+    if file.tensor(ROPE_FREQS).is_some() && recipe.method != crate::rope::RopeMethod::Llama3 {
+        notes.push(
+            "rope_freqs.weight present but no abf.recipe keys: its llama3 factors are not \
+             carried into config.json"
+                .into(),
+        );
+    }
+
+    // tensors
+    let read = read_hf_tensors(file, mapped.bytes(), &hp, opts.dtype)?;
+    let tensors = read.tensors;
+    let (vocab_rows, has_output, input_bytes) =
+        (read.vocab_rows, read.has_output, read.input_bytes);
     let vocab = GgufVocab::read(meta)?;
     let vocab_size = meta
         .arch_u32(&arch, ArchKey::VocabSize)?

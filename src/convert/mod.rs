@@ -15,7 +15,10 @@ pub mod to_gguf;
 pub mod tokenizer_gguf;
 
 pub use error::ConvertError;
-pub use from_gguf::{from_gguf, FromGgufOptions, FromGgufReport, OutDtype};
+pub use from_gguf::{
+    from_gguf, read_hf_tensors, read_hparams, FromGgufOptions, FromGgufReport, GgufHparams,
+    HfTensors, OutDtype,
+};
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};
 pub use tensor_map::{gguf_to_hf, hf_to_gguf, Role, TENSOR_MAP};

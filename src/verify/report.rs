@@ -1,0 +1,134 @@
+//! The human report: metadata issues, then one table per backend (bands x metrics, PASS/FAIL),
+//! the two verdicts and the diagnosis.
+
+use std::fmt::Write;
+
+use super::run::VerifyReport;
+
+fn sci(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else if !x.is_finite() {
+        format!("{x}")
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
+/// Render `r` as text.
+pub fn render(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "reference  {} ({})", r.reference.display(), r.recipe);
+    let _ = writeln!(
+        s,
+        "gguf       {} ({}, {} parameters; runs as {})",
+        r.gguf.display(),
+        r.file_type,
+        r.parameters,
+        r.runtime_recipe.as_deref().unwrap_or("unreadable")
+    );
+    let l = &r.lines;
+    let line = |name: &str, v: Option<f64>| v.map(|x| format!("{name} {}", sci(x)));
+    let parts: Vec<String> = [
+        line("NMSE <", l.max_nmse),
+        line("KLD <", l.max_kld),
+        l.min_top1.map(|x| format!("top-1 >= {:.1}%", x * 100.0)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let _ = writeln!(
+        s,
+        "lines      {} ({} tier): {}",
+        l.class.name(),
+        l.tier,
+        parts.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "tokens     {} over {} positions; original window c = {}",
+        r.tokens, r.length, r.original_context
+    );
+    for n in &r.notes {
+        let _ = writeln!(s, "note       {n}");
+    }
+    if r.metadata.is_empty() {
+        let _ = writeln!(s, "metadata   PASS");
+    } else {
+        let _ = writeln!(s, "metadata   FAIL");
+        for i in &r.metadata {
+            let _ = writeln!(s, "  - {}: {}", i.key, i.message);
+        }
+    }
+    for g in &r.approximation {
+        let _ = writeln!(s, "approx     {g}");
+    }
+    if let Some(eff) = &r.approximation_effect {
+        let _ = writeln!(
+            s,
+            "  effect of the approximation (runtime form vs exact recipe):"
+        );
+        for m in eff {
+            let _ = writeln!(
+                s,
+                "  {:>13}  NMSE {}  KLD {}  top-1 {:.1}%  ppl x{:.4}",
+                m.band.label(),
+                sci(m.nmse),
+                sci(m.kld_mean),
+                m.top1 * 100.0,
+                m.ppl_ratio
+            );
+        }
+    }
+    for b in &r.backends {
+        let _ = writeln!(s, "\n{} ({:.1} s)", b.backend, b.seconds);
+        let _ = writeln!(
+            s,
+            "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}  verdict",
+            "band", "NMSE", "max|d|", "KLD mean", "KLD p99", "KLD max", "top-1", "PPL x"
+        );
+        for band in &b.bands {
+            let m = &band.metrics;
+            let failed: Vec<&str> = band
+                .checks
+                .iter()
+                .filter(|c| !c.pass)
+                .map(|c| c.metric)
+                .collect();
+            let verdict = if band.pass {
+                "PASS".to_string()
+            } else {
+                format!("FAIL ({})", failed.join(", "))
+            };
+            let _ = writeln!(
+                s,
+                "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6.1}% {:>8.4}  {}{}",
+                m.band.label(),
+                sci(m.nmse),
+                sci(m.max_abs_diff),
+                sci(m.kld_mean),
+                sci(m.kld_p99),
+                sci(m.kld_max),
+                m.top1 * 100.0,
+                m.ppl_ratio,
+                if band.within_original { "" } else { ">c " },
+                verdict
+            );
+        }
+        let pf = |p: bool| if p { "PASS" } else { "FAIL" };
+        let _ = writeln!(
+            s,
+            "  fidelity {}   long-context {}   (KLD at position 0: {}; first bad position: {})",
+            pf(b.fidelity_pass),
+            pf(b.long_context_pass),
+            sci(b.kld_position0),
+            b.first_bad_position
+                .map_or("none".to_string(), |p| p.to_string())
+        );
+        for d in &b.diagnosis {
+            let _ = writeln!(s, "  diagnosis: {d}");
+        }
+    }
+    let _ = writeln!(s, "\n{}", if r.pass { "PASS" } else { "FAIL" });
+    s
+}

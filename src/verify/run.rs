@@ -1,0 +1,663 @@
+//! The verifier: reference forward of a model directory (f32, its config's recipe in the form
+//! a runtime evaluates), then each candidate backend streamed against it, band by band.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use super::lines::{fidelity, long_context, Check, LongContextRule, PassLines};
+use super::metadata::{check, runtime_form, Issue};
+use super::metrics::{bands, BandMetrics, Comparison, Reference};
+use crate::checkpoint::{Checkpoint, ModelConfig};
+use crate::gguf::{open_mmap, GgmlType};
+use crate::model::Llama;
+use crate::runtime::{
+    open_backend, runtime_recipe, BackendKind, CandleBackend, GgufTokenizer, LogitsBackend,
+};
+
+/// Why the verifier could not run (exit code 2). A failed check is a report, not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{}: {reason}", path.display())]
+    Input { path: PathBuf, reason: String },
+    #[error("{backend}: {reason}")]
+    Backend { backend: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where the tokens come from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// A text, tokenized with the reference's tokenizer (repeated when shorter than the length).
+    Text(String),
+    Tokens(Vec<u32>),
+    /// Uniform random ids below the vocabulary (and below `max_id` when given).
+    Random {
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub reference: PathBuf,
+    pub gguf: PathBuf,
+    pub backends: Vec<BackendKind>,
+    /// Lengths to cover; the longest is run (causal: a prefix's logits do not depend on what
+    /// follows) and each ends a band. Empty: the recipe's target window, at least 4 c.
+    pub lengths: Vec<usize>,
+    pub source: TokenSource,
+    pub max_nmse: Option<f64>,
+    pub max_kld: Option<f64>,
+    pub min_top1: Option<f64>,
+    /// Replace the type's lines entirely (tests use it to judge a file by another type's lines).
+    pub lines: Option<PassLines>,
+    pub rule: LongContextRule,
+    /// Bytes the reference logits may use; None: from the machine's available memory.
+    pub memory_limit: Option<u64>,
+}
+
+impl VerifyOptions {
+    pub fn new(reference: &Path, gguf: &Path) -> VerifyOptions {
+        VerifyOptions {
+            reference: reference.to_path_buf(),
+            gguf: gguf.to_path_buf(),
+            backends: vec![BackendKind::Candle],
+            lengths: Vec::new(),
+            source: TokenSource::Random { seed: 0 },
+            max_nmse: None,
+            max_kld: None,
+            min_top1: None,
+            lines: None,
+            rule: LongContextRule::default(),
+            memory_limit: None,
+        }
+    }
+}
+
+/// Progress of the long stages: (stage, positions done, total).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BandResult {
+    #[serde(flatten)]
+    pub metrics: BandMetrics,
+    pub within_original: bool,
+    pub checks: Vec<Check>,
+    pub pass: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendResult {
+    pub backend: String,
+    pub bands: Vec<BandResult>,
+    pub fidelity_pass: bool,
+    pub long_context_pass: bool,
+    /// KL divergence at position 0 (no rotation, attention to itself only).
+    pub kld_position0: f64,
+    /// The first position whose KL divergence exceeds the "gross" line.
+    pub first_bad_position: Option<usize>,
+    /// Index of the first failing band.
+    pub first_failing_band: Option<usize>,
+    pub diagnosis: Vec<String>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub reference: PathBuf,
+    pub gguf: PathBuf,
+    pub recipe: String,
+    pub runtime_recipe: Option<String>,
+    pub original_context: u64,
+    pub length: usize,
+    pub tokens: String,
+    pub file_type: String,
+    pub parameters: u64,
+    pub lines: PassLines,
+    pub long_context_rule: LongContextRule,
+    pub metadata: Vec<Issue>,
+    /// A recipe the runtime cannot express exactly: its gaps and their measured effect (exact
+    /// recipe against its runtime form, both in our forward).
+    pub approximation: Vec<String>,
+    pub approximation_effect: Option<Vec<BandMetrics>>,
+    pub notes: Vec<String>,
+    pub backends: Vec<BackendResult>,
+    pub pass: bool,
+}
+
+fn input_err(path: &Path, reason: impl std::fmt::Display) -> VerifyError {
+    VerifyError::Input {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Parameters of a LLaMA-family config (embedding, head unless tied, attention, MLP).
+pub fn parameter_count(c: &ModelConfig) -> u64 {
+    let (h, d) = (c.hidden_size as u64, c.head_dim as u64);
+    let attn = h * d * (2 * c.num_attention_heads as u64 + 2 * c.num_key_value_heads as u64);
+    let mlp = 3 * h * c.intermediate_size as u64;
+    let emb = c.vocab_size as u64 * h * if c.tie_word_embeddings { 1 } else { 2 };
+    emb + c.num_hidden_layers as u64 * (attn + mlp + 2 * h) + h
+}
+
+/// The type that carries most weight elements of the 2-D tensors.
+fn dominant_type(path: &Path) -> Result<GgmlType, VerifyError> {
+    let m = open_mmap(path).map_err(|e| input_err(path, e))?;
+    let mut counts: Vec<(GgmlType, u64)> = Vec::new();
+    for t in m.file.tensors.iter().filter(|t| t.dims.len() >= 2) {
+        match counts.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+            Some((_, n)) => *n += t.elements(),
+            None => counts.push((t.ggml_type, t.elements())),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(t, _)| t)
+        .ok_or_else(|| input_err(path, "no 2-D tensors"))
+}
+
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Splitmix64: reproducible random tokens without a dependency.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn tokens_for(
+    opts: &VerifyOptions,
+    ckpt: &Checkpoint,
+    len: usize,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<u32>, String), VerifyError> {
+    let vocab = ckpt.config.model.vocab_size;
+    let (mut ids, label) = match &opts.source {
+        TokenSource::Tokens(t) => (t.clone(), format!("{} given tokens", t.len())),
+        TokenSource::Random { seed } => {
+            let mut s = *seed;
+            let t = (0..len)
+                .map(|_| (splitmix(&mut s) % vocab as u64) as u32)
+                .collect();
+            (t, format!("random tokens, seed {seed}"))
+        }
+        TokenSource::Text(text) => {
+            let ids = crate::eval::logits::tokens_for(ckpt, crate::eval::LogitsInput::Text(text))
+                .map_err(|e| input_err(&opts.reference, format!("{e:#}")))?;
+            let n = ids.len();
+            (ids, format!("text, {n} tokens"))
+        }
+    };
+    if ids.is_empty() {
+        return Err(VerifyError::Other("no tokens to run".into()));
+    }
+    if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(VerifyError::Other(format!(
+            "token {t} at position {i} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if ids.len() < len {
+        if matches!(opts.source, TokenSource::Tokens(_)) {
+            notes.push(format!(
+                "{} tokens given: length reduced from {len}",
+                ids.len()
+            ));
+        } else {
+            notes.push(format!(
+                "the text has {} tokens: repeated to {len}",
+                ids.len()
+            ));
+            let base = ids.clone();
+            while ids.len() < len {
+                ids.extend_from_slice(&base[..base.len().min(len - ids.len())]);
+            }
+        }
+    }
+    ids.truncate(len);
+    Ok((ids, label))
+}
+
+/// The GGUF's own vocabulary must tokenize the text as the reference tokenizer does (over the
+/// positions compared).
+fn tokenizer_issue(
+    gguf: &Path,
+    text: &str,
+    reference: &[u32],
+    len: usize,
+) -> Result<Option<Issue>, String> {
+    let t = GgufTokenizer::load(gguf).map_err(|e| e.to_string())?;
+    let g = t.encode(text)?;
+    let n = len.min(reference.len());
+    Ok((0..n)
+        .find(|&i| reference.get(i) != g.get(i))
+        .map(|i| Issue {
+            key: "tokenizer".into(),
+            message: format!(
+            "the GGUF's vocabulary tokenizes the text differently from the reference tokenizer, \
+             first at token {i} ({:?} vs {:?})",
+            g.get(i),
+            reference.get(i)
+        ),
+        }))
+}
+
+fn run_backend(
+    backend: &mut dyn LogitsBackend,
+    tokens: &[u32],
+    f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
+) -> Result<(), VerifyError> {
+    let name = backend.name().to_string();
+    backend
+        .for_each_logits(tokens, f)
+        .map_err(|e| VerifyError::Backend {
+            backend: name,
+            reason: format!("{e:#}"),
+        })
+}
+
+/// Run the verifier. Metadata is checked first; every backend is then compared band by band.
+pub fn verify(opts: &VerifyOptions, progress: Progress) -> Result<VerifyReport, VerifyError> {
+    let mut all = verify_many(opts, std::slice::from_ref(&opts.gguf), progress)?;
+    all.pop()
+        .ok_or_else(|| VerifyError::Other("no report".into()))
+}
+
+/// [`verify`] for several GGUFs of the same reference: the reference is computed once.
+pub fn verify_many(
+    opts: &VerifyOptions,
+    ggufs: &[PathBuf],
+    progress: Progress,
+) -> Result<Vec<VerifyReport>, VerifyError> {
+    let device = Device::Cpu;
+    let ckpt = Checkpoint::open(&opts.reference).map_err(|e| input_err(&opts.reference, e))?;
+    let cfg = ckpt.config.model.clone();
+    let exact = cfg.recipe.clone();
+    let (want, gaps) = runtime_form(&exact);
+    let c = exact.original_context as usize;
+    let params = parameter_count(&cfg);
+    let mut notes = Vec::new();
+
+    // metadata, before any compute
+    let mut checked = Vec::with_capacity(ggufs.len());
+    for gguf in ggufs {
+        let mapped = open_mmap(gguf).map_err(|e| input_err(gguf, e))?;
+        let got = runtime_recipe(&mapped.file.metadata, cfg.head_dim);
+        let issues = check(
+            &mapped.file.metadata,
+            got.as_ref().map_err(|s| s.as_str()),
+            &cfg,
+            &want,
+        );
+        let runtime_text = got
+            .as_ref()
+            .ok()
+            .map(|g| format!("{} ({})", g.recipe, g.arch));
+        drop(mapped);
+        let file_type = dominant_type(gguf)?;
+        let lines = opts
+            .lines
+            .clone()
+            .unwrap_or_else(|| PassLines::for_type(file_type, params))
+            .with_overrides(opts.max_nmse, opts.max_kld, opts.min_top1);
+        checked.push((issues, runtime_text, file_type, lines));
+    }
+
+    // length: the longest asked, else the target window (>= 4c); reduced only for memory
+    let mut len = opts
+        .lengths
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or_else(|| (exact.context as usize).max(4 * c));
+    if let TokenSource::Tokens(t) = &opts.source {
+        len = len.min(t.len());
+    }
+    let vocab = cfg.vocab_size;
+    let budget = opts
+        .memory_limit
+        .or_else(|| mem_available().map(|m| m / 2))
+        .unwrap_or(u64::MAX);
+    // the reference row, and as much again for the exact-recipe pass and the candidate
+    let per_row = (vocab as u64) * 4 * 2;
+    if per_row * len as u64 > budget {
+        let fit = (budget / per_row.max(1)) as usize;
+        let new = fit.max(c.min(len)).min(len);
+        notes.push(format!(
+            "length reduced from {len} to {new}: the reference logits of {len} positions need \
+             {:.1} GB of the {:.1} GB allowed",
+            per_row as f64 * len as f64 * 0.5e-9,
+            budget as f64 * 1e-9
+        ));
+        len = new;
+    }
+    let (tokens, token_label) = tokens_for(opts, &ckpt, len, &mut notes)?;
+    let len = tokens.len();
+    let band_list = bands(c, len, &opts.lengths);
+
+    // reference: our forward of the directory, f32, with the runtime form of its recipe
+    let reference = {
+        let mut rcfg = cfg.clone();
+        rcfg.recipe = want.clone();
+        reference_logits(&ckpt, &rcfg, &device, &tokens, "reference", progress)?
+    };
+    let approximation_effect = if gaps.is_empty() {
+        None
+    } else {
+        let exact_ref = reference_logits(&ckpt, &cfg, &device, &tokens, "exact recipe", progress)?;
+        let mut cmp = Comparison::new(&reference, &tokens, band_list.clone());
+        for p in 0..exact_ref.rows() {
+            cmp.push(p, exact_ref.row(p)).map_err(VerifyError::Other)?;
+        }
+        notes.push(
+            "the candidates are compared with the runtime form of the recipe; \
+             approximation_effect measures the exact recipe against it"
+                .into(),
+        );
+        Some(cmp.finish())
+    };
+
+    let mut reports = Vec::with_capacity(ggufs.len());
+    for (gguf, (mut issues, runtime_text, file_type, lines)) in ggufs.iter().zip(checked) {
+        let mut notes = notes.clone();
+        if let TokenSource::Text(text) = &opts.source {
+            match tokenizer_issue(gguf, text, &tokens, len) {
+                Ok(Some(i)) => issues.push(i),
+                Ok(None) => {}
+                Err(e) => notes.push(format!("tokenizer not compared: {e}")),
+            }
+        }
+        let mut results = Vec::new();
+        for &kind in &opts.backends {
+            let start = std::time::Instant::now();
+            let mut backend =
+                open_backend(gguf, kind, &device).map_err(|e| VerifyError::Backend {
+                    backend: kind.name().into(),
+                    reason: format!("{e:#}"),
+                })?;
+            let name = backend.name().to_string();
+            let mut cmp = Comparison::new(&reference, &tokens, band_list.clone());
+            let total = tokens.len();
+            run_backend(backend.as_mut(), &tokens, &mut |pos, row| {
+                cmp.push(pos, row).map_err(anyhow::Error::msg)?;
+                if pos % 64 == 0 || pos + 1 == total {
+                    progress(&name, pos + 1, total);
+                }
+                Ok(())
+            })?;
+            drop(backend);
+            let kl = std::mem::take(&mut cmp.kl_by_position);
+            let metrics = cmp.finish();
+            let kld_position0 = kl.first().copied().unwrap_or(0.0);
+            let gross = gross_kld(&lines);
+            let first_bad = kl.iter().position(|&k| exceeds(k, gross));
+            results.push(judge(
+                name,
+                metrics,
+                kld_position0,
+                first_bad,
+                &lines,
+                &opts.rule,
+                c,
+                &issues,
+                file_type,
+                start.elapsed().as_secs_f64(),
+            ));
+        }
+        let pass = issues.is_empty()
+            && results
+                .iter()
+                .all(|r| r.fidelity_pass && r.long_context_pass);
+        reports.push(VerifyReport {
+            reference: opts.reference.clone(),
+            gguf: gguf.clone(),
+            recipe: exact.to_string(),
+            runtime_recipe: runtime_text,
+            original_context: exact.original_context,
+            length: len,
+            tokens: token_label.clone(),
+            file_type: file_type.to_string(),
+            parameters: params,
+            lines,
+            long_context_rule: opts.rule,
+            metadata: issues,
+            approximation: gaps.clone(),
+            approximation_effect: approximation_effect.clone(),
+            notes,
+            backends: results,
+            pass,
+        });
+    }
+    Ok(reports)
+}
+
+fn reference_logits(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    device: &Device,
+    tokens: &[u32],
+    stage: &str,
+    progress: Progress,
+) -> Result<Reference, VerifyError> {
+    let model = Llama::load(ckpt.var_builder(DType::F32, device), cfg)
+        .map_err(|e| input_err(&ckpt.dir, format!("loading: {e}")))?;
+    let mut backend = CandleBackend::new(model, "reference");
+    let mut reference =
+        Reference::with_capacity(tokens.len(), cfg.vocab_size).map_err(VerifyError::Other)?;
+    let total = tokens.len();
+    run_backend(&mut backend, tokens, &mut |pos, row| {
+        reference.push(row);
+        if pos % 64 == 0 || pos + 1 == total {
+            progress(stage, pos + 1, total);
+        }
+        Ok(())
+    })?;
+    Ok(reference)
+}
+
+/// A position's KL divergence is "gross" above 10x the KLD line (1e-3 for types judged on NMSE),
+/// and at least 0.01 nats.
+fn gross_kld(lines: &PassLines) -> f64 {
+    (10.0 * lines.max_kld.unwrap_or(1e-3)).max(0.01)
+}
+
+impl VerifyReport {
+    /// The same measurements judged under other lines (e.g. a q8_0 file under the f16 lines):
+    /// checks, verdicts and diagnosis recomputed, metrics kept. The first bad position keeps the
+    /// original lines' threshold.
+    pub fn judged_with(&self, lines: PassLines) -> VerifyReport {
+        let mut r = self.clone();
+        let c = r.original_context as usize;
+        let ty = crate::gguf::GgmlType::from_name(&r.file_type)
+            .unwrap_or(crate::gguf::GgmlType::from_code(0));
+        r.backends = self
+            .backends
+            .iter()
+            .map(|b| {
+                judge(
+                    b.backend.clone(),
+                    b.bands.iter().map(|x| x.metrics.clone()).collect(),
+                    b.kld_position0,
+                    b.first_bad_position,
+                    &lines,
+                    &r.long_context_rule,
+                    c,
+                    &r.metadata,
+                    ty,
+                    b.seconds,
+                )
+            })
+            .collect();
+        r.lines = lines;
+        r.pass = r.metadata.is_empty()
+            && r.backends
+                .iter()
+                .all(|b| b.fidelity_pass && b.long_context_pass);
+        r
+    }
+}
+
+/// Above the line, or NaN (a NaN row is never within a line).
+fn exceeds(x: f64, line: f64) -> bool {
+    x.is_nan() || x > line
+}
+
+/// Verdicts and diagnosis of one backend's band metrics.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    backend: String,
+    metrics: Vec<BandMetrics>,
+    kld_position0: f64,
+    first_bad_position: Option<usize>,
+    lines: &PassLines,
+    rule: &LongContextRule,
+    c: usize,
+    issues: &[Issue],
+    file_type: GgmlType,
+    seconds: f64,
+) -> BackendResult {
+    let within = metrics[0].clone();
+    let mut bands = Vec::with_capacity(metrics.len());
+    for m in metrics {
+        let inside = m.band.end <= c || m.band.start == 0;
+        let checks = if inside {
+            fidelity(&m, lines)
+        } else {
+            long_context(&m, &within, lines, rule)
+        };
+        let pass = checks.iter().all(|k| k.pass);
+        bands.push(BandResult {
+            metrics: m,
+            within_original: inside,
+            checks,
+            pass,
+        });
+    }
+    let fidelity_pass = bands.iter().filter(|b| b.within_original).all(|b| b.pass);
+    let long_context_pass = bands.iter().filter(|b| !b.within_original).all(|b| b.pass);
+    let first_failing_band = bands.iter().position(|b| !b.pass);
+    let gross = gross_kld(lines);
+    let diagnosis = diagnose(
+        &bands,
+        fidelity_pass,
+        long_context_pass,
+        kld_position0 > gross,
+        gross,
+        lines,
+        c,
+        issues,
+        file_type,
+    );
+    BackendResult {
+        backend,
+        bands,
+        fidelity_pass,
+        long_context_pass,
+        kld_position0,
+        first_bad_position,
+        first_failing_band,
+        diagnosis,
+        seconds,
+    }
+}
+
+/// The pattern of the failure: from the first position (weights, tokenizer), from position 1
+/// within c (rotary: q/k permutation, base), only beyond c (base or scaling), or a small uniform
+/// error (quantization).
+#[allow(clippy::too_many_arguments)]
+fn diagnose(
+    bands: &[BandResult],
+    fidelity_pass: bool,
+    long_context_pass: bool,
+    position0_bad: bool,
+    gross: f64,
+    lines: &PassLines,
+    c: usize,
+    issues: &[Issue],
+    file_type: GgmlType,
+) -> Vec<String> {
+    let related = |words: &[&str]| -> Vec<String> {
+        issues
+            .iter()
+            .filter(|i| words.iter().any(|w| i.key.contains(w)))
+            .map(|i| format!("  consistent with: {}", i.message))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let within = &bands[0].metrics;
+    let gross_within = exceeds(within.kld_mean, gross)
+        || lines
+            .max_nmse
+            .is_some_and(|l| exceeds(within.nmse, 10.0 * l));
+    if !fidelity_pass {
+        if position0_bad {
+            out.push(
+                "wrong from the first position: weights (a tensor swapped, missing or \
+                 mis-typed), embeddings, or the tokenizer"
+                    .to_string(),
+            );
+            out.extend(related(&[
+                "tokenizer",
+                "embedding",
+                "block_count",
+                "head_count",
+            ]));
+        } else if gross_within {
+            out.push(format!(
+                "right at position 0, wrong from position 1 within the original window ({c}): \
+                 the rotary embedding (q/k rows not permuted to llama.cpp's interleaved pairs, \
+                 rope.freq_base or rope.dimension_count)"
+            ));
+            out.extend(related(&["freq_base", "dimension_count", "scaling"]));
+        } else {
+            out.push(format!(
+                "small uniform error above the {} lines ({} tier): the {file_type} \
+                 quantization costs more than the lines allow",
+                lines.class.name(),
+                lines.tier
+            ));
+        }
+    } else if !long_context_pass {
+        let band = bands
+            .iter()
+            .find(|b| !b.pass)
+            .map(|b| b.metrics.band.label())
+            .unwrap_or_default();
+        out.push(format!(
+            "right within the original window ({c}), wrong beyond it (first at {band}): rope \
+             base or scaling (rope.scaling.*, the step law's architecture and \
+             attention.temperature_scale, context_length)"
+        ));
+        out.extend(related(&[
+            "freq_base",
+            "scaling",
+            "temperature",
+            "architecture",
+            "context_length",
+        ]));
+    } else if bands
+        .iter()
+        .any(|b| b.metrics.kld_mean > 0.0 || b.metrics.nmse > 0.0)
+    {
+        out.push(format!(
+            "pass: small uniform error, consistent with {file_type} weights"
+        ));
+    }
+    if !issues.is_empty() && out.iter().all(|l| !l.starts_with("  consistent")) {
+        out.push(format!(
+            "metadata: {} mismatch(es) (see above) even where the logits agree",
+            issues.len()
+        ));
+    }
+    out
+}
