@@ -196,7 +196,13 @@ fn ppl_matches_f64_log_softmax_of_the_forward() {
     let (length, max_windows) = (24usize, 3usize);
 
     // Library path: the opener, the encoder (BOS), windows, the streaming backend.
-    let mut m = open_model(&dir, DType::F32, &Device::Cpu).unwrap();
+    let mut m = open_model(
+        &dir,
+        abf::runtime::BackendKind::Candle,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let ids = m.encoder.encode_plain(&text).unwrap();
     let w = windows(&ids, length, max_windows, m.encoder.bos, Path::new("x")).unwrap();
     let edges = band_edges(length, Bands::Equal(3));
@@ -779,7 +785,7 @@ fn cli_errors_name_the_input_and_exit_2() {
                 "--lengths",
                 "8",
             ],
-            "GGUF",
+            "x.gguf",
         ),
         (
             vec![
@@ -869,4 +875,79 @@ fn cli_errors_name_the_input_and_exit_2() {
         assert!(out.is_empty(), "{args:?} printed {out}");
         assert!(err.contains(want), "{args:?}: {want:?} not in {err}");
     }
+}
+
+/// `abf-eval ppl` on a GGUF (our candle reading, and llama.cpp with the `llamacpp` feature) gives
+/// the perplexity of the model directory it was converted from: the fixture model, f32.
+#[test]
+fn ppl_of_a_gguf_equals_its_directory() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("fixtures/kjv-tiny");
+    let text = model.join("heldout-john.txt");
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("kjv.gguf");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_abf-convert"))
+        .args([
+            "to-gguf",
+            model.to_str().unwrap(),
+            "-o",
+            gguf.to_str().unwrap(),
+        ])
+        .args(["--outtype", "f32"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ppl = |path: &std::path::Path, backend: &str| -> Vec<f64> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_abf-eval"))
+            .args(["ppl", "--model", path.to_str().unwrap(), "--text"])
+            .arg(&text)
+            .args([
+                "--lengths",
+                "128,256",
+                "--windows",
+                "2",
+                "--json",
+                "--backend",
+                backend,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["models"][0]["lengths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ppl"].as_f64().unwrap())
+            .collect()
+    };
+    let want = ppl(&model, "candle");
+    assert!(want.iter().all(|p| p.is_finite() && *p > 1.0), "{want:?}");
+    let mut backends = vec!["candle"];
+    if cfg!(feature = "llamacpp") {
+        backends.push("llama.cpp");
+    }
+    for b in backends {
+        let got = ppl(&gguf, b);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g / w - 1.0).abs() < 1e-4, "{b}: {got:?} vs {want:?}");
+        }
+    }
+    // a model directory cannot run on llama.cpp: a clear error, exit 2
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_abf-eval"))
+        .args(["ppl", "--model", model.to_str().unwrap(), "--text"])
+        .arg(&text)
+        .args(["--lengths", "128", "--backend", "llama.cpp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GGUF"));
 }

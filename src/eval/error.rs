@@ -10,7 +10,7 @@ pub enum EvalError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: is a GGUF file; GGUF input needs the verifier's backend (abf::runtime::open_backend), give a model directory")]
+    #[error("{path}: is a GGUF file; this measurement needs a model directory (it reads inside the model)")]
     GgufInput { path: PathBuf },
     #[error("{path}: not a model directory (expected config.json and safetensors weights)")]
     NotModelDir { path: PathBuf },

@@ -1,8 +1,7 @@
 //! Opening what an evaluation runs: a model directory as a [`CandleBackend`] with its tokenizer.
 //!
-//! The verifier's `abf::runtime::open_backend` (GGUF and llama.cpp) replaces [`open_model`]'s
-//! backend once both land on one branch; the commands only see `&mut dyn LogitsBackend` and an
-//! [`Encoder`].
+//! GGUF files open through the verifier's `abf::runtime::open_backend` (candle or llama.cpp); the
+//! commands only see `&mut dyn LogitsBackend` and an [`Encoder`].
 
 use std::path::{Path, PathBuf};
 
@@ -11,8 +10,13 @@ use candle_core::{DType, Device};
 
 use super::error::EvalError;
 use crate::checkpoint::Checkpoint;
+use crate::convert::read_hparams;
+use crate::gguf::open_mmap;
+use crate::gguf::recipe::read_recipe;
 use crate::model::Llama;
-use crate::runtime::{CandleBackend, LogitsBackend};
+use crate::runtime::{
+    is_gguf, open_backend, runtime_recipe, BackendKind, CandleBackend, GgufTokenizer, LogitsBackend,
+};
 
 /// Text to token ids with a model's tokenizer: no special tokens from the tokenizer's own
 /// post-processor, and BOS first when `tokenizer_config.json` says `add_bos_token: true` (as
@@ -65,21 +69,35 @@ pub struct ModelDir {
     pub original_context: u64,
 }
 
-/// True when `path` is a file starting with the GGUF magic.
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == b"GGUF"
-}
-
 /// Open `path` as a logits backend with its tokenizer: a model directory runs on our candle
-/// forward in `dtype` on `device`. A GGUF file is refused with a clear error until the
-/// verifier's backend (`abf::runtime::open_backend`) is merged; that swap happens here only.
-pub fn open_model(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<EvalModel> {
+/// forward in `dtype` on `device`; a GGUF runs on `kind` (our candle reading of it as llama.cpp
+/// reads it, in f32, or llama.cpp itself) with the tokenizer the file carries.
+pub fn open_model(
+    path: &Path,
+    kind: BackendKind,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<EvalModel> {
+    if is_gguf(path) {
+        let backend = open_backend(path, kind, device)?;
+        let tk = GgufTokenizer::load(path)?;
+        return Ok(EvalModel {
+            path: path.to_path_buf(),
+            backend,
+            encoder: Encoder {
+                tokenizer: tk.tokenizer,
+                bos: if tk.add_bos { tk.bos } else { None },
+                source: path.to_path_buf(),
+            },
+            original_context: gguf_original_context(path)?,
+        });
+    }
+    if kind != BackendKind::Candle {
+        anyhow::bail!(
+            "{}: the {kind} backend runs GGUF files; a model directory runs on candle",
+            path.display()
+        );
+    }
     let dir = open_dir(path, dtype, device)?;
     let name = format!("candle {}", path.display());
     Ok(EvalModel {
@@ -88,6 +106,20 @@ pub fn open_model(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<
         encoder: dir.encoder,
         original_context: dir.original_context,
     })
+}
+
+/// The pretraining window of a GGUF's model: our exact `abf.recipe.*` keys when present, else
+/// what the runtime keys say (for a plain llama file, its context length).
+fn gguf_original_context(path: &Path) -> anyhow::Result<u64> {
+    let mapped = open_mmap(path)?;
+    let meta = &mapped.file.metadata;
+    if let Some(r) = read_recipe(meta)? {
+        return Ok(r.original_context);
+    }
+    let hp = read_hparams(meta).with_context(|| format!("{}", path.display()))?;
+    let rt = runtime_recipe(meta, hp.head_dim)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(rt.recipe.original_context)
 }
 
 /// Load a model directory (config.json, safetensors, tokenizer.json) as our forward in `dtype`
