@@ -31,14 +31,11 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "0. build (dev profile, shared with make test; features: ${features:-none})"
 # the dev profile builds dependencies at opt-level 3 (Cargo.toml) and shares them with `make test`
-cargo build --bins --example fixture_model --quiet ${features:+--features "$features"}
+cargo build --bins --quiet ${features:+--features "$features"}
 bin=target/debug
 t_built=$(date +%s)
 export RAYON_NUM_THREADS=1
 
-# A subcommand that is still a stub prints only its usage; call it only once it is real.
-# has_flag BINARY 'SUBCOMMAND' FLAG
-has_flag() { local b=$1 sub=$2 flag=$3; "$bin/$b" $sub --help 2>/dev/null | grep -q -- "$flag"; }
 
 # method name (as the table shows it) -> recipe flags
 declare -A flags=(
@@ -48,6 +45,12 @@ declare -A flags=(
   [yarn]="--method yarn"
 )
 methods=(eabf abf pi yarn)
+
+# perplexity of the first 16,384 held-out tokens at each length (every length scores the same tokens)
+ppl() {
+  "$bin/abf-eval" ppl --model "$1" --label "$2" --text "$text" --lengths "$lengths" \
+    --max-tokens 16384 --windows 1000 --json > "$out/$2.ppl.json"
+}
 
 run_method() {
   local m=$1 dir=$out/$m
@@ -66,26 +69,17 @@ run_method() {
     [ "$m" = eabf ] && approx=(--allow-approximate)
     "$bin/abf-convert" to-gguf "$dir" -o "$out/$m.gguf" --outtype f32 --runtime exact "${approx[@]}" --force \
       --json > "$out/$m.convert.json"
-    echo "-- $m: verify the GGUF against its checkpoint"
-    if has_flag abf-verify "" --reference; then
-      "$bin/abf-verify" --reference "$dir" --gguf "$out/$m.gguf" --backend both --lengths $((4 * c)) \
-        --text "$text" --json "$out/$m.verify.json" || echo "(abf-verify exit code $?: see $out/$m.verify.json)"
-    else
-      echo "(abf-verify is not built yet on this branch: skipped)"
-    fi
+    echo "-- $m: verify the GGUF against its checkpoint (our candle reading of the file, and llama.cpp)"
+    "$bin/abf-verify" --reference "$dir" --gguf "$out/$m.gguf" --backend both --lengths $((4 * c)),$((8 * c)) \
+      --text "$text" --json "$out/$m.verify.json" --quiet || echo "(abf-verify exit code $?: see $out/$m.verify.json)"
     echo "-- $m: perplexity at $lengths"
-    "$bin/examples/fixture_model" ppl --model "$dir" --text "$text" --lengths "$lengths" --max-tokens 16384 --json \
-      > "$out/$m.ppl.json"
-    if has_flag abf-eval ppl --lengths; then
-      "$bin/abf-eval" ppl --model "$dir" --text "$text" --lengths "$lengths" --json \
-        --plot "$out/plots/ppl-$m.svg" > "$out/$m.abf-eval-ppl.json"
-    fi
+    ppl "$dir" "$m"
   } > "$log" 2>&1
 }
 
 step "1. the fixture model: $model (window $c), data: $data, held-out text: $text"
 python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print({k: c[k] for k in ("hidden_size","num_hidden_layers","num_attention_heads","num_key_value_heads","intermediate_size","vocab_size","max_position_embeddings","rope_theta")})' "$model/config.json"
-"$bin/examples/fixture_model" ppl --model "$model" --text "$text" --lengths "$lengths" --max-tokens 16384 --json > "$out/base.ppl.json"
+ppl "$model" base
 
 step "2. fine-tune to $((4 * c)) tokens with eabf, abf, pi, yarn ($jobs at a time), convert, verify, evaluate"
 pids=()
@@ -103,6 +97,14 @@ for m in "${methods[@]}"; do cat "$out/$m.log"; done
 
 step "3. perplexity on held-out text (method x evaluation length; the window was $c, fine-tuned to $((4 * c)))"
 python3 scripts/demo_report.py "$out" "$c" base "${methods[@]}" | tee "$out/table.md"
+echo
+echo "-- attention entropy (the paper's Figure 1): base model and eabf at 4 x the window"
+for m in base eabf; do
+  dir=$out/$m; [ "$m" = base ] && dir=$model
+  "$bin/abf-eval" entropy --model "$dir" --text "$text" --length $((4 * c)) --positions 31,127,255,511 \
+    --plot "$out/plots/entropy-$m.svg" > "$out/$m.entropy.txt"
+  tail -n +1 "$out/$m.entropy.txt" | head -n 12
+done
 t_main=$(date +%s)
 echo "main job: $((t_main - t_built)) s after a $((t_built - t_start)) s build"
 

@@ -3,7 +3,7 @@
 
     python3 scripts/demo_report.py OUT_DIR WINDOW NAME...
 
-Reads OUT_DIR/ppl.json (one `abf-eval ppl --json` over every model, labelled NAME), for
+Reads OUT_DIR/NAME.ppl.json (`abf-eval ppl --json`), for
 fine-tuned names OUT_DIR/NAME.tune.json (`abf-tune --json`) and OUT_DIR/NAME.verify.json
 (`abf-verify --json`); prints a Markdown table (method x evaluation length, verdicts)
 and writes OUT_DIR/plots/ppl-by-length.svg and OUT_DIR/plots/ppl-by-band.svg (plain SVG, no
@@ -25,32 +25,24 @@ COLORS = ["#444444", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
 
 
 def load_ppl(out, name):
-    """One model's results from abf-eval's JSON, bands as {from, to, ppl}."""
-    path = os.path.join(out, "ppl.json")
-    if not os.path.exists(path):
+    """One model's results from `abf-eval ppl --json` (OUT/NAME.ppl.json), bands as {from, to, ppl}."""
+    d = load(out, name, "ppl")
+    if d is None:
         return None
-    with open(path) as f:
-        d = json.load(f)
-    for m in d["models"]:
-        if m["label"] == name:
-            results = [dict(r, bands=[{"from": b["start"], "to": b["end"], "ppl": b["ppl"]} for b in r["bands"]])
-                       for r in m["lengths"]]
-            return {"text": d["text"], "results": results}
-    return None
+    m = d["models"][0]
+    results = [dict(r, bands=[{"from": b["start"], "to": b["end"], "ppl": b["ppl"]} for b in r["bands"]])
+               for r in m["lengths"]]
+    return {"text": d["text"], "results": results}
 
 
 def verdict(out, name):
-    """'PASS' / 'FAIL ...' per backend from abf-verify's report, or '-'."""
+    """abf-verify's verdicts per backend (fidelity / long-context), or '-'."""
     v = load(out, name, "verify")
     if v is None:
         return "-"
-    parts = []
-    for b in v.get("backends", []):
-        fid = b.get("fidelity", {}).get("pass")
-        lc = b.get("long_context", {}).get("pass")
-        parts.append(f'{b.get("backend", "?")}: fidelity {"PASS" if fid else "FAIL"}, '
-                     f'long-context {"PASS" if lc else "FAIL"}')
-    return "; ".join(parts) or v.get("verdict", "-")
+    ok = lambda x: "PASS" if x else "FAIL"
+    return "; ".join(f'{b["backend"]}: {ok(b["fidelity_pass"])}/{ok(b["long_context_pass"])}'
+                     for b in v.get("backends", [])) or "-"
 
 
 def load(out, name, kind):
@@ -122,13 +114,13 @@ def main():
             continue
         rows.append((name, ppl, load(out, name, "tune")))
     lengths = [r["length"] for r in rows[0][1]["results"]]
-    head = "| method | " + " | ".join(f"{L} ({L // window}x)" for L in lengths) + " | fine-tune loss |"
+    head = "| method | " + " | ".join(f"{L} ({L // window}x)" for L in lengths) + " | fine-tune loss | GGUF verified (fidelity/long-context) |"
     print(head)
-    print("|" + "---|" * (len(lengths) + 2))
+    print("|" + "---|" * (len(lengths) + 3))
     for name, ppl, tune in rows:
         vals = {r["length"]: r["ppl"] for r in ppl["results"]}
         loss = f'{tune["first_loss"]:.3f} -> {tune["last_loss"]:.3f}' if tune else "-"
-        print(f"| {LABELS.get(name, name)} | " + " | ".join(f"{vals[L]:.2f}" for L in lengths) + f" | {loss} |")
+        print(f"| {LABELS.get(name, name)} | " + " | ".join(f"{vals[L]:.2f}" for L in lengths) + f" | {loss} | {verdict(out, name) if tune else '-'} |")
     first = rows[0][1]["results"][0]
     print(f"\nPerplexity of {rows[0][1]['text']} ({first['tokens'] + first['windows']} tokens), cut into "
           f"non-overlapping windows of each length, over every predicted position; the model was "

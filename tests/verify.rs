@@ -439,3 +439,104 @@ fn approximate_recipe_is_reported_with_its_effect() {
     assert!(eff[1].kld_mean > 1e-6 && eff[2].kld_mean > 1e-6, "{eff:?}");
     assert!(r.pass, "the file runs the runtime form exactly");
 }
+
+/// abf-tune's output directory ships: to-gguf (llama.cpp runtime, and exact) carries the recipe the
+/// fine-tune wrote into config.json, and abf-verify passes the file against the directory on both
+/// backends (the fixture model, ABF + the step law to 4 x its window).
+#[test]
+fn tune_output_converts_and_verifies_with_its_recipe() {
+    use abf::checkpoint::Checkpoint;
+    use abf::gguf::open_mmap;
+    use abf::gguf::recipe::read_recipe;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let tuned = tmp.path().join("tuned");
+    let run = |bin: &str, args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let model = root.join("fixtures/kjv-tiny");
+    let data = root.join("fixtures/conversations/kjv_long.jsonl");
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_abf-tune"),
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "-o",
+            tuned.to_str().unwrap(),
+            "--method",
+            "abf",
+            "--scale-law",
+            "step",
+            "--seq-len",
+            "256",
+            "--samples",
+            "4",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let recipe = Checkpoint::open(&tuned).unwrap().config.model.recipe;
+    assert_eq!(recipe.rope_base, 500_000.0);
+    assert_eq!((recipe.original_context, recipe.context), (128, 512));
+    for runtime in ["llama.cpp", "exact"] {
+        let gguf = tmp.path().join(format!("tuned-{runtime}.gguf"));
+        let (code, _, err) = run(
+            env!("CARGO_BIN_EXE_abf-convert"),
+            &[
+                "to-gguf",
+                tuned.to_str().unwrap(),
+                "-o",
+                gguf.to_str().unwrap(),
+                "--outtype",
+                "f32",
+                "--runtime",
+                runtime,
+            ],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let mapped = open_mmap(&gguf).unwrap();
+        let meta = &mapped.file.metadata;
+        if runtime == "exact" {
+            // the exact recipe, field for field
+            assert_eq!(read_recipe(meta).unwrap().unwrap(), recipe);
+        } else {
+            let rt = abf::runtime::runtime_recipe(meta, 32).unwrap();
+            assert_eq!(rt.arch, "mistral3");
+            assert_eq!(rt.recipe.rope_base, recipe.rope_base);
+        }
+        let backends = if cfg!(feature = "llamacpp") {
+            "both"
+        } else {
+            "candle"
+        };
+        let (code, out, err) = run(
+            env!("CARGO_BIN_EXE_abf-verify"),
+            &[
+                "--reference",
+                tuned.to_str().unwrap(),
+                "--gguf",
+                gguf.to_str().unwrap(),
+                "--backend",
+                backends,
+                "--random-tokens",
+                "--seed",
+                "3",
+                "--quiet",
+            ],
+        );
+        assert_eq!(code, Some(0), "{runtime}: {out}\n{err}");
+    }
+}
