@@ -1,5 +1,4 @@
-//! The demo's tiny model, pre-trained by abf itself (`make fixture-model`), and the demo's
-//! interim perplexity table.
+//! The demo's tiny model, pre-trained by abf itself (`make fixture-model`).
 //!
 //! `pretrain --text TRAIN.txt --out DIR [--steps N]`: train a byte-level BPE tokenizer (the
 //! `tokenizers` crate's trainer, SmolLM2's pre-tokenizer, normalizer and decoder, so our converter
@@ -8,17 +7,14 @@
 //! library's trainer (AdamW, cosine schedule, `forward_train` through `LayerModel`): every token a
 //! target, a plain language-model loss. Writes a Hugging Face checkpoint and `pretrain_log.jsonl`.
 //!
-//! `ppl --model DIR --text FILE --lengths 128,256,... [--max-tokens N] [--json]`: perplexity of
-//! the model (with the recipe of its config) on non-overlapping windows of each length, the mean
-//! over every position and over each band (the original window, then each doubling). The demo
-//! uses it until `abf-eval ppl` lands.
+
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -27,8 +23,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper};
 use tokenizers::{PreTokenizerWrapper, TokenizerBuilder};
 
-use abf::checkpoint::{save_checkpoint, Checkpoint, ModelConfig, SaveSpec, TensorData};
-use abf::model::Llama;
+use abf::checkpoint::{save_checkpoint, ModelConfig, SaveSpec, TensorData};
 use abf::train::data::SplitMix64;
 use abf::train::hf::llama_factory;
 use abf::train::{Example, ScheduleKind, TrainConfig, Trainer};
@@ -61,7 +56,7 @@ const SHAPE: Shape = Shape {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        bail!("usage: fixture_model pretrain|ppl ...")
+        bail!("usage: fixture_model pretrain --text TRAIN.txt --out DIR [--steps N] [--seed S]")
     };
     let flag = |name: &str| -> Option<String> {
         args.iter()
@@ -83,21 +78,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
             )
         }
-        "ppl" => {
-            let lengths: Vec<usize> = need("--lengths")?
-                .split(',')
-                .map(|s| s.trim().parse())
-                .collect::<Result<_, _>>()?;
-            let max_tokens = flag("--max-tokens").map(|s| s.parse()).transpose()?;
-            ppl(
-                Path::new(&need("--model")?),
-                Path::new(&need("--text")?),
-                &lengths,
-                max_tokens,
-                args.iter().any(|a| a == "--json"),
-            )
-        }
-        other => bail!("unknown command {other:?} (pretrain or ppl)"),
+        other => bail!("unknown command {other:?} (pretrain)"),
     }
 }
 
@@ -427,105 +408,5 @@ fn pretrain(text_path: &Path, out: &Path, steps: u64, seed: u64) -> anyhow::Resu
     std::fs::rename(&log_path, out.join("pretrain_log.jsonl"))?;
     std::fs::remove_dir_all(&stage)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    Ok(())
-}
-
-/// Mean negative log-likelihood of each next token, `[seq - 1]`, in f64.
-fn token_nll(model: &Llama, ids: &[u32]) -> anyhow::Result<Vec<f64>> {
-    let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-    let logits = model.forward(&input, 0)?.squeeze(0)?.to_dtype(DType::F32)?;
-    let n = ids.len() - 1;
-    let logits = logits.narrow(0, 0, n)?;
-    let lse = {
-        let max = logits.max_keepdim(D::Minus1)?;
-        (logits
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            + max)?
-    };
-    let targets = Tensor::new(&ids[1..], &Device::Cpu)?.unsqueeze(1)?;
-    let picked = logits.gather(&targets, D::Minus1)?;
-    let nll = (lse - picked)?.squeeze(1)?.to_vec1::<f32>()?;
-    Ok(nll.into_iter().map(f64::from).collect())
-}
-
-fn ppl(
-    model_dir: &Path,
-    text_path: &Path,
-    lengths: &[usize],
-    max_tokens: Option<usize>,
-    as_json: bool,
-) -> anyhow::Result<()> {
-    let ckpt = Checkpoint::open(model_dir)?;
-    let cfg = ckpt.config.model.clone();
-    let original = cfg.recipe.original_context as usize;
-    let model = Llama::load(ckpt.var_builder(DType::F32, &Device::Cpu), &cfg)?;
-    let text = std::fs::read_to_string(text_path)
-        .with_context(|| format!("reading {}", text_path.display()))?;
-    let tk = ckpt.tokenizer()?;
-    let mut ids = tk
-        .tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-        .get_ids()
-        .to_vec();
-    if let Some(m) = max_tokens {
-        ids.truncate(m);
-    }
-    let mut rows = Vec::new();
-    for &len in lengths {
-        if len < 2 || ids.len() < len {
-            bail!(
-                "length {len}: the text has {} tokens (need at least one window)",
-                ids.len()
-            );
-        }
-        // bands: [0, c), [c, 2c), [2c, 4c), ... by the predicted token's position
-        let mut bands: Vec<(usize, usize, f64, usize)> = Vec::new();
-        let mut lo = 0;
-        let mut hi = original.min(len);
-        while lo < len {
-            bands.push((lo, hi, 0.0, 0));
-            lo = hi;
-            hi = (hi * 2).min(len);
-        }
-        let (mut sum, mut count, mut windows) = (0f64, 0usize, 0usize);
-        for w in ids.chunks_exact(len) {
-            let nll = token_nll(&model, w)?;
-            for (i, x) in nll.iter().enumerate() {
-                let pos = i + 1;
-                if let Some(b) = bands.iter_mut().find(|b| pos >= b.0 && pos < b.1) {
-                    b.2 += x;
-                    b.3 += 1;
-                }
-            }
-            sum += nll.iter().sum::<f64>();
-            count += nll.len();
-            windows += 1;
-        }
-        rows.push(json!({
-            "length": len, "windows": windows, "tokens": count,
-            "ppl": (sum / count as f64).exp(),
-            "bands": bands.iter().filter(|b| b.3 > 0).map(|b| json!({
-                "from": b.0, "to": b.1, "ppl": (b.2 / b.3 as f64).exp()
-            })).collect::<Vec<_>>(),
-        }));
-    }
-    let out = json!({
-        "model": model_dir, "text": text_path, "recipe": cfg.recipe.to_string(),
-        "original_context": original, "results": rows,
-    });
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        for r in &rows {
-            println!(
-                "length {:>6}: ppl {:.3} over {} windows",
-                r["length"], r["ppl"], r["windows"]
-            );
-        }
-    }
     Ok(())
 }
