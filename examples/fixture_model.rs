@@ -8,7 +8,6 @@
 //! target, a plain language-model loss. Writes a Hugging Face checkpoint and `pretrain_log.jsonl`.
 //!
 
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

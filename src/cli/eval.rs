@@ -29,6 +29,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How `ppl` and `passkey` run a model.
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Compute dtype (model directories).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
+    /// Engine for GGUF models: our candle reading of the file (as llama.cpp reads it) or real
+    /// llama.cpp (builds with the `llamacpp` feature). Model directories run on candle.
+    #[arg(long, default_value = "candle")]
+    pub backend: crate::runtime::BackendKind,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Write f32 logits [n_tokens, vocab] at every position as a NumPy .npy file.

@@ -146,6 +146,26 @@ fn upper(metric: &'static str, value: f64, line: f64) -> Check {
     }
 }
 
+/// A metric that must be at least `line`.
+fn lower(metric: &'static str, value: f64, line: f64) -> Check {
+    Check {
+        metric,
+        value,
+        line,
+        pass: value >= line,
+    }
+}
+
+/// Rows with a NaN or infinite logit fail any band, whatever the lines.
+fn non_finite(m: &BandMetrics) -> Option<Check> {
+    (m.non_finite_rows > 0).then(|| Check {
+        metric: "non_finite_rows",
+        value: m.non_finite_rows as f64,
+        line: 0.0,
+        pass: false,
+    })
+}
+
 /// Fidelity of one band against the type's lines.
 pub fn fidelity(m: &BandMetrics, lines: &PassLines) -> Vec<Check> {
     let mut out = Vec::new();
@@ -156,21 +176,9 @@ pub fn fidelity(m: &BandMetrics, lines: &PassLines) -> Vec<Check> {
         out.push(upper("kld_mean", m.kld_mean, l));
     }
     if let Some(l) = lines.min_top1 {
-        out.push(Check {
-            metric: "top1",
-            value: m.top1,
-            line: l,
-            pass: m.top1 >= l,
-        });
+        out.push(lower("top1", m.top1, l));
     }
-    if m.non_finite_rows > 0 {
-        out.push(Check {
-            metric: "non_finite_rows",
-            value: m.non_finite_rows as f64,
-            line: 0.0,
-            pass: false,
-        });
-    }
+    out.extend(non_finite(m));
     out
 }
 
@@ -217,19 +225,7 @@ pub fn long_context(
         rule.ratio * within.kld_mean + rule.floor * kl_line,
     ));
     let t = within.top1 - rule.top1_drop;
-    out.push(Check {
-        metric: "top1_vs_within",
-        value: m.top1,
-        line: t,
-        pass: m.top1 >= t,
-    });
-    if m.non_finite_rows > 0 {
-        out.push(Check {
-            metric: "non_finite_rows",
-            value: m.non_finite_rows as f64,
-            line: 0.0,
-            pass: false,
-        });
-    }
+    out.push(lower("top1_vs_within", m.top1, t));
+    out.extend(non_finite(m));
     out
 }

@@ -51,13 +51,8 @@ pub struct PasskeyArgs {
     /// length (mean over depths) for several.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Compute dtype (model directories).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
-    /// Engine for GGUF models: our candle reading of the file (as llama.cpp reads it) or real
-    /// llama.cpp (builds with the `llamacpp` feature). Model directories run on candle.
-    #[arg(long, default_value = "candle")]
-    pub backend: crate::runtime::BackendKind,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -83,10 +78,10 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
         }
         .into());
     }
-    let dtype = parse_dtype(&args.dtype);
+    let dtype = parse_dtype(&args.engine.dtype);
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
-        let mut m = open_model(path, args.backend, dtype, &Device::Cpu)?;
+        let mut m = open_model(path, args.engine.backend, dtype, &Device::Cpu)?;
         let total = args.lengths.len() * args.depths.len() * args.trials;
         let bar = progress(total as u64, &format!("passkey {label}"), args.json);
         let cells = evaluate(

@@ -43,13 +43,8 @@ pub struct PplArgs {
     /// Write the perplexity-against-length plot here (.svg).
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Compute dtype (model directories).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
-    /// Engine for GGUF models: our candle reading of the file (as llama.cpp reads it) or real
-    /// llama.cpp (builds with the `llamacpp` feature). Model directories run on candle.
-    #[arg(long, default_value = "candle")]
-    pub backend: crate::runtime::BackendKind,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -69,10 +64,10 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
         .into());
     }
     let text = read_text(&args.text)?;
-    let dtype = parse_dtype(&args.dtype);
+    let dtype = parse_dtype(&args.engine.dtype);
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
-        let mut m = open_model(path, args.backend, dtype, &Device::Cpu)?;
+        let mut m = open_model(path, args.engine.backend, dtype, &Device::Cpu)?;
         let mut ids = m.encoder.encode_plain(&text)?;
         if let Some(n) = args.max_tokens {
             ids.truncate(n);
