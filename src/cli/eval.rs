@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
@@ -39,6 +39,9 @@ pub struct EngineArgs {
     /// llama.cpp (builds with the `llamacpp` feature). Model directories run on candle.
     #[arg(long, default_value = "candle")]
     pub backend: crate::runtime::BackendKind,
+    /// cpu or cuda:N (CUDA needs a build with the `cuda` feature, scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,6 +77,9 @@ pub struct LogitsArgs {
     /// Compute dtype.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
+    /// cpu or cuda:N (CUDA needs a build with the `cuda` feature, scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Replace an existing output.
     #[arg(long)]
     pub force: bool,
@@ -168,7 +174,13 @@ fn logits(args: LogitsArgs) -> anyhow::Result<Exit> {
     } else {
         DType::F32
     };
-    let (data, vocab) = model_logits(&args.model, &recipe, &tokens, dtype, &Device::Cpu)?;
+    let (data, vocab) = model_logits(
+        &args.model,
+        &recipe,
+        &tokens,
+        dtype,
+        &super::tune::device(&args.device)?,
+    )?;
     write_npy(&args.out, &[tokens.len(), vocab], &data, args.force)
         .with_context(|| format!("writing {}", args.out.display()))?;
     if args.json {

@@ -2,7 +2,7 @@
 //! (`--backend`), tokens from `--tokens` or the file's own vocabulary.
 
 use anyhow::Context;
-use candle_core::Device;
+
 use serde_json::json;
 
 use super::eval::LogitsArgs;
@@ -39,7 +39,7 @@ pub(super) fn logits_gguf(args: &LogitsArgs) -> anyhow::Result<Exit> {
         }
         (None, None) => anyhow::bail!("give --tokens FILE.json or --text FILE"),
     };
-    let mut backend = open_backend(&args.model, kind, &Device::Cpu)?;
+    let mut backend = open_backend(&args.model, kind, &super::tune::device(&args.device)?)?;
     let vocab = backend.vocab_size();
     let data = backend.logits(&tokens)?;
     write_npy(&args.out, &[tokens.len(), vocab], &data, args.force)

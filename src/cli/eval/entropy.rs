@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 
@@ -35,6 +34,9 @@ pub struct EntropyArgs {
     /// Compute dtype.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
+    /// cpu or cuda:N (CUDA needs a build with the `cuda` feature, scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -64,7 +66,11 @@ pub fn run(args: EntropyArgs) -> anyhow::Result<Exit> {
         .into());
     }
     let text = read_text(&args.text)?;
-    let m = open_dir(&args.model, parse_dtype(&args.dtype), &Device::Cpu)?;
+    let m = open_dir(
+        &args.model,
+        parse_dtype(&args.dtype),
+        &crate::cli::tune::device(&args.device)?,
+    )?;
     let ids = m.encoder.encode_plain(&text)?;
     let w = windows(&ids, length, args.windows, m.encoder.bos, &args.text)?;
     let bar = progress(w.len() as u64, "entropy", args.json);

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 
@@ -79,9 +78,10 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
         .into());
     }
     let dtype = parse_dtype(&args.engine.dtype);
+    let device = crate::cli::tune::device(&args.engine.device)?;
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
-        let mut m = open_model(path, args.engine.backend, dtype, &Device::Cpu)?;
+        let mut m = open_model(path, args.engine.backend, dtype, &device)?;
         let total = args.lengths.len() * args.depths.len() * args.trials;
         let bar = progress(total as u64, &format!("passkey {label}"), args.json);
         let cells = evaluate(

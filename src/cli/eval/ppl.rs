@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 
@@ -65,9 +64,10 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
     }
     let text = read_text(&args.text)?;
     let dtype = parse_dtype(&args.engine.dtype);
+    let device = crate::cli::tune::device(&args.engine.device)?;
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
-        let mut m = open_model(path, args.engine.backend, dtype, &Device::Cpu)?;
+        let mut m = open_model(path, args.engine.backend, dtype, &device)?;
         let mut ids = m.encoder.encode_plain(&text)?;
         if let Some(n) = args.max_tokens {
             ids.truncate(n);
