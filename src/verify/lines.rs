@@ -158,7 +158,7 @@ fn lower(metric: &'static str, value: f64, line: f64) -> Check {
 
 /// Rows with a NaN or infinite logit fail any band, whatever the lines.
 fn non_finite(m: &BandMetrics) -> Option<Check> {
-    (m.non_finite_rows > 0).then(|| Check {
+    (m.non_finite_rows > 0).then_some(Check {
         metric: "non_finite_rows",
         value: m.non_finite_rows as f64,
         line: 0.0,
