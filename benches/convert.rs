@@ -44,95 +44,162 @@ fn main() {
         input as f64 / 1e6
     )
     .unwrap();
-    writeln!(md, "| operation | seconds | GB/s of input | output MB |").unwrap();
-    writeln!(md, "|---|---|---|---|").unwrap();
-    let copy_out = tmp.path().join("copy.bin");
-    let best = |f: &mut dyn FnMut() -> u64| -> (f64, u64) {
-        let mut best = f64::INFINITY;
-        let mut bytes = 0;
-        for _ in 0..REPEATS {
-            let t = Instant::now();
-            bytes = f();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        (best, bytes)
-    };
-    let (s, b) = best(&mut || std::fs::copy(&weights, &copy_out).expect("copy"));
-    writeln!(
-        md,
-        "| plain copy (`std::fs::copy`) | {s:.3} | {:.2} | {:.0} |",
-        input as f64 / s / 1e9,
-        b as f64 / 1e6
-    )
-    .unwrap();
-    for out in [OutType::F16, OutType::Q8_0, OutType::Q4KM] {
-        let opts = ToGgufOptions {
-            outtype: out,
-            ..ToGgufOptions::default()
+    // The same rows with the outputs on the disk (what a user gets: to-gguf syncs its output) and
+    // in memory (/dev/shm: the sync is free, so the rows show the converter's own speed).
+    let shm = tempfile::tempdir_in("/dev/shm").ok();
+    let mut dests = vec![("disk (the temp dir)", tmp.path().to_path_buf())];
+    if let Some(d) = &shm {
+        dests.push(("tmpfs (/dev/shm)", d.path().to_path_buf()));
+    }
+    for (where_, dest) in dests {
+        writeln!(md, "\nOutputs on {where_}:\n").unwrap();
+        writeln!(md, "| operation | seconds | GB/s of input | output MB |").unwrap();
+        writeln!(md, "|---|---|---|---|").unwrap();
+        // seconds by row, for the ratios under the table
+        let mut t: std::collections::HashMap<String, f64> = Default::default();
+        let copy_out = dest.join("copy.bin");
+        let best = |f: &mut dyn FnMut() -> u64| -> (f64, u64) {
+            let mut best = f64::INFINITY;
+            let mut bytes = 0;
+            for _ in 0..REPEATS {
+                let t = Instant::now();
+                bytes = f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            (best, bytes)
         };
-        let path = tmp.path().join(format!("{}.gguf", out.name()));
-        let (s, b) = best(&mut || {
-            let plan = plan_to_gguf(&ckpt, &opts).expect("plan");
-            write_gguf(&ckpt, &plan, &path, true, &|_, _| {})
-                .expect("write")
-                .output_bytes
-        });
+        let (s, b) = best(&mut || std::fs::copy(&weights, &copy_out).expect("copy"));
+        t.insert("copy".into(), s);
         writeln!(
             md,
-            "| to-gguf {} | {s:.3} | {:.2} | {:.0} |",
-            out.name(),
+            "| plain copy (`std::fs::copy`, no fsync) | {s:.3} | {:.2} | {:.0} |",
             input as f64 / s / 1e9,
             b as f64 / 1e6
         )
         .unwrap();
-    }
-    // llama.cpp's Python converter's write path (gguf-py + numpy) on the same input: see
-    // benches/gguf_py_convert.py for what it keeps and why convert_hf_to_gguf.py itself cannot run.
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gguf_py_convert.py");
-    let have_gguf_py = std::process::Command::new("python3")
-        .args(["-c", "import gguf, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if have_gguf_py {
-        for out in ["f16", "q8_0"] {
-            let path = tmp.path().join(format!("py-{out}.gguf"));
-            let mut best = f64::INFINITY;
-            for _ in 0..REPEATS {
-                let o = std::process::Command::new("python3")
-                    .arg(&script)
-                    .arg(&weights)
-                    .arg(&path)
-                    .arg(out)
-                    .output()
-                    .expect("python3");
-                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-                let s: f64 = String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .parse()
-                    .expect("seconds");
-                best = best.min(s);
-            }
-            let b = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        // to-gguf syncs its output before the rename (an atomic, durable write): the fair copy does too.
+        let (s, b) = best(&mut || {
+            let n = std::fs::copy(&weights, &copy_out).expect("copy");
+            std::fs::File::open(&copy_out)
+                .and_then(|f| f.sync_all())
+                .expect("fsync");
+            n
+        });
+        t.insert("copy+fsync".into(), s);
+        writeln!(
+            md,
+            "| plain copy + fsync (what to-gguf's durable write compares with) | {s:.3} | {:.2} | {:.0} |",
+            input as f64 / s / 1e9,
+            b as f64 / 1e6
+        )
+        .unwrap();
+        // Every type on all cores, then the quantized ones on one thread: the gain is the cores used.
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool");
+        let runs = [
+            (OutType::F16, cores),
+            (OutType::Q8_0, cores),
+            (OutType::Q4KM, cores),
+            (OutType::Q8_0, 1),
+            (OutType::Q4KM, 1),
+        ];
+        for (out, threads) in runs {
+            let opts = ToGgufOptions {
+                outtype: out,
+                ..ToGgufOptions::default()
+            };
+            let path = dest.join(format!("{}.gguf", out.name()));
+            let mut run = || {
+                let plan = plan_to_gguf(&ckpt, &opts).expect("plan");
+                write_gguf(&ckpt, &plan, &path, true, &|_, _| {})
+                    .expect("write")
+                    .output_bytes
+            };
+            let (s, b) = if threads == 1 {
+                one.install(|| best(&mut run))
+            } else {
+                best(&mut run)
+            };
+            t.insert(format!("{}/{threads}", out.name()), s);
             writeln!(
                 md,
-                "| gguf-py {out} (the Python converter's write path, 1 thread) | {best:.3} | {:.2} | {:.0} |",
-                input as f64 / best / 1e9,
+                "| to-gguf {} ({threads} thread{}) | {s:.3} | {:.2} | {:.0} |",
+                out.name(),
+                if threads == 1 { "" } else { "s" },
+                input as f64 / s / 1e9,
                 b as f64 / 1e6
             )
             .unwrap();
         }
+        // llama.cpp's Python converter's write path (gguf-py + numpy) on the same input: see
+        // benches/gguf_py_convert.py for what it keeps and why convert_hf_to_gguf.py itself cannot run.
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gguf_py_convert.py");
+        let have_gguf_py = std::process::Command::new("python3")
+            .args(["-c", "import gguf, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if have_gguf_py {
+            for out in ["f16", "q8_0"] {
+                let path = dest.join(format!("py-{out}.gguf"));
+                let mut best = f64::INFINITY;
+                for _ in 0..REPEATS {
+                    let o = std::process::Command::new("python3")
+                        .arg(&script)
+                        .arg(&weights)
+                        .arg(&path)
+                        .arg(out)
+                        .output()
+                        .expect("python3");
+                    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                    let s: f64 = String::from_utf8_lossy(&o.stdout)
+                        .trim()
+                        .parse()
+                        .expect("seconds");
+                    best = best.min(s);
+                }
+                let b = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                t.insert(format!("py-{out}"), best);
+                writeln!(
+                    md,
+                    "| gguf-py {out} (the Python converter's write path, 1 thread) | {best:.3} | {:.2} | {:.0} |",
+                    input as f64 / best / 1e9,
+                    b as f64 / 1e6
+                )
+                .unwrap();
+            }
+            writeln!(
+                md,
+                "\nThe gguf-py rows run `benches/gguf_py_convert.py`: llama.cpp's `convert_hf_to_gguf.py` \
+                 minus its torch/transformers imports (not installable here), i.e. the same numpy cast and \
+                 Q8_0 quantizer and the same GGUFWriter on the same memory-mapped f32 tensors. gguf-py has \
+                 no k-quant quantizer: q4_k_m needs llama.cpp's C++ `llama-quantize`."
+            )
+            .unwrap();
+        } else {
+            writeln!(
+                md,
+                "\nPython with gguf-py is not on this machine: the Python converter rows are skipped."
+            )
+            .unwrap();
+        }
+        let r = |a: &str, b: &str| match (t.get(a), t.get(b)) {
+            (Some(x), Some(y)) => format!("{:.2}", x / y),
+            _ => "-".into(),
+        };
+        let all = format!("/{cores}");
         writeln!(
             md,
-            "\nThe gguf-py rows run `benches/gguf_py_convert.py`: llama.cpp's `convert_hf_to_gguf.py` \
-             minus its torch/transformers imports (not installable here), i.e. the same numpy cast and \
-             Q8_0 quantizer and the same GGUFWriter on the same memory-mapped f32 tensors. gguf-py has \
-             no k-quant quantizer: q4_k_m needs llama.cpp's C++ `llama-quantize`."
-        )
-        .unwrap();
-    } else {
-        writeln!(
-            md,
-            "\nPython with gguf-py is not on this machine: the Python converter rows are skipped."
+            "\nRatios: copy time / to-gguf f16 time = {} (no fsync copy), {} (copy + fsync); \
+             {cores} threads against 1: q8_0 {:}x, q4_k_m {}x; gguf-py time / to-gguf time: f16 {}x, \
+             q8_0 {}x.",
+            r("copy", &format!("f16{all}")),
+            r("copy+fsync", &format!("f16{all}")),
+            r("q8_0/1", &format!("q8_0{all}")),
+            r("q4_k_m/1", &format!("q4_k_m{all}")),
+            r("py-f16", &format!("f16{all}")),
+            r("py-q8_0", &format!("q8_0{all}")),
         )
         .unwrap();
     }

@@ -21,6 +21,7 @@ done
     echo
     cat "$tmp/$b.md"
   done
+  cat scripts/bench-notes.md
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 echo "bench: wrote $out"
