@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use super::data::SplitMix64;
 use super::hf::llama_factory;
 use super::{Example, LoraConfig, TrainConfig, TrainError, Trainer};
 use crate::checkpoint::{ModelConfig, ModelType};
@@ -290,14 +291,9 @@ pub fn step_bench(
     let sampler = PeakSampler::start(memory_reader(device));
     let cfg = spec.shape.model_config(spec.seq_len as u64);
     let weights = random_weights(&spec.shape, spec.dtype, device, spec.seed)?;
-    let mut rng = spec.seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut rng = SplitMix64(spec.seed);
     let tokens: Vec<u32> = (0..spec.seq_len)
-        .map(|_| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((rng >> 33) % spec.shape.vocab as u64) as u32
-        })
+        .map(|_| rng.below(spec.shape.vocab as u64) as u32)
         .collect();
     let examples = vec![Example {
         mask: vec![true; tokens.len()],
