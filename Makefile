@@ -4,22 +4,27 @@ CARGO    ?= cargo
 FEATURES ?= llamacpp
 PROPTEST_CASES ?= 256
 
-.PHONY: all build test lint bench demo fetch fixture-model clean
+.PHONY: all build prereqs test lint bench demo fetch fixture-model clean
 
 all: build
 
-build:
+build: prereqs
 	$(CARGO) build --release --features $(FEATURES)
 
+# cmake, clang/libclang (llama.cpp's build), Python with pip: installed when possible, else a
+# failure in the first seconds with the command to run. The same step .ci/run uses.
+prereqs:
+	@bash scripts/prereqs.sh
+
 # Real model and cross-check tools, cached in .cache/ (never committed).
-fetch:
+fetch: prereqs
 	bash scripts/fetch-data.sh
 
 # The whole suite. ABF_REQUIRE_DATA makes tests that need the fetched model fail, not skip.
 test: fetch
 	ABF_REQUIRE_DATA=1 PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --features $(FEATURES)
 
-lint:
+lint: prereqs
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --features $(FEATURES) -- -D warnings
 

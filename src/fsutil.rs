@@ -64,7 +64,8 @@ impl AtomicFile {
         self.writer.as_mut().expect("writer present until commit")
     }
 
-    /// Flush, sync and rename into place.
+    /// Flush, sync, rename into place, and sync the directory so the rename itself survives a
+    /// crash (POSIX: a rename is durable only once its directory is).
     pub fn commit(mut self) -> io::Result<()> {
         let writer = self.writer.take().expect("writer present until commit");
         let file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -79,7 +80,8 @@ impl AtomicFile {
                     self.target.display()
                 ),
             )
-        })
+        })?;
+        sync_parent(&self.target)
     }
 }
 
@@ -133,4 +135,13 @@ pub fn write_atomic(target: &Path, bytes: &[u8], overwrite: bool) -> io::Result<
     let mut f = AtomicFile::create(target, overwrite)?;
     f.write_all(bytes)?;
     f.commit()
+}
+
+/// fsync the directory holding `path` (after a rename or a create in it).
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }

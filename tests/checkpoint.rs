@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use abf::checkpoint::{
     patch_config, save_checkpoint, write_patched, CheckpointError, HfConfig, ModelType,
-    PatchOutput, RecipeSource, RopeForm, Runtime, SafetensorStore, SaveSpec, TensorData,
-    TensorDtype, TokenizerFiles,
+    PatchOutput, RecipeSource, RopeForm, SafetensorStore, SaveSpec, TensorData, TensorDtype,
+    TokenizerFiles,
 };
-use abf::rope::{BaseRope, Recipe, RopeMethod, ScaleLaw};
+use abf::rope::{BaseRope, Recipe, RopeMethod, ScaleLaw, Target};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView as StView;
 use safetensors::Dtype as StDtype;
@@ -812,9 +812,10 @@ fn patch_transformers_round_trips_every_rope_method() {
     cases.push(yarn_step);
 
     for recipe in cases {
-        let p = patch_config(&input, &recipe, Runtime::Transformers, false).unwrap();
+        let p = patch_config(&input, &recipe, Target::Transformers, false).unwrap();
         assert!(p.approximations.is_empty());
-        assert_eq!(p.runtime_recipe, recipe);
+        // static NTK runs as plain rope with its base: the same computation
+        assert_same_computation(&p.runtime_recipe, &recipe, 4, 2);
         assert!(!p.config.contains_key("abf_recipe"));
         let back = parse(Value::Object(p.config.clone())).unwrap();
         assert_eq!(back.recipe_source, RecipeSource::Hf);
@@ -841,7 +842,7 @@ fn patch_transformers_writes_exactly_the_hf_fields() {
     let input = tiny_hf(tiny_config());
     // yarn s = 4 from c = 4096: legacy form, since the input uses it
     let yarn = Recipe::for_method(RopeMethod::Yarn, LLAMA2);
-    let p = patch_config(&input, &yarn, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &yarn, Target::Transformers, false).unwrap();
     assert_eq!(p.config["max_position_embeddings"], json!(16384));
     assert_eq!(p.config["rope_theta"], json!(10000.0));
     assert_eq!(
@@ -852,22 +853,22 @@ fn patch_transformers_writes_exactly_the_hf_fields() {
     // an explicit attention factor is written; NTK-by-parts is yarn with attention factor 1
     let mut yarn_a = yarn.clone();
     yarn_a.yarn_attention_factor = Some(1.25);
-    let p = patch_config(&input, &yarn_a, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &yarn_a, Target::Transformers, false).unwrap();
     assert_eq!(p.config["rope_scaling"]["attention_factor"], json!(1.25));
     let nbp = Recipe::for_method(RopeMethod::NtkByParts, LLAMA2);
-    let p = patch_config(&input, &nbp, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &nbp, Target::Transformers, false).unwrap();
     assert_eq!(p.config["rope_scaling"]["rope_type"], json!("yarn"));
     assert_eq!(p.config["rope_scaling"]["attention_factor"], json!(1.0));
     assert_eq!(p.config["model_type"], json!("llama"));
 
     // ABF: only rope_theta changes; static NTK: rope_theta = b s^(d/(d-2)) (d = 4: s^2)
     let abf = Recipe::for_method(RopeMethod::Abf, LLAMA2);
-    let p = patch_config(&input, &abf, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &abf, Target::Transformers, false).unwrap();
     assert_eq!(p.config["rope_theta"], json!(500000.0));
     assert_eq!(p.config["rope_scaling"], Value::Null);
     assert_eq!(p.config["max_position_embeddings"], json!(16384));
     let ntk = Recipe::for_method(RopeMethod::Ntk, LLAMA2);
-    let p = patch_config(&input, &ntk, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &ntk, Target::Transformers, false).unwrap();
     assert!(close(
         p.config["rope_theta"].as_f64().unwrap(),
         10_000.0 * 16.0
@@ -875,13 +876,13 @@ fn patch_transformers_writes_exactly_the_hf_fields() {
 
     // dynamic keeps max_position_embeddings = c (transformers reads L there)
     let dynamic = Recipe::for_method(RopeMethod::Dynamic, LLAMA2);
-    let p = patch_config(&input, &dynamic, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &dynamic, Target::Transformers, false).unwrap();
     assert_eq!(p.config["max_position_embeddings"], json!(4096));
 
     // the step law: ministral3 with rope_parameters
     let mut step = Recipe::for_method(RopeMethod::Abf, LLAMA2);
     step.scale_law = Recipe::default_step(4096);
-    let p = patch_config(&input, &step, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &step, Target::Transformers, false).unwrap();
     assert_eq!(p.model_type, ModelType::Ministral3);
     assert_eq!(p.config["model_type"], json!("ministral3"));
     assert_eq!(p.config["architectures"], json!(["Ministral3ForCausalLM"]));
@@ -900,7 +901,7 @@ fn patch_transformers_writes_exactly_the_hf_fields() {
                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     ));
     let linear = Recipe::for_method(RopeMethod::Linear, LLAMA2);
-    let p = patch_config(&input5, &linear, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input5, &linear, Target::Transformers, false).unwrap();
     assert!(!p.config.contains_key("rope_scaling") && !p.config.contains_key("rope_theta"));
     assert_eq!(
         p.config["rope_parameters"],
@@ -913,7 +914,7 @@ fn patch_transformers_writes_exactly_the_hf_fields() {
 fn patch_transformers_refuses_what_it_cannot_run() {
     let input = tiny_hf(tiny_config());
     let eabf = Recipe::for_method(RopeMethod::Eabf, LLAMA2);
-    let err = patch_config(&input, &eabf, Runtime::Transformers, false).unwrap_err();
+    let err = patch_config(&input, &eabf, Target::Transformers, false).unwrap_err();
     assert!(matches!(err, CheckpointError::NotRepresentable { .. }));
     let msg = err.to_string();
     assert!(
@@ -923,7 +924,7 @@ fn patch_transformers_refuses_what_it_cannot_run() {
     assert!(msg.contains("--allow-approximate"), "{msg}");
 
     // allowed: the nearest form is the step law (beta = 1/ln c, L = c) on every layer
-    let p = patch_config(&input, &eabf, Runtime::Transformers, true).unwrap();
+    let p = patch_config(&input, &eabf, Target::Transformers, true).unwrap();
     assert_eq!(p.approximations.len(), 2);
     assert_eq!(p.runtime_recipe.scale_law, Recipe::default_step(4096));
     assert_eq!(p.runtime_recipe.skip_layers, 0);
@@ -933,7 +934,7 @@ fn patch_transformers_refuses_what_it_cannot_run() {
     // yarn whose factor disagrees with target / c
     let mut yarn = Recipe::for_method(RopeMethod::Yarn, LLAMA2);
     yarn.context = 32768;
-    let err = patch_config(&input, &yarn, Runtime::Transformers, false).unwrap_err();
+    let err = patch_config(&input, &yarn, Target::Transformers, false).unwrap_err();
     assert!(err.to_string().contains("factor"), "{err}");
     // the step law with L != c together with yarn
     let mut ys = Recipe::for_method(RopeMethod::Yarn, LLAMA2);
@@ -941,7 +942,7 @@ fn patch_transformers_refuses_what_it_cannot_run() {
         beta: 0.1,
         length: 8192,
     };
-    let err = patch_config(&input, &ys, Runtime::Transformers, false).unwrap_err();
+    let err = patch_config(&input, &ys, Target::Transformers, false).unwrap_err();
     assert!(
         err.to_string().contains("original_max_position_embeddings"),
         "{err}"
@@ -949,27 +950,54 @@ fn patch_transformers_refuses_what_it_cannot_run() {
 }
 
 #[test]
-fn patch_exact_keeps_model_type_and_records_the_recipe() {
+fn patch_exact_writes_the_native_form_and_records_the_rest() {
     let input = tiny_hf(tiny_config());
+    // ABF and YaRN: transformers runs them exactly, so the HF fields alone carry the recipe
     for recipe in [
-        Recipe::for_method(RopeMethod::Eabf, LLAMA2),
+        Recipe::for_method(RopeMethod::Abf, LLAMA2),
         Recipe::for_method(RopeMethod::Yarn, LLAMA2),
     ] {
-        let p = patch_config(&input, &recipe, Runtime::Exact, false).unwrap();
+        let p = patch_config(&input, &recipe, Target::Exact, false).unwrap();
+        assert!(p.approximations.is_empty(), "{recipe}");
         assert_eq!(p.model_type, ModelType::Llama);
         assert_eq!(p.config["model_type"], json!("llama"));
         assert_eq!(p.config["max_position_embeddings"], json!(recipe.context));
-        // the HF fields are untouched
-        assert_eq!(p.config["rope_theta"], json!(10000.0));
+        // the base transformers reads is the recipe's (the defect: it stayed at 10000)
+        assert_eq!(p.config["rope_theta"], json!(recipe.rope_base));
         let back = parse(Value::Object(p.config.clone())).unwrap();
         assert_eq!(back.recipe_source, RecipeSource::Block);
         assert_eq!(back.model.recipe, recipe);
+        // transformers' reading: the recipe's base and window (a plain rope has no c of its own)
+        let hf = back.hf_recipe().unwrap();
+        assert_eq!(
+            (hf.rope_base, hf.context),
+            (recipe.rope_base, recipe.context)
+        );
+        assert_same_computation(&hf, &recipe, 4, 2);
         // the keys before ours keep their order
         let keys: Vec<_> = p.config.keys().cloned().collect();
         let orig: Vec<_> = tiny_config().as_object().unwrap().keys().cloned().collect();
         assert_eq!(&keys[..orig.len()], orig.as_slice());
         assert_eq!(keys.last().unwrap(), "abf_recipe");
     }
+    // eabf: the base, window and step law natively (ministral3), the log law and exempt layers
+    // only in the block, and a warning for each; never refused
+    let eabf = Recipe::for_method(RopeMethod::Eabf, LLAMA2);
+    let p = patch_config(&input, &eabf, Target::Exact, false).unwrap();
+    assert_eq!(p.approximations.len(), 2, "{:?}", p.approximations);
+    assert_eq!(p.model_type, ModelType::Ministral3);
+    let rp = &p.config["rope_parameters"];
+    assert_eq!(rp["rope_theta"], json!(500000.0));
+    assert_eq!(rp["original_max_position_embeddings"], json!(4096));
+    let beta = rp["llama_4_scaling_beta"].as_f64().unwrap();
+    assert!((beta - 1.0 / 4096f64.ln()).abs() < 1e-15);
+    assert_eq!(p.config["max_position_embeddings"], json!(16384));
+    let back = parse(Value::Object(p.config.clone())).unwrap();
+    assert_eq!(back.model.recipe, eabf);
+    let hf = back.hf_recipe().unwrap();
+    assert_eq!(hf.rope_base, 500000.0);
+    assert_eq!(hf.context, 16384);
+    assert!(matches!(hf.scale_law, ScaleLaw::Step { length: 4096, .. }));
 }
 
 #[test]
@@ -981,7 +1009,7 @@ fn write_patched_links_weights_and_leaves_input_alone() {
     let before = snapshot(&src);
     let input = HfConfig::load(&src).unwrap();
     let abf = Recipe::for_method(RopeMethod::Abf, LLAMA2);
-    let p = patch_config(&input, &abf, Runtime::Transformers, false).unwrap();
+    let p = patch_config(&input, &abf, Target::Transformers, false).unwrap();
     let out = root.path().join("out");
     let files = write_patched(&src, &p, &PatchOutput::Dir(out.clone())).unwrap();
     assert_eq!(files.linked, vec!["model.safetensors"]);
@@ -1013,13 +1041,13 @@ fn write_patched_links_weights_and_leaves_input_alone() {
         );
     }
     // a transformers rewrite of a config carrying our block drops the block
-    let exact = patch_config(&input, &abf, Runtime::Exact, false).unwrap();
+    let exact = patch_config(&input, &abf, Target::Exact, false).unwrap();
     let with_block = parse(Value::Object(exact.config)).unwrap();
     assert_eq!(with_block.recipe_source, RecipeSource::Block);
     let p2 = patch_config(
         &with_block,
         &with_block.model.recipe,
-        Runtime::Transformers,
+        Target::Transformers,
         false,
     )
     .unwrap();

@@ -13,7 +13,7 @@ use abf::convert::tokenizer_gguf::{vocab_from_dir, GgufVocab};
 use abf::convert::{
     from_gguf, permute_qk, plan_to_gguf, unpermute_qk, write_gguf, FromGgufOptions, ToGgufOptions,
 };
-use abf::gguf::{open_mmap, GgufFile, Runtime, Value, ValueType};
+use abf::gguf::{open_mmap, GgufFile, Value, ValueType};
 use abf::rope::{Recipe, RecipeArgs, RopeMethod};
 use candle_core::{Device, Tensor};
 use convert_support::{write_tiny, Tiny};
@@ -233,7 +233,7 @@ fn every_method_round_trips_exactly_with_exact_keys() {
     for a in methods {
         let opts = ToGgufOptions {
             outtype: OutType::F32,
-            runtime: Runtime::Exact,
+            runtime: abf::rope::Target::Exact,
             recipe: a.clone(),
             allow_approximate: true,
             ..ToGgufOptions::default()

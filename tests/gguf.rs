@@ -4,9 +4,9 @@
 use abf::gguf::keys::ArchKey;
 use abf::gguf::{
     apply_recipe, in_place_writes, read_recipe, rewrite, write_in_place, Array, GgmlType,
-    GgufError, GgufFile, GgufWriter, Metadata, Runtime, TensorSpec, Value,
+    GgufError, GgufFile, GgufWriter, Metadata, TensorSpec, Value,
 };
-use abf::rope::{BaseRope, Recipe, RopeMethod, ScaleLaw};
+use abf::rope::{BaseRope, Recipe, RopeMethod, ScaleLaw, Target};
 use proptest::prelude::*;
 
 // ---- a hand-made file, byte by byte (independent of our writer) ----
@@ -696,7 +696,7 @@ fn recipes_llama_cpp_runs_exactly_round_trip() {
     ] {
         let r = Recipe::for_method(method, llama2());
         let mut m = model_meta();
-        let notes = apply_recipe(&mut m, &r, Runtime::LlamaCpp, false).unwrap();
+        let notes = apply_recipe(&mut m, &r, Target::LlamaCpp, false).unwrap();
         assert!(!m.keys().any(|k| k.starts_with("abf.recipe.")));
         let back = read_recipe(&m).unwrap().unwrap();
         assert_same_runtime(&r, &back, 64);
@@ -706,7 +706,7 @@ fn recipes_llama_cpp_runs_exactly_round_trip() {
     let mut r = Recipe::for_method(RopeMethod::Abf, llama2());
     r.scale_law = Recipe::default_step(2048);
     let mut m = model_meta();
-    apply_recipe(&mut m, &r, Runtime::LlamaCpp, false).unwrap();
+    apply_recipe(&mut m, &r, Target::LlamaCpp, false).unwrap();
     assert_eq!(m.architecture().unwrap(), Some("mistral3"));
     assert!(!m.keys().any(|k| k.starts_with("llama.")));
     let beta = m
@@ -730,7 +730,7 @@ fn llama_cpp_keys_have_the_independent_values() {
         .unwrap();
     let mut r = Recipe::for_method(RopeMethod::Ntk, llama2());
     r.factor = 4.0;
-    apply_recipe(&mut m, &r, Runtime::LlamaCpp, false).unwrap();
+    apply_recipe(&mut m, &r, Target::LlamaCpp, false).unwrap();
     let b = m.arch_f32("llama", ArchKey::RopeFreqBase).unwrap().unwrap() as f64;
     assert!(
         (b - 10000.0 * 4f64.powf(128.0 / 126.0)).abs() < 0.01 && (b - 40890.0).abs() < 1.0,
@@ -739,7 +739,7 @@ fn llama_cpp_keys_have_the_independent_values() {
     // NTK-by-parts = yarn with attn_factor 1 / (0.1 ln 4 + 1) = 1 / 1.1386
     let mut m = model_meta();
     let r = Recipe::for_method(RopeMethod::NtkByParts, llama2());
-    apply_recipe(&mut m, &r, Runtime::LlamaCpp, false).unwrap();
+    apply_recipe(&mut m, &r, Target::LlamaCpp, false).unwrap();
     assert_eq!(
         m.arch_str("llama", ArchKey::RopeScalingType).unwrap(),
         Some("yarn")
@@ -761,7 +761,7 @@ fn exact_runtime_round_trips_the_recipe() {
         }
         let r = Recipe::for_method(method, llama2());
         let mut m = model_meta();
-        apply_recipe(&mut m, &r, Runtime::Exact, true).unwrap();
+        apply_recipe(&mut m, &r, Target::Exact, true).unwrap();
         assert_eq!(
             m.get("abf.recipe.method").and_then(Value::as_str),
             Some(method.name())
@@ -773,16 +773,32 @@ fn exact_runtime_round_trips_the_recipe() {
 #[test]
 fn refusals() {
     let mut m = model_meta();
-    for method in [RopeMethod::Dynamic, RopeMethod::Llama3] {
-        let r = Recipe::for_method(method, llama2());
-        let e = apply_recipe(&mut m, &r, Runtime::LlamaCpp, true).unwrap_err();
-        assert!(matches!(e, GgufError::Refused(_)), "{e}");
-    }
+    // llama3's factors need the rope_freqs.weight tensor: no metadata-only form
+    let l3 = Recipe::for_method(RopeMethod::Llama3, llama2());
+    let e = apply_recipe(&mut m, &l3, Target::LlamaCpp, true).unwrap_err();
+    assert!(matches!(e, GgufError::Refused(_)), "{e}");
+    // dynamic NTK: llama.cpp has none; refused unless approximations are allowed
+    let dynamic = Recipe::for_method(RopeMethod::Dynamic, llama2());
+    let e = apply_recipe(&mut m, &dynamic, Target::LlamaCpp, false).unwrap_err();
+    assert!(e.to_string().contains("dynamic NTK"), "{e}");
+    // config.json's runtime is not a GGUF's
+    let abf = Recipe::for_method(RopeMethod::Abf, llama2());
+    assert!(apply_recipe(&mut m, &abf, Target::Transformers, false).is_err());
     assert_eq!(m, model_meta(), "a refusal leaves the metadata alone");
+    let mut d = model_meta();
+    let notes = apply_recipe(&mut d, &dynamic, Target::LlamaCpp, true).unwrap();
+    assert!(notes.iter().any(|n| n.contains("dynamic NTK")), "{notes:?}");
+    let back = read_recipe(&d).unwrap().unwrap();
+    assert_eq!(back.method, RopeMethod::Default);
+    assert_eq!(back.rope_base, 10_000.0);
+    // the exact target never refuses: native nearest form plus the record
+    let mut x = model_meta();
+    apply_recipe(&mut x, &dynamic, Target::Exact, false).unwrap();
+    assert_eq!(read_recipe(&x).unwrap().unwrap(), dynamic);
     let eabf = Recipe::for_method(RopeMethod::Eabf, llama2());
-    let e = apply_recipe(&mut m, &eabf, Runtime::LlamaCpp, false).unwrap_err();
+    let e = apply_recipe(&mut m, &eabf, Target::LlamaCpp, false).unwrap_err();
     assert!(e.to_string().contains("--allow-approximate"), "{e}");
-    let notes = apply_recipe(&mut m, &eabf, Runtime::LlamaCpp, true).unwrap();
+    let notes = apply_recipe(&mut m, &eabf, Target::LlamaCpp, true).unwrap();
     assert!(notes.iter().any(|n| n.starts_with("approximate")));
     assert_eq!(m.architecture().unwrap(), Some("mistral3"));
     let back = read_recipe(&m).unwrap().unwrap();
@@ -798,7 +814,7 @@ fn refusals() {
     let mut r = Recipe::for_method(RopeMethod::Abf, llama2());
     r.scale_law = Recipe::default_step(2048);
     assert!(matches!(
-        apply_recipe(&mut q, &r, Runtime::LlamaCpp, false),
+        apply_recipe(&mut q, &r, Target::LlamaCpp, false),
         Err(GgufError::Refused(_))
     ));
     // a key of the wrong type is reported, as llama.cpp would

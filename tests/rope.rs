@@ -1,7 +1,7 @@
 //! The recipe's numbers against values derived independently (method.md, and transformers'
 //! formulas evaluated by hand in Python's f64), plus the flags / config-block round trips.
 
-use abf::rope::{BaseRope, Recipe, RecipeArgs, RopeMethod, ScaleLaw};
+use abf::rope::{runtime_form, BaseRope, Gap, Recipe, RecipeArgs, RopeMethod, ScaleLaw, Target};
 
 const LLAMA2: BaseRope = BaseRope {
     base: 10_000.0,
@@ -290,8 +290,10 @@ fn flags_override_a_model_recipe() {
 #[test]
 fn runtime_gaps_name_log_law_and_exempt_layers() {
     let r = recipe(&["--method", "eabf"]);
-    let gaps = r.runtime_gaps();
-    assert_eq!(gaps.len(), 2, "{gaps:?}");
+    for target in [Target::LlamaCpp, Target::Transformers] {
+        let gaps = runtime_form(&r, target, 128).gaps();
+        assert_eq!(gaps, vec![Gap::LogLaw, Gap::ExemptLayers], "{target}");
+    }
     let s = recipe(&["--method", "abf", "--scale-law", "step"]);
-    assert!(s.runtime_gaps().is_empty());
+    assert!(runtime_form(&s, Target::LlamaCpp, 128).is_exact());
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::{read_json, CheckpointError};
+use super::keys;
 use crate::rope::{defaults, yarn_mscale, Recipe, RopeMethod, ScaleLaw, CONFIG_BLOCK};
 
 /// The file name of a model's configuration.
@@ -29,31 +30,47 @@ pub enum ModelType {
     Ministral3,
 }
 
+/// Every model type: its `model_type` string and the `architectures` entry transformers loads
+/// for a causal LM of it. One table; `name`, `architecture` and `parse` read it.
+const MODEL_TYPES: [(ModelType, &str, &str); 3] = [
+    (ModelType::Llama, "llama", "LlamaForCausalLM"),
+    (ModelType::Mistral, "mistral", "MistralForCausalLM"),
+    (ModelType::Ministral3, "ministral3", "Ministral3ForCausalLM"),
+];
+
 impl ModelType {
+    fn row(self) -> &'static (ModelType, &'static str, &'static str) {
+        // the table lists each variant at its discriminant, checked by a unit test
+        &MODEL_TYPES[self as usize]
+    }
+
     /// The `model_type` string of config.json.
     pub fn name(self) -> &'static str {
-        match self {
-            ModelType::Llama => "llama",
-            ModelType::Mistral => "mistral",
-            ModelType::Ministral3 => "ministral3",
-        }
+        self.row().1
     }
 
     /// The `architectures` entry transformers loads for a causal LM of this type.
     pub fn architecture(self) -> &'static str {
-        match self {
-            ModelType::Llama => "LlamaForCausalLM",
-            ModelType::Mistral => "MistralForCausalLM",
-            ModelType::Ministral3 => "Ministral3ForCausalLM",
-        }
+        self.row().2
     }
 
     fn parse(s: &str) -> Option<ModelType> {
-        match s {
-            "llama" => Some(ModelType::Llama),
-            "mistral" => Some(ModelType::Mistral),
-            "ministral3" => Some(ModelType::Ministral3),
-            _ => None,
+        MODEL_TYPES
+            .iter()
+            .find(|(_, n, _)| *n == s)
+            .map(|(t, _, _)| *t)
+    }
+}
+
+#[cfg(test)]
+mod model_type_table {
+    use super::*;
+
+    #[test]
+    fn every_variant_is_its_own_row() {
+        for (i, (t, name, _)) in MODEL_TYPES.iter().enumerate() {
+            assert_eq!(*t as usize, i);
+            assert_eq!(ModelType::parse(name), Some(*t));
         }
     }
 }
@@ -147,8 +164,8 @@ impl HfConfig {
         };
         let f = Fields { path, obj: &raw };
         let model_type_name = f
-            .str("model_type")?
-            .ok_or_else(|| CheckpointError::invalid(path, "model_type", "missing"))?;
+            .str(keys::MODEL_TYPE)?
+            .ok_or_else(|| CheckpointError::invalid(path, keys::MODEL_TYPE, "missing"))?;
         let model_type = ModelType::parse(model_type_name).ok_or_else(|| {
             CheckpointError::UnsupportedModelType {
                 path: path.to_path_buf(),
@@ -164,31 +181,31 @@ impl HfConfig {
             }
             usize::try_from(v).map_err(|_| CheckpointError::invalid(path, key, "too large"))
         };
-        let vocab_size = need("vocab_size")?;
-        let hidden_size = need("hidden_size")?;
-        let intermediate_size = need("intermediate_size")?;
-        let num_hidden_layers = need("num_hidden_layers")?;
-        let num_attention_heads = need("num_attention_heads")?;
-        let num_key_value_heads = match f.u64("num_key_value_heads")? {
+        let vocab_size = need(keys::VOCAB_SIZE)?;
+        let hidden_size = need(keys::HIDDEN_SIZE)?;
+        let intermediate_size = need(keys::INTERMEDIATE_SIZE)?;
+        let num_hidden_layers = need(keys::NUM_HIDDEN_LAYERS)?;
+        let num_attention_heads = need(keys::NUM_ATTENTION_HEADS)?;
+        let num_key_value_heads = match f.u64(keys::NUM_KEY_VALUE_HEADS)? {
             None => num_attention_heads,
-            Some(_) => need("num_key_value_heads")?,
+            Some(_) => need(keys::NUM_KEY_VALUE_HEADS)?,
         };
         if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(CheckpointError::invalid(
                 path,
-                "num_key_value_heads",
+                keys::NUM_KEY_VALUE_HEADS,
                 format!(
                     "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
                 ),
             ));
         }
-        let head_dim = match f.u64("head_dim")? {
-            Some(_) => need("head_dim")?,
+        let head_dim = match f.u64(keys::HEAD_DIM)? {
+            Some(_) => need(keys::HEAD_DIM)?,
             None => {
                 if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(CheckpointError::invalid(
                         path,
-                        "hidden_size",
+                        keys::HIDDEN_SIZE,
                         format!(
                             "{hidden_size} is not a multiple of num_attention_heads \
                              {num_attention_heads} (and head_dim is not given)"
@@ -201,26 +218,26 @@ impl HfConfig {
         if !head_dim.is_multiple_of(2) {
             return Err(CheckpointError::invalid(
                 path,
-                "head_dim",
+                keys::HEAD_DIM,
                 format!("rotary dimension {head_dim} must be even"),
             ));
         }
-        let rms_norm_eps = f.f64("rms_norm_eps")?.unwrap_or(DEFAULT_RMS_NORM_EPS);
+        let rms_norm_eps = f.f64(keys::RMS_NORM_EPS)?.unwrap_or(DEFAULT_RMS_NORM_EPS);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(CheckpointError::invalid(
                 path,
-                "rms_norm_eps",
+                keys::RMS_NORM_EPS,
                 format!("must be finite and > 0, got {rms_norm_eps}"),
             ));
         }
-        let tie_word_embeddings = f.bool("tie_word_embeddings")?.unwrap_or(false);
+        let tie_word_embeddings = f.bool(keys::TIE_WORD_EMBEDDINGS)?.unwrap_or(false);
         let max_position_embeddings = f
-            .u64("max_position_embeddings")?
+            .u64(keys::MAX_POSITION_EMBEDDINGS)?
             .unwrap_or(DEFAULT_MAX_POSITIONS);
-        let bos_token_id = f.token_ids("bos_token_id")?.first().copied();
-        let eos_token_ids = f.token_ids("eos_token_id")?;
-        let sliding_window = f.u64("sliding_window")?;
-        let rope_form = if raw.get("rope_parameters").is_some_and(|v| !v.is_null()) {
+        let bos_token_id = f.token_ids(keys::BOS_TOKEN_ID)?.first().copied();
+        let eos_token_ids = f.token_ids(keys::EOS_TOKEN_ID)?;
+        let sliding_window = f.u64(keys::SLIDING_WINDOW)?;
+        let rope_form = if raw.get(keys::ROPE_PARAMETERS).is_some_and(|v| !v.is_null()) {
             RopeForm::Parameters
         } else {
             RopeForm::Legacy
@@ -399,11 +416,11 @@ fn hf_recipe(
         reason,
     };
     // transformers 5 keeps everything in rope_parameters; transformers 4 in rope_theta + rope_scaling
-    let (params, theta) = match f.object("rope_parameters")? {
+    let (params, theta) = match f.object(keys::ROPE_PARAMETERS)? {
         Some(p) => {
-            if p.get("rope_type").is_none()
-                && p.get("type").is_none()
-                && p.get("rope_theta").is_none()
+            if p.get(keys::rope::ROPE_TYPE).is_none()
+                && p.get(keys::rope::TYPE).is_none()
+                && p.get(keys::ROPE_THETA).is_none()
             {
                 return Err(unsupported(
                     "rope_parameters without rope_type or rope_theta (per-layer-type rope \
@@ -411,36 +428,34 @@ fn hf_recipe(
                         .to_string(),
                 ));
             }
-            let theta = match p.f64("rope_theta")? {
+            let theta = match p.f64(keys::ROPE_THETA)? {
                 Some(t) => Some(t),
-                None => f.f64("rope_theta")?,
+                None => f.f64(keys::ROPE_THETA)?,
             };
             (Some(p), theta)
         }
-        None => (f.object("rope_scaling")?, f.f64("rope_theta")?),
+        None => (f.object(keys::ROPE_SCALING)?, f.f64(keys::ROPE_THETA)?),
     };
     let base = theta.unwrap_or(DEFAULT_ROPE_THETA);
     let empty = Map::new();
     let p = params.unwrap_or(Fields { path, obj: &empty });
-    let rope_type = match p.str("rope_type")? {
+    let rope_type = match p.str(keys::rope::ROPE_TYPE)? {
         Some(t) => t,
-        None => p.str("type")?.unwrap_or("default"),
+        None => p.str(keys::rope::TYPE)?.unwrap_or("default"),
     };
-    let method = match rope_type {
-        "default" => RopeMethod::Default,
-        "linear" => RopeMethod::Linear,
-        "dynamic" => RopeMethod::Dynamic,
-        "yarn" => RopeMethod::Yarn,
-        "llama3" => RopeMethod::Llama3,
-        other => {
-            return Err(unsupported(format!(
-                "rope_type {other:?} (expected default, linear, dynamic, yarn or llama3)"
-            )))
-        }
-    };
+    let method = keys::rope_type(rope_type).ok_or_else(|| {
+        unsupported(format!(
+            "rope_type {rope_type:?} (expected one of {})",
+            keys::ROPE_TYPES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
     let factor = if method.uses_factor() {
         let s = p
-            .f64("factor")?
+            .f64(keys::rope::FACTOR)?
             .ok_or_else(|| unsupported(format!("rope_type {rope_type} needs a factor")))?;
         if !(s.is_finite() && s >= 1.0) {
             return Err(unsupported(format!("factor must be >= 1, got {s}")));
@@ -449,7 +464,7 @@ fn hf_recipe(
     } else {
         1.0
     };
-    let original = p.u64("original_max_position_embeddings")?;
+    let original = p.u64(keys::rope::ORIGINAL_MAX_POSITION_EMBEDDINGS)?;
     let c = original.unwrap_or(max_positions);
     let context = match (method, original) {
         (RopeMethod::Dynamic, _) | (RopeMethod::Linear | RopeMethod::Yarn, None) => {
@@ -464,21 +479,21 @@ fn hf_recipe(
     recipe.factor = factor;
     recipe.context = context;
     if method == RopeMethod::Yarn {
-        if p.bool("truncate")? == Some(false) {
+        if p.bool(keys::rope::TRUNCATE)? == Some(false) {
             return Err(unsupported(
                 "yarn with truncate: false (abf truncates the ramp bounds as transformers' default)"
                     .to_string(),
             ));
         }
-        recipe.beta_fast = p.f64("beta_fast")?.unwrap_or(defaults::BETA_FAST);
-        recipe.beta_slow = p.f64("beta_slow")?.unwrap_or(defaults::BETA_SLOW);
+        recipe.beta_fast = p.f64(keys::rope::BETA_FAST)?.unwrap_or(defaults::BETA_FAST);
+        recipe.beta_slow = p.f64(keys::rope::BETA_SLOW)?.unwrap_or(defaults::BETA_SLOW);
         // transformers _compute_yarn_parameters: attention_factor, else
         // get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are set, else get_mscale(s)
         let get_mscale = |m: f64| 1.0 + m * (yarn_mscale(factor) - 1.0);
         recipe.yarn_attention_factor = match (
-            p.f64("attention_factor")?,
-            p.f64("mscale")?,
-            p.f64("mscale_all_dim")?,
+            p.f64(keys::rope::ATTENTION_FACTOR)?,
+            p.f64(keys::rope::MSCALE)?,
+            p.f64(keys::rope::MSCALE_ALL_DIM)?,
         ) {
             (Some(a), _, _) => Some(a),
             (None, Some(m), Some(m_all)) if m != 0.0 && m_all != 0.0 => {
@@ -494,15 +509,15 @@ fn hf_recipe(
     }
     if method == RopeMethod::Llama3 {
         recipe.low_freq_factor = p
-            .f64("low_freq_factor")?
+            .f64(keys::rope::LOW_FREQ_FACTOR)?
             .unwrap_or(defaults::LOW_FREQ_FACTOR);
         recipe.high_freq_factor = p
-            .f64("high_freq_factor")?
+            .f64(keys::rope::HIGH_FREQ_FACTOR)?
             .unwrap_or(defaults::HIGH_FREQ_FACTOR);
     }
     // Only transformers' ministral3 evaluates llama_4_scaling_beta; a llama config ignores it.
     if model_type == ModelType::Ministral3 {
-        if let Some(beta) = p.f64("llama_4_scaling_beta")? {
+        if let Some(beta) = p.f64(keys::rope::LLAMA_4_SCALING_BETA)? {
             let length = original.ok_or_else(|| {
                 unsupported(
                     "llama_4_scaling_beta needs rope_parameters.original_max_position_embeddings"

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dir;
 pub mod error;
+pub mod keys;
 pub mod patch_config;
 pub mod safetensors;
 pub mod tokenizer;
@@ -12,9 +13,7 @@ pub mod writer;
 pub use config::{HfConfig, ModelConfig, ModelType, RecipeSource, RopeForm, CONFIG_FILE};
 pub use dir::Checkpoint;
 pub use error::CheckpointError;
-pub use patch_config::{
-    patch_config, transformers_form, write_patched, PatchFiles, PatchOutput, PatchedConfig, Runtime,
-};
+pub use patch_config::{patch_config, write_patched, PatchFiles, PatchOutput, PatchedConfig};
 pub use safetensors::{
     SafetensorStore, SharedStore, TensorDtype, TensorView, INDEX_FILE, WEIGHTS_FILE,
 };

@@ -1,6 +1,7 @@
 //! Rewriting config.json for a recipe: for transformers (the Hugging Face fields it runs
-//! natively) or exactly (our `abf_recipe` block). Only config.json changes; with a new output
-//! directory the weights are hard-linked (or copied) and the other files copied.
+//! natively) or exactly (those fields plus our `abf_recipe` block with what they cannot say).
+//! Only config.json changes; with a new output directory the weights are hard-linked (or copied)
+//! and the other files copied. What transformers runs comes from `rope::runtime_form`.
 
 use std::path::{Path, PathBuf};
 
@@ -8,120 +9,51 @@ use serde_json::{json, Map, Value};
 
 use super::config::{HfConfig, ModelType, RopeForm, CONFIG_FILE};
 use super::error::CheckpointError;
+use super::keys::{self, rope as rk};
 use super::writer::{write_json, StagedDir};
-use crate::rope::{ntk_base, Recipe, RopeMethod, ScaleLaw, CONFIG_BLOCK};
-
-/// Which runtime the rewritten config is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Runtime {
-    /// Hugging Face transformers' own fields (LLaMA rope settings; ministral3 for the step law).
-    Transformers,
-    /// The model type kept, the whole recipe in our `abf_recipe` block.
-    Exact,
-}
-
-impl Runtime {
-    pub fn name(self) -> &'static str {
-        match self {
-            Runtime::Transformers => "transformers",
-            Runtime::Exact => "exact",
-        }
-    }
-}
+use crate::rope::{runtime_form, Recipe, RopeMethod, ScaleLaw, Target, CONFIG_BLOCK};
 
 /// A rewritten configuration.
 #[derive(Debug, Clone)]
 pub struct PatchedConfig {
     pub config: Map<String, Value>,
     pub model_type: ModelType,
-    /// The recipe asked for.
+    /// The target written for (transformers or exact).
+    pub target: Target,
+    /// The recipe asked for (what abf runs from the file).
     pub recipe: Recipe,
-    /// What the runtime computes from the written config (differs from `recipe` only when
+    /// What transformers computes from the written fields (differs from `recipe` only when
     /// approximated).
     pub runtime_recipe: Recipe,
-    /// Why the runtime form differs, empty when it is exact.
+    /// What transformers will not apply, empty when its form is exact. With the exact target
+    /// these are warnings: the block records the recipe, transformers runs the nearest form.
     pub approximations: Vec<String>,
 }
 
-/// Relative equality for factors that should be equal by construction.
-fn same(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
-}
-
-/// Methods whose transformers form reads `original_max_position_embeddings` as c.
-fn uses_original_context(method: RopeMethod) -> bool {
-    matches!(
-        method,
-        RopeMethod::Yarn | RopeMethod::NtkByParts | RopeMethod::Llama3 | RopeMethod::Dynamic
-    )
-}
-
-/// Why transformers cannot run `recipe` exactly, and the nearest recipe it can run.
-pub fn transformers_form(recipe: &Recipe) -> (Recipe, Vec<String>) {
-    let mut gaps = recipe.runtime_gaps();
-    let mut near = recipe.clone();
-    if near.scale_law == ScaleLaw::Log {
-        near.scale_law = Recipe::default_step(near.original_context);
-    }
-    if near.scale_law != ScaleLaw::None {
-        near.skip_layers = 0;
-    }
-    let c = near.original_context;
-    if let ScaleLaw::Step { beta, length } = near.scale_law {
-        if length != c && uses_original_context(near.method) {
-            gaps.push(format!(
-                "transformers' ministral3 reads the step law's L ({length}) and the rope's \
-                 original context c ({c}) from one key, original_max_position_embeddings"
-            ));
-            near.scale_law = ScaleLaw::Step { beta, length: c };
-        }
-    }
-    if matches!(near.method, RopeMethod::Yarn | RopeMethod::NtkByParts) {
-        let implied = near.context as f64 / c as f64;
-        if !same(near.factor, implied) {
-            gaps.push(format!(
-                "transformers derives yarn's factor from max_position_embeddings / \
-                 original_max_position_embeddings = {} / {c}, not {}",
-                near.context, near.factor
-            ));
-            near.context = (near.factor * c as f64).round() as u64;
-        }
-    }
-    (near, gaps)
-}
-
-/// The transformers rope fields of a recipe: (rope_type, rope_theta, other fields in order).
-fn rope_fields(r: &Recipe, head_dim: usize) -> (&'static str, f64, Vec<(&'static str, Value)>) {
+/// The transformers rope fields of a runtime form: (rope_type, rope_theta, other fields).
+/// Static NTK arrives as plain rope with its base (`runtime_form`).
+fn rope_fields(r: &Recipe) -> (&'static str, f64, Vec<(&'static str, Value)>) {
     let c = r.original_context;
+    let ty = |m: RopeMethod| keys::rope_type_name(m).unwrap_or(keys::DEFAULT_ROPE_TYPE);
     match r.method {
         // ABF changes only the base
-        RopeMethod::Default | RopeMethod::Abf | RopeMethod::Eabf => {
-            ("default", r.rope_base, vec![])
+        RopeMethod::Default | RopeMethod::Abf | RopeMethod::Eabf | RopeMethod::Ntk => {
+            (keys::DEFAULT_ROPE_TYPE, r.rope_base, vec![])
         }
-        // static NTK-aware is plain rope with the NTK base (method.md), exact
-        RopeMethod::Ntk => ("default", ntk_base(r.rope_base, r.factor, head_dim), vec![]),
-        RopeMethod::Linear => (
-            "linear",
+        RopeMethod::Linear | RopeMethod::Dynamic => (
+            ty(r.method),
             r.rope_base,
             vec![
-                ("factor", json!(r.factor)),
-                ("original_max_position_embeddings", json!(c)),
-            ],
-        ),
-        RopeMethod::Dynamic => (
-            "dynamic",
-            r.rope_base,
-            vec![
-                ("factor", json!(r.factor)),
-                ("original_max_position_embeddings", json!(c)),
+                (rk::FACTOR, json!(r.factor)),
+                (rk::ORIGINAL_MAX_POSITION_EMBEDDINGS, json!(c)),
             ],
         ),
         RopeMethod::Yarn | RopeMethod::NtkByParts => {
             let mut fields = vec![
-                ("factor", json!(r.factor)),
-                ("original_max_position_embeddings", json!(c)),
-                ("beta_fast", json!(r.beta_fast)),
-                ("beta_slow", json!(r.beta_slow)),
+                (rk::FACTOR, json!(r.factor)),
+                (rk::ORIGINAL_MAX_POSITION_EMBEDDINGS, json!(c)),
+                (rk::BETA_FAST, json!(r.beta_fast)),
+                (rk::BETA_SLOW, json!(r.beta_slow)),
             ];
             // NTK-by-parts is yarn with attention factor 1; yarn's default (0.1 ln s + 1) is
             // transformers' own default when no mscale keys are present, as here
@@ -130,28 +62,31 @@ fn rope_fields(r: &Recipe, head_dim: usize) -> (&'static str, f64, Vec<(&'static
                 _ => r.yarn_attention_factor,
             };
             if let Some(a) = attention {
-                fields.push(("attention_factor", json!(a)));
+                fields.push((rk::ATTENTION_FACTOR, json!(a)));
             }
-            ("yarn", r.rope_base, fields)
+            (ty(RopeMethod::Yarn), r.rope_base, fields)
         }
         RopeMethod::Llama3 => (
-            "llama3",
+            ty(RopeMethod::Llama3),
             r.rope_base,
             vec![
-                ("factor", json!(r.factor)),
-                ("low_freq_factor", json!(r.low_freq_factor)),
-                ("high_freq_factor", json!(r.high_freq_factor)),
-                ("original_max_position_embeddings", json!(c)),
+                (rk::FACTOR, json!(r.factor)),
+                (rk::LOW_FREQ_FACTOR, json!(r.low_freq_factor)),
+                (rk::HIGH_FREQ_FACTOR, json!(r.high_freq_factor)),
+                (rk::ORIGINAL_MAX_POSITION_EMBEDDINGS, json!(c)),
             ],
         ),
     }
 }
 
-/// Rewrite `input` for `recipe`.
+/// Rewrite `input` for `recipe`: `Target::Transformers` writes only transformers' fields and
+/// refuses a recipe it cannot run exactly unless `allow_approximate`; `Target::Exact` writes the
+/// same fields (base, window and scaling as transformers reads them) plus our block, and never
+/// refuses: `approximations` name what transformers will not apply.
 pub fn patch_config(
     input: &HfConfig,
     recipe: &Recipe,
-    runtime: Runtime,
+    target: Target,
     allow_approximate: bool,
 ) -> Result<PatchedConfig, CheckpointError> {
     recipe
@@ -160,93 +95,98 @@ pub fn patch_config(
             path: input.path.clone(),
             source,
         })?;
+    if target == Target::LlamaCpp {
+        return Err(CheckpointError::Output {
+            path: input.path.clone(),
+            reason: "config.json is read by transformers: write it for transformers or exact"
+                .into(),
+        });
+    }
+    let form = runtime_form(recipe, Target::Transformers, input.model.head_dim);
+    if target == Target::Transformers && !form.is_exact() && !allow_approximate {
+        return Err(CheckpointError::NotRepresentable {
+            runtime: Target::Transformers.name(),
+            gaps: form.reasons(),
+        });
+    }
+    let near = &form.recipe;
     let mut config = input.raw.clone();
-    match runtime {
-        Runtime::Exact => {
-            config.insert("max_position_embeddings".into(), json!(recipe.context));
-            config.insert(CONFIG_BLOCK.into(), recipe.to_json_block());
-            Ok(PatchedConfig {
-                config,
-                model_type: input.model.model_type,
-                recipe: recipe.clone(),
-                runtime_recipe: recipe.clone(),
-                approximations: Vec::new(),
-            })
+    let model_type = write_native(&mut config, input, near);
+    config.shift_remove(CONFIG_BLOCK);
+    if target == Target::Exact {
+        config.insert(CONFIG_BLOCK.into(), recipe.to_json_block());
+    }
+    Ok(PatchedConfig {
+        config,
+        model_type,
+        target,
+        recipe: recipe.clone(),
+        runtime_recipe: near.clone(),
+        approximations: form.reasons(),
+    })
+}
+
+/// Write transformers' fields for the runtime form `near` into `config`; returns the model type.
+fn write_native(config: &mut Map<String, Value>, input: &HfConfig, near: &Recipe) -> ModelType {
+    let (rope_type, theta, fields) = rope_fields(near);
+    let step = match near.scale_law {
+        ScaleLaw::Step { beta, length } => Some((beta, length)),
+        _ => None,
+    };
+    // the step law needs ministral3; a ministral3 input stays one (beta 0 is no scaling)
+    let model_type = if step.is_some() {
+        ModelType::Ministral3
+    } else {
+        input.model.model_type
+    };
+    // transformers 5 (and so ministral3) spells rope settings as rope_parameters
+    let parameters_form =
+        model_type == ModelType::Ministral3 || input.rope_form == RopeForm::Parameters;
+    if model_type != input.model.model_type {
+        config.insert(keys::MODEL_TYPE.into(), json!(model_type.name()));
+        config.insert(
+            keys::ARCHITECTURES.into(),
+            json!([model_type.architecture()]),
+        );
+    }
+    if parameters_form {
+        let mut p = Map::new();
+        p.insert(rk::ROPE_TYPE.into(), json!(rope_type));
+        p.insert(keys::ROPE_THETA.into(), json!(theta));
+        for (k, v) in fields {
+            p.insert(k.into(), v);
         }
-        Runtime::Transformers => {
-            let (near, gaps) = transformers_form(recipe);
-            if !gaps.is_empty() && !allow_approximate {
-                return Err(CheckpointError::NotRepresentable {
-                    runtime: "transformers",
-                    gaps,
-                });
+        if model_type == ModelType::Ministral3 {
+            let (beta, length) = step.unwrap_or((0.0, near.original_context));
+            p.insert(rk::ORIGINAL_MAX_POSITION_EMBEDDINGS.into(), json!(length));
+            p.insert(rk::LLAMA_4_SCALING_BETA.into(), json!(beta));
+        }
+        config.shift_remove(keys::ROPE_THETA);
+        config.shift_remove(keys::ROPE_SCALING);
+        config.insert(keys::ROPE_PARAMETERS.into(), Value::Object(p));
+    } else {
+        config.insert(keys::ROPE_THETA.into(), json!(theta));
+        if rope_type == keys::DEFAULT_ROPE_TYPE {
+            if config.contains_key(keys::ROPE_SCALING) {
+                config.insert(keys::ROPE_SCALING.into(), Value::Null);
             }
-            let (rope_type, theta, fields) = rope_fields(&near, input.model.head_dim);
-            let step = match near.scale_law {
-                ScaleLaw::Step { beta, length } => Some((beta, length)),
-                _ => None,
-            };
-            // the step law needs ministral3; a ministral3 input stays one (beta 0 is no scaling)
-            let model_type = if step.is_some() {
-                ModelType::Ministral3
-            } else {
-                input.model.model_type
-            };
-            // transformers 5 (and so ministral3) spells rope settings as rope_parameters
-            let parameters_form =
-                model_type == ModelType::Ministral3 || input.rope_form == RopeForm::Parameters;
-            // the block wins on our read; the transformers form is exactly the HF fields
-            config.shift_remove(CONFIG_BLOCK);
-            if model_type != input.model.model_type {
-                config.insert("model_type".into(), json!(model_type.name()));
-                config.insert("architectures".into(), json!([model_type.architecture()]));
+        } else {
+            let mut s = Map::new();
+            s.insert(rk::ROPE_TYPE.into(), json!(rope_type));
+            for (k, v) in fields {
+                s.insert(k.into(), v);
             }
-            if parameters_form {
-                let mut p = Map::new();
-                p.insert("rope_type".into(), json!(rope_type));
-                p.insert("rope_theta".into(), json!(theta));
-                for (k, v) in fields {
-                    p.insert(k.into(), v);
-                }
-                if model_type == ModelType::Ministral3 {
-                    let (beta, length) = step.unwrap_or((0.0, near.original_context));
-                    p.insert("original_max_position_embeddings".into(), json!(length));
-                    p.insert("llama_4_scaling_beta".into(), json!(beta));
-                }
-                config.shift_remove("rope_theta");
-                config.shift_remove("rope_scaling");
-                config.insert("rope_parameters".into(), Value::Object(p));
-            } else {
-                config.insert("rope_theta".into(), json!(theta));
-                if rope_type == "default" {
-                    if config.contains_key("rope_scaling") {
-                        config.insert("rope_scaling".into(), Value::Null);
-                    }
-                } else {
-                    let mut s = Map::new();
-                    s.insert("rope_type".into(), json!(rope_type));
-                    for (k, v) in fields {
-                        s.insert(k.into(), v);
-                    }
-                    config.insert("rope_scaling".into(), Value::Object(s));
-                }
-            }
-            // transformers' dynamic NTK takes L from max_position_embeddings: it must stay c
-            let max_positions = if near.method == RopeMethod::Dynamic {
-                near.original_context
-            } else {
-                near.context
-            };
-            config.insert("max_position_embeddings".into(), json!(max_positions));
-            Ok(PatchedConfig {
-                config,
-                model_type,
-                recipe: recipe.clone(),
-                runtime_recipe: near,
-                approximations: gaps,
-            })
+            config.insert(keys::ROPE_SCALING.into(), Value::Object(s));
         }
     }
+    // transformers' dynamic NTK takes L from max_position_embeddings: it must stay c
+    let max_positions = if near.method == RopeMethod::Dynamic {
+        near.original_context
+    } else {
+        near.context
+    };
+    config.insert(keys::MAX_POSITION_EMBEDDINGS.into(), json!(max_positions));
+    model_type
 }
 
 /// Where the rewritten checkpoint goes.

@@ -78,3 +78,33 @@ pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// `--runtime` of a GGUF writer: llama.cpp (its keys) or exact (also our record).
+pub fn parse_gguf_target(s: &str) -> Result<crate::rope::Target, String> {
+    parse_target(
+        s,
+        &[crate::rope::Target::LlamaCpp, crate::rope::Target::Exact],
+    )
+}
+
+/// `--runtime` of a config.json writer: transformers (its fields) or exact (also our block).
+pub fn parse_config_target(s: &str) -> Result<crate::rope::Target, String> {
+    parse_target(
+        s,
+        &[
+            crate::rope::Target::Transformers,
+            crate::rope::Target::Exact,
+        ],
+    )
+}
+
+fn parse_target(s: &str, allowed: &[crate::rope::Target]) -> Result<crate::rope::Target, String> {
+    let t: crate::rope::Target = s
+        .parse()
+        .map_err(|e: crate::rope::RecipeError| e.to_string())?;
+    if allowed.contains(&t) {
+        return Ok(t);
+    }
+    let names: Vec<&str> = allowed.iter().map(|t| t.name()).collect();
+    Err(format!("runtime {t} is not one of {}", names.join(", ")))
+}

@@ -16,12 +16,11 @@ use super::tensor_map::{gguf_to_hf, Role, ROPE_FREQS};
 use super::tokenizer_gguf::GgufVocab;
 use crate::checkpoint::writer::{write_json, StagedDir};
 use crate::checkpoint::{
-    patch_config, HfConfig, Runtime as ConfigRuntime, TensorData, TensorDtype, CONFIG_FILE,
-    DEFAULT_SHARD_BYTES,
+    patch_config, HfConfig, TensorData, TensorDtype, CONFIG_FILE, DEFAULT_SHARD_BYTES,
 };
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{open_mmap, read_recipe, Metadata};
-use crate::rope::{Recipe, CONFIG_BLOCK};
+use crate::rope::{Recipe, Target};
 
 /// The element type of the written safetensors.
 pub type OutDtype = TensorDtype;
@@ -279,15 +278,15 @@ pub fn from_gguf(
     cfg.insert("torch_dtype".into(), json!(dtype_name));
     let config_path = out.join(CONFIG_FILE);
     let plain = HfConfig::from_value(&config_path, Json::Object(cfg))?;
-    let patched = patch_config(&plain, &recipe, ConfigRuntime::Transformers, true)?;
+    // the exact form: transformers' fields for what it can run, our block for the rest
+    let patched = patch_config(&plain, &recipe, Target::Exact, true)?;
     notes.extend(
         patched
             .approximations
             .iter()
-            .map(|g| format!("config.json transformers fields approximate: {g}")),
+            .map(|g| format!("config.json: transformers will not apply: {g}")),
     );
-    let mut config = patched.config;
-    config.insert(CONFIG_BLOCK.into(), recipe.to_json_block());
+    let config = patched.config;
     let config = Json::Object(config);
 
     // write: stage beside the target; with --force an existing directory is moved aside and

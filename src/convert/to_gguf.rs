@@ -15,16 +15,17 @@ use super::tensor_map::{hf_index, hf_to_gguf, Role, ROPE_FREQS};
 use super::tokenizer_gguf::vocab_from_dir;
 use crate::checkpoint::{Checkpoint, TensorDtype};
 use crate::gguf::keys::{self, ArchKey};
-use crate::gguf::{apply_recipe, GgmlType, GgufWriter, Metadata, Runtime, TensorSpec, Value};
-use crate::rope::{
-    base_inv_freq, BaseRope, FieldValue, Recipe, RecipeArgs, RopeMethod, GGUF_PREFIX,
+use crate::gguf::{
+    apply_recipe_with_freq_factors, GgmlType, GgufWriter, Metadata, TensorSpec, Value,
 };
+use crate::rope::{base_inv_freq, BaseRope, Recipe, RecipeArgs, RopeMethod, Target};
 
 /// What to convert to.
 #[derive(Debug, Clone)]
 pub struct ToGgufOptions {
     pub outtype: OutType,
-    pub runtime: Runtime,
+    /// llama.cpp (its keys only) or exact (its keys plus our `abf.recipe.*` record).
+    pub runtime: Target,
     /// Flags laid over the checkpoint's own recipe.
     pub recipe: RecipeArgs,
     pub allow_approximate: bool,
@@ -38,7 +39,7 @@ impl Default for ToGgufOptions {
     fn default() -> Self {
         ToGgufOptions {
             outtype: OutType::F16,
-            runtime: Runtime::LlamaCpp,
+            runtime: Target::LlamaCpp,
             recipe: RecipeArgs::default(),
             allow_approximate: false,
             tokenizer_pre: None,
@@ -120,74 +121,26 @@ fn table_index(name: &str) -> usize {
     hf_index(name).unwrap_or(usize::MAX)
 }
 
-fn push_exact_fields(meta: &mut Metadata, recipe: &Recipe) {
-    for k in meta
-        .keys()
-        .filter(|k| k.starts_with(GGUF_PREFIX))
-        .map(str::to_string)
-        .collect::<Vec<_>>()
-    {
-        meta.remove(&k);
-    }
-    for (name, v) in recipe.to_fields() {
-        let value = match v {
-            FieldValue::Str(s) => Value::string(s),
-            FieldValue::F64(x) => Value::F64(x),
-            FieldValue::U64(x) => Value::U64(x),
-        };
-        meta.set(format!("{GGUF_PREFIX}{name}"), value);
-    }
-}
-
-/// Write the recipe keys. Llama 3 and (approximated) dynamic NTK are written as plain rope with
-/// their base; Llama 3's band factors go into `rope_freqs.weight` (the factor llama.cpp divides
-/// each frequency by: plain / llama3 inverse frequency, as `convert_hf_to_gguf.py` computes).
+/// Write the recipe keys (`gguf::apply_recipe_with_freq_factors`: the runtime form from
+/// `rope::runtime_form`). Llama 3's band factors go into `rope_freqs.weight`: the factor
+/// llama.cpp divides each frequency by, plain / llama3 inverse frequency, as
+/// `convert_hf_to_gguf.py` computes it.
 fn write_recipe(
     meta: &mut Metadata,
     recipe: &Recipe,
     head_dim: usize,
     opts: &ToGgufOptions,
 ) -> Result<(Vec<String>, Option<Vec<f32>>), ConvertError> {
-    let mut notes = Vec::new();
-    let mut freqs = None;
-    let runtime_recipe = match recipe.method {
-        RopeMethod::Llama3 => {
-            let plain = base_inv_freq(recipe.rope_base, head_dim);
-            let l3 = recipe.inv_freq(head_dim, None);
-            freqs = Some(
-                plain
-                    .iter()
-                    .zip(&l3)
-                    .map(|(p, q)| (p / q) as f32)
-                    .collect::<Vec<f32>>(),
-            );
-            notes.push("llama3 frequency factors written as rope_freqs.weight".into());
-            let mut r = recipe.clone();
-            r.method = RopeMethod::Default;
-            r.factor = 1.0;
-            r
-        }
-        RopeMethod::Dynamic if opts.allow_approximate => {
-            notes.push(
-                "approximate: llama.cpp has no dynamic NTK; written as plain rope with its base"
-                    .into(),
-            );
-            let mut r = recipe.clone();
-            r.method = RopeMethod::Default;
-            r.factor = 1.0;
-            r
-        }
-        _ => recipe.clone(),
-    };
-    notes.extend(apply_recipe(
-        meta,
-        &runtime_recipe,
-        Runtime::LlamaCpp,
-        opts.allow_approximate,
-    )?);
-    if opts.runtime == Runtime::Exact {
-        push_exact_fields(meta, recipe);
-    }
+    let freqs = (recipe.method == RopeMethod::Llama3).then(|| {
+        let plain = base_inv_freq(recipe.rope_base, head_dim);
+        let l3 = recipe.inv_freq(head_dim, None);
+        plain
+            .iter()
+            .zip(&l3)
+            .map(|(p, q)| (p / q) as f32)
+            .collect::<Vec<f32>>()
+    });
+    let notes = apply_recipe_with_freq_factors(meta, recipe, opts.runtime, opts.allow_approximate)?;
     Ok((notes, freqs))
 }
 

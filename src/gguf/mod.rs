@@ -16,7 +16,10 @@ pub use keys::ArchKey;
 pub use metadata::Metadata;
 pub use patch::{diff, in_place_writes, rewrite, write_in_place, Change, InPlaceWrite};
 pub use reader::{open_mmap, FieldSpan, GgufFile, MappedGguf, TensorInfo};
-pub use recipe::{apply_recipe, read_recipe, rope_dim, Runtime};
+pub use recipe::{
+    apply_recipe, apply_recipe_with_freq_factors, read_recipe, rope_dim, runtime_recipe,
+    RuntimeRecipe,
+};
 pub use types::{GgmlType, TypeInfo};
 pub use value::{Array, Value, ValueType};
 pub use writer::{GgufWriter, TensorSpec};

@@ -6,31 +6,9 @@ use super::keys::{self, ArchKey, ARCH_LLAMA, ARCH_MISTRAL3, RECIPE_ARCH_KEYS};
 use super::metadata::Metadata;
 use super::value::Value;
 use crate::rope::{
-    defaults, field_kind, ntk_base, yarn_mscale, FieldKind, FieldValue, Recipe, RopeMethod,
-    ScaleLaw, GGUF_PREFIX,
+    defaults, field_kind, runtime_form, yarn_mscale, FieldKind, FieldValue, Recipe, RopeMethod,
+    ScaleLaw, Target, GGUF_PREFIX,
 };
-
-/// Which runtime the keys are written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Runtime {
-    /// Only what llama.cpp reads and applies.
-    LlamaCpp,
-    /// llama.cpp's keys plus the exact recipe under `abf.recipe.*`.
-    Exact,
-}
-
-impl std::str::FromStr for Runtime {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Runtime, String> {
-        match s {
-            "llama.cpp" | "llamacpp" | "llama-cpp" => Ok(Runtime::LlamaCpp),
-            "exact" => Ok(Runtime::Exact),
-            other => Err(format!(
-                "unknown runtime {other:?} (expected llama.cpp or exact)"
-            )),
-        }
-    }
-}
 
 /// The rotary dimension: `{arch}.rope.dimension_count`, else `embedding_length / head_count`
 /// (llama.cpp's default for `n_rot`).
@@ -50,129 +28,149 @@ fn refuse(msg: String) -> GgufError {
     GgufError::Refused(msg)
 }
 
-/// Write `recipe` into `meta` for `runtime`. Returns notes for the user (approximations made,
-/// relabels). Refuses what llama.cpp cannot run: dynamic NTK, llama3 (its factors live in the
-/// `rope_freqs.weight` tensor), and, unless `allow_approximate`, a recipe with runtime gaps
-/// (log law, exempt layers); with it, the nearest runtime form is written and the notes say so.
+/// Write `recipe` into `meta` for `target` (llama.cpp: only what it reads; exact: that plus our
+/// record under `abf.recipe.*`). Returns notes for the user (approximations, relabels).
+///
+/// The keys are those of [`runtime_form`]`(recipe, LlamaCpp)`. For `Target::LlamaCpp` a recipe
+/// that is not exact is refused unless `allow_approximate`; the exact target never refuses (its
+/// record is the recipe, the native keys its nearest runtime form, the notes say what differs).
+/// Llama 3 is refused here: its factors live in the `rope_freqs.weight` tensor, which only
+/// `to-gguf` writes ([`apply_recipe_with_freq_factors`]).
 pub fn apply_recipe(
     meta: &mut Metadata,
     recipe: &Recipe,
-    runtime: Runtime,
+    target: Target,
+    allow_approximate: bool,
+) -> Result<Vec<String>, GgufError> {
+    if recipe.method == RopeMethod::Llama3 {
+        return Err(refuse(
+            "llama3 scaling lives in the rope_freqs.weight tensor, which patch-gguf does not \
+             add; convert from the checkpoint instead"
+                .into(),
+        ));
+    }
+    apply_recipe_with_freq_factors(meta, recipe, target, allow_approximate)
+}
+
+/// [`apply_recipe`] for a writer that also writes `rope_freqs.weight` (Llama 3's factors).
+pub fn apply_recipe_with_freq_factors(
+    meta: &mut Metadata,
+    recipe: &Recipe,
+    target: Target,
     allow_approximate: bool,
 ) -> Result<Vec<String>, GgufError> {
     recipe.validate()?;
-    let mut notes = Vec::new();
-    let mut arch = meta
+    if target == Target::Transformers {
+        return Err(refuse(
+            "a GGUF is run by llama.cpp: write it for llama.cpp or exact, not transformers".into(),
+        ));
+    }
+    let arch = meta
         .architecture()?
         .ok_or_else(|| GgufError::MissingKey {
             key: keys::GENERAL_ARCHITECTURE.to_string(),
         })?
         .to_string();
-    match recipe.method {
-        RopeMethod::Dynamic => {
-            return Err(refuse(
-                "llama.cpp has no dynamic NTK scaling; use --method ntk (static) or yarn".into(),
-            ))
-        }
-        RopeMethod::Llama3 => {
-            return Err(refuse(
-                "llama3 scaling lives in the rope_freqs.weight tensor, which patch-gguf does not \
-                 add; convert from the checkpoint instead"
-                    .into(),
-            ))
-        }
-        _ => {}
+    let dim = rope_dim(meta, &arch)?;
+    if recipe.method == RopeMethod::Ntk && dim.is_none() {
+        return Err(refuse(format!(
+            "ntk needs the rotary dimension ({} or embedding_length / head_count)",
+            ArchKey::RopeDimensionCount.key(&arch)
+        )));
     }
-    let mut run = recipe.clone();
-    let gaps = recipe.runtime_gaps();
-    if !gaps.is_empty() {
-        if !allow_approximate {
-            return Err(refuse(format!(
-                "llama.cpp cannot run this recipe exactly: {}; pass --allow-approximate to write \
-                 its nearest runtime form",
-                gaps.join("; ")
-            )));
-        }
-        if run.scale_law == ScaleLaw::Log {
-            run.scale_law = Recipe::default_step(run.original_context);
-        }
-        run.skip_layers = 0;
-        for g in gaps {
-            notes.push(format!("approximate: {g}"));
-        }
-        if let ScaleLaw::Step { beta, length } = run.scale_law {
-            notes.push(format!(
-                "approximate: written as the step law beta {beta:.6} L {length} in every layer"
-            ));
-        }
+    let form = runtime_form(recipe, Target::LlamaCpp, dim.unwrap_or(2));
+    if target == Target::LlamaCpp {
+        form.require_exact(allow_approximate)?;
     }
-    let writes_original = matches!(
-        run.method,
-        RopeMethod::Linear | RopeMethod::Yarn | RopeMethod::NtkByParts
-    );
-    if let ScaleLaw::Step { length, .. } = run.scale_law {
-        if writes_original && length != run.original_context {
-            return Err(refuse(format!(
-                "the step law's L ({length}) must equal the original context ({}) with {} scaling: \
-                 llama.cpp reads both from rope.scaling.original_context_length",
-                run.original_context, run.method
-            )));
-        }
-        if arch != ARCH_MISTRAL3 {
-            if arch != ARCH_LLAMA {
-                return Err(refuse(format!(
-                    "the step scale law runs only in llama.cpp's mistral3 graph; a {arch:?} file \
-                     cannot be relabelled"
-                )));
-            }
-            meta.rename_arch(ARCH_MISTRAL3)?;
-            notes.push(format!(
-                "relabelled {ARCH_LLAMA} -> {ARCH_MISTRAL3}: only llama.cpp's mistral3 graph applies \
-                 the step scale law (tensors and RoPE are the same)"
-            ));
-            arch = ARCH_MISTRAL3.to_string();
+    let mut notes = form.notes();
+    if recipe.method == RopeMethod::Ntk {
+        notes.push(format!(
+            "ntk written as freq_base {} (d = {})",
+            form.recipe.rope_base,
+            dim.unwrap_or(0)
+        ));
+    }
+    if recipe.method == RopeMethod::Llama3 {
+        notes.push("llama3 frequency factors written as rope_freqs.weight".into());
+    }
+    notes.extend(write_runtime_keys(meta, &arch, &form.recipe)?);
+    let ours: Vec<String> = meta
+        .keys()
+        .filter(|k| k.starts_with(GGUF_PREFIX))
+        .map(str::to_string)
+        .collect();
+    for k in ours {
+        meta.remove(&k);
+    }
+    if target == Target::Exact {
+        for (name, v) in recipe.to_fields() {
+            let value = match v {
+                FieldValue::Str(s) => Value::string(s),
+                FieldValue::F64(x) => Value::F64(x),
+                FieldValue::U64(x) => Value::U64(x),
+            };
+            meta.set(format!("{GGUF_PREFIX}{name}"), value);
         }
     }
+    Ok(notes)
+}
 
-    // the keys this recipe needs, beyond freq_base and context_length
+fn u32_key(arch: &str, key: ArchKey, v: u64) -> Result<Value, GgufError> {
+    u32::try_from(v)
+        .map(Value::U32)
+        .map_err(|_| GgufError::BadValue {
+            key: key.key(arch),
+            value: v.to_string(),
+            reason: "does not fit u32".into(),
+        })
+}
+
+/// The keys llama.cpp reads for `run` (a runtime form: no log law, no exempt layers, NTK as its
+/// base), relabelling a llama file to mistral3 for the step law. Keys of the recipe family that
+/// `run` does not need are removed.
+fn write_runtime_keys(
+    meta: &mut Metadata,
+    arch: &str,
+    run: &Recipe,
+) -> Result<Vec<String>, GgufError> {
+    let mut notes = Vec::new();
+    let mut arch = arch.to_string();
+    if matches!(run.scale_law, ScaleLaw::Step { .. }) && arch != ARCH_MISTRAL3 {
+        if arch != ARCH_LLAMA {
+            return Err(refuse(format!(
+                "the step scale law runs only in llama.cpp's mistral3 graph; a {arch:?} file \
+                 cannot be relabelled"
+            )));
+        }
+        meta.rename_arch(ARCH_MISTRAL3)?;
+        notes.push(format!(
+            "relabelled {ARCH_LLAMA} -> {ARCH_MISTRAL3}: only llama.cpp's mistral3 graph applies \
+             the step scale law (tensors and RoPE are the same)"
+        ));
+        arch = ARCH_MISTRAL3.to_string();
+    }
     let mut want: Vec<(ArchKey, Value)> = Vec::new();
     let s = run.factor;
     let f32v = |x: f64| Value::F32(x as f32);
-    let orig = || -> Result<Value, GgufError> {
-        u32::try_from(run.original_context)
-            .map(Value::U32)
-            .map_err(|_| GgufError::BadValue {
-                key: ArchKey::RopeScalingOriginalContextLength.key(&arch),
-                value: run.original_context.to_string(),
-                reason: "does not fit u32".into(),
-            })
-    };
-    let mut base = run.rope_base;
+    let orig = u32_key(
+        &arch,
+        ArchKey::RopeScalingOriginalContextLength,
+        run.original_context,
+    )?;
     match run.method {
-        RopeMethod::Ntk => {
-            let d = rope_dim(meta, &arch)?.ok_or_else(|| {
-                refuse(format!(
-                    "ntk needs the rotary dimension ({} or embedding_length / head_count)",
-                    ArchKey::RopeDimensionCount.key(&arch)
-                ))
-            })?;
-            // static NTK is exactly a new base: b' = b s^(d/(d-2))
-            base = ntk_base(run.rope_base, s, d);
-            notes.push(format!("ntk written as freq_base {base} (d = {d})"));
-        }
         RopeMethod::Linear => {
             want.push((
                 ArchKey::RopeScalingType,
                 Value::string(keys::SCALING_LINEAR),
             ));
             want.push((ArchKey::RopeScalingFactor, f32v(s)));
-            want.push((ArchKey::RopeScalingOriginalContextLength, orig()?));
+            want.push((ArchKey::RopeScalingOriginalContextLength, orig));
         }
         RopeMethod::Yarn | RopeMethod::NtkByParts => {
             want.push((ArchKey::RopeScalingType, Value::string(keys::SCALING_YARN)));
             want.push((ArchKey::RopeScalingFactor, f32v(s)));
-            want.push((ArchKey::RopeScalingOriginalContextLength, orig()?));
-            // llama.cpp multiplies its own mscale 0.1 ln s + 1 by attn_factor
+            want.push((ArchKey::RopeScalingOriginalContextLength, orig));
+            // ggml multiplies its own mscale 0.1 ln s + 1 by attn_factor
             let total = match run.method {
                 RopeMethod::NtkByParts => Some(1.0),
                 _ => run.yarn_attention_factor,
@@ -183,31 +181,25 @@ pub fn apply_recipe(
             if run.beta_fast != defaults::BETA_FAST || run.beta_slow != defaults::BETA_SLOW {
                 want.push((ArchKey::RopeScalingYarnBetaFast, f32v(run.beta_fast)));
                 want.push((ArchKey::RopeScalingYarnBetaSlow, f32v(run.beta_slow)));
-                notes.push(
-                    "non-default yarn betas: not every llama.cpp architecture reads \
-                     rope.scaling.yarn_beta_*; pass --yarn-beta-fast/--yarn-beta-slow at run time"
-                        .into(),
-                );
             }
         }
+        // default/abf/eabf: the base only; llama3: rope_freqs.weight; ntk and dynamic arrive as
+        // default in the runtime form
         _ => {}
     }
     if let ScaleLaw::Step { beta, length } = run.scale_law {
         want.push((ArchKey::AttentionTemperatureScale, f32v(beta)));
-        let l = u32::try_from(length).map_err(|_| GgufError::BadValue {
-            key: ArchKey::RopeScalingOriginalContextLength.key(&arch),
-            value: length.to_string(),
-            reason: "does not fit u32".into(),
-        })?;
         if !want
             .iter()
             .any(|(k, _)| *k == ArchKey::RopeScalingOriginalContextLength)
         {
-            want.push((ArchKey::RopeScalingOriginalContextLength, Value::U32(l)));
+            want.push((
+                ArchKey::RopeScalingOriginalContextLength,
+                u32_key(&arch, ArchKey::RopeScalingOriginalContextLength, length)?,
+            ));
         }
     }
-
-    meta.set_rope_freq_base(&arch, base)?;
+    meta.set_rope_freq_base(&arch, run.rope_base)?;
     meta.set_context_length(&arch, run.context)?;
     for k in RECIPE_ARCH_KEYS {
         match want.iter().find(|(w, _)| w == k) {
@@ -217,24 +209,6 @@ pub fn apply_recipe(
             None => {
                 meta.remove(&k.key(&arch));
             }
-        }
-    }
-    let ours: Vec<String> = meta
-        .keys()
-        .filter(|k| k.starts_with(GGUF_PREFIX))
-        .map(str::to_string)
-        .collect();
-    for k in ours {
-        meta.remove(&k);
-    }
-    if runtime == Runtime::Exact {
-        for (name, v) in recipe.to_fields() {
-            let value = match v {
-                FieldValue::Str(s) => Value::string(s),
-                FieldValue::F64(x) => Value::F64(x),
-                FieldValue::U64(x) => Value::U64(x),
-            };
-            meta.set(format!("{GGUF_PREFIX}{name}"), value);
         }
     }
     Ok(notes)
@@ -250,9 +224,8 @@ fn field_value(name: &str, v: &Value) -> Option<FieldValue> {
     }
 }
 
-/// The recipe a file encodes: our `abf.recipe.*` keys when present, else derived from the keys
-/// llama.cpp reads (the recipe llama.cpp would run). None without an architecture and context
-/// length.
+/// The recipe a file encodes: our `abf.recipe.*` record when present, else what llama.cpp
+/// runs from its keys ([`runtime_recipe`]). None without an architecture and context length.
 pub fn read_recipe(meta: &Metadata) -> Result<Option<Recipe>, GgufError> {
     if meta.keys().any(|k| k.starts_with(GGUF_PREFIX)) {
         let r = Recipe::from_fields("gguf abf.recipe.* keys", |name| {
@@ -264,91 +237,145 @@ pub fn read_recipe(meta: &Metadata) -> Result<Option<Recipe>, GgufError> {
     let Some(arch) = meta.architecture()? else {
         return Ok(None);
     };
-    let Some(ctx) = meta.arch_u32(arch, ArchKey::ContextLength)? else {
+    if meta.arch_u32(arch, ArchKey::ContextLength)?.is_none() {
         return Ok(None);
-    };
-    let ctx = ctx as u64;
+    }
+    let dim = rope_dim(meta, arch)?.unwrap_or(0);
+    Ok(Some(runtime_recipe(meta, dim)?.recipe))
+}
+
+/// The recipe llama.cpp runs for a file, with what else its keys told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeRecipe {
+    pub arch: String,
+    pub recipe: Recipe,
+    /// `{arch}.rope.dimension_count` (default `head_dim`).
+    pub rope_dim: usize,
+    /// Keys present that this architecture's graph ignores (e.g. temperature_scale under llama).
+    pub ignored: Vec<String>,
+}
+
+/// What llama.cpp runs from the keys of `meta` for a model of `head_dim`, never from our
+/// `abf.recipe.*` record, so a key llama.cpp would misread is misread here too. Sources:
+/// llama.cpp `src/llama-model.cpp` (`load_hparams`: scaling type defaults to linear, a factor of
+/// 0 means none, `n_ctx_orig_yarn` defaults to `n_ctx_train`, only some graphs read the yarn
+/// betas), `src/llama-graph.cpp` (mistral3's step law), ggml `rope_yarn` (mscale
+/// `attn_factor * (1 + 0.1 ln s)`).
+pub fn runtime_recipe(meta: &Metadata, head_dim: usize) -> Result<RuntimeRecipe, GgufError> {
+    let arch = meta
+        .architecture()?
+        .ok_or_else(|| GgufError::MissingKey {
+            key: keys::GENERAL_ARCHITECTURE.to_string(),
+        })?
+        .to_string();
+    let ctx = u64::from(
+        meta.arch_u32(&arch, ArchKey::ContextLength)?
+            .ok_or_else(|| GgufError::MissingKey {
+                key: ArchKey::ContextLength.key(&arch),
+            })?,
+    );
     let base = meta
-        .arch_f32(arch, ArchKey::RopeFreqBase)?
+        .arch_f32(&arch, ArchKey::RopeFreqBase)?
         .map(f64::from)
         .unwrap_or(keys::DEFAULT_FREQ_BASE);
+    let rope_dim = meta
+        .arch_u32(&arch, ArchKey::RopeDimensionCount)?
+        .map(|d| d as usize)
+        .unwrap_or(head_dim);
     let ty = meta
-        .arch_str(arch, ArchKey::RopeScalingType)?
-        .unwrap_or(keys::SCALING_NONE);
-    // llama.cpp: a factor of 0 (or none) means no scaling
+        .arch_str(&arch, ArchKey::RopeScalingType)?
+        .unwrap_or(keys::SCALING_LINEAR)
+        .to_string();
     let factor = meta
-        .arch_f32(arch, ArchKey::RopeScalingFactor)?
+        .arch_f32(&arch, ArchKey::RopeScalingFactor)?
         .map(f64::from)
-        .filter(|&f| f > 0.0)
+        .filter(|&f| f != 0.0)
         .unwrap_or(1.0);
     let orig_key = meta
-        .arch_u32(arch, ArchKey::RopeScalingOriginalContextLength)?
+        .arch_u32(&arch, ArchKey::RopeScalingOriginalContextLength)?
         .map(u64::from);
-    // only llama.cpp's mistral3 graph reads the temperature scale
-    let temp = if arch == ARCH_MISTRAL3 {
-        meta.arch_f32(arch, ArchKey::AttentionTemperatureScale)?
-            .map(f64::from)
-            .filter(|&b| b > 0.0)
-    } else {
-        None
-    };
-    let mut f: Vec<(&str, FieldValue)> = vec![("rope_base", FieldValue::F64(base))];
-    let method;
-    let original;
-    match ty {
+    // n_ctx_orig_yarn: the key, else n_ctx_train
+    let orig = orig_key.unwrap_or(ctx);
+    let mistral3 = arch == ARCH_MISTRAL3;
+    let mut ignored = Vec::new();
+    let mut r = Recipe::plain(crate::rope::BaseRope {
+        base,
+        context: orig.min(ctx).max(2),
+    });
+    match ty.as_str() {
+        keys::SCALING_NONE => {}
+        keys::SCALING_LINEAR if factor == 1.0 => {}
         keys::SCALING_LINEAR => {
-            method = RopeMethod::Linear;
-            original = orig_key.unwrap_or_else(|| (ctx as f64 / factor).round() as u64);
-            f.push(("factor", FieldValue::F64(factor)));
+            r.method = RopeMethod::Linear;
+            r.factor = factor;
+            // linear does not read c: without the key, the window before the factor
+            r.original_context = orig_key
+                .unwrap_or_else(|| (ctx as f64 / factor).round() as u64)
+                .max(2);
         }
         keys::SCALING_YARN => {
-            original = orig_key.unwrap_or(ctx);
-            f.push(("factor", FieldValue::F64(factor)));
-            let attn = meta
-                .arch_f32(arch, ArchKey::RopeScalingAttnFactor)?
-                .map(f64::from);
-            let total = attn.map(|a| a * yarn_mscale(factor));
-            method = match total {
-                Some(t) if (t - 1.0).abs() < 1e-6 && factor > 1.0 => RopeMethod::NtkByParts,
-                _ => RopeMethod::Yarn,
-            };
-            if method == RopeMethod::Yarn {
-                if let Some(t) = total.filter(|_| attn != Some(1.0)) {
-                    f.push(("attention_factor", FieldValue::F64(t)));
+            r.method = RopeMethod::Yarn;
+            r.factor = factor;
+            r.original_context = orig.max(2);
+            if let Some(a) = meta.arch_f32(&arch, ArchKey::RopeScalingAttnFactor)? {
+                let total = f64::from(a) * yarn_mscale(factor);
+                if (total - 1.0).abs() < 1e-6 && factor > 1.0 {
+                    r.method = RopeMethod::NtkByParts;
+                } else if a != 1.0 {
+                    r.yarn_attention_factor = Some(total);
                 }
             }
-            for (k, name) in [
-                (ArchKey::RopeScalingYarnBetaFast, "beta_fast"),
-                (ArchKey::RopeScalingYarnBetaSlow, "beta_slow"),
+            for (k, slot, default) in [
+                (
+                    ArchKey::RopeScalingYarnBetaFast,
+                    &mut r.beta_fast,
+                    defaults::BETA_FAST,
+                ),
+                (
+                    ArchKey::RopeScalingYarnBetaSlow,
+                    &mut r.beta_slow,
+                    defaults::BETA_SLOW,
+                ),
             ] {
-                if let Some(b) = meta.arch_f32(arch, k)? {
-                    f.push((name, FieldValue::F64(b as f64)));
+                let v = meta.arch_f32(&arch, k)?.map(f64::from);
+                if v.is_some() && !mistral3 {
+                    ignored.push(k.key(&arch));
                 }
+                *slot = if mistral3 {
+                    v.unwrap_or(default)
+                } else {
+                    default
+                };
             }
-        }
-        keys::SCALING_NONE => {
-            method = RopeMethod::Default;
-            original = orig_key.unwrap_or(ctx);
         }
         other => {
             return Err(GgufError::BadValue {
-                key: ArchKey::RopeScalingType.key(arch),
+                key: ArchKey::RopeScalingType.key(&arch),
                 value: other.to_string(),
-                reason: "abf reads none, linear and yarn".into(),
+                reason: "llama.cpp reads none, linear and yarn".into(),
             })
         }
     }
-    f.push(("method", FieldValue::Str(method.name().to_string())));
-    f.push(("original_context", FieldValue::U64(original)));
-    f.push(("context", FieldValue::U64(ctx.max(original))));
-    if let Some(beta) = temp {
-        f.push(("scale_law", FieldValue::Str("step".into())));
-        f.push(("scale_beta", FieldValue::F64(beta)));
-        f.push(("scale_length", FieldValue::U64(orig_key.unwrap_or(ctx))));
+    r.context = ctx.max(r.original_context);
+    let temp = meta
+        .arch_f32(&arch, ArchKey::AttentionTemperatureScale)?
+        .map(f64::from);
+    match temp {
+        Some(beta) if mistral3 && beta != 0.0 => {
+            // mistral3: scale = ln(floor(pos / L) + 1) * beta + 1, L = n_ctx_orig_yarn
+            r.scale_law = ScaleLaw::Step {
+                beta,
+                length: orig.max(1),
+            };
+        }
+        Some(_) if !mistral3 => ignored.push(ArchKey::AttentionTemperatureScale.key(&arch)),
+        _ => {}
     }
-    let source = format!("gguf {arch}.* keys");
-    let r = Recipe::from_fields(&source, |name| {
-        f.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
-    })?;
-    Ok(Some(r))
+    r.validate()?;
+    Ok(RuntimeRecipe {
+        arch,
+        recipe: r,
+        rope_dim,
+        ignored,
+    })
 }

@@ -5,6 +5,7 @@ mod fields;
 mod flags;
 mod freqs;
 mod recipe;
+mod runtime;
 
 pub use fields::{
     field_kind, FieldKind, FieldValue, CONFIG_BLOCK, FIELDS, FORMAT_VERSION, GGUF_PREFIX,
@@ -12,6 +13,7 @@ pub use fields::{
 pub use flags::RecipeArgs;
 pub use freqs::{base_inv_freq, dynamic_base, ntk_base, yarn_mscale, yarn_range};
 pub use recipe::{defaults, BaseRope, Recipe, RopeMethod, ScaleLaw};
+pub use runtime::{runtime_form, Approximation, Gap, RuntimeForm, Target};
 
 /// Errors of building or reading a recipe.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,13 @@ pub enum RecipeError {
     UnknownScaleLaw(String),
     #[error("invalid recipe: {field} {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("unknown runtime {0:?} (expected llama.cpp, transformers or exact)")]
+    UnknownTarget(String),
+    #[error("{target} cannot run this recipe exactly: {reasons}; pass --allow-approximate to write its nearest runtime form")]
+    NotExact {
+        target: &'static str,
+        reasons: String,
+    },
     #[error("{origin}: recipe field {field}: {reason}")]
     Field {
         origin: String,

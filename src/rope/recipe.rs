@@ -295,26 +295,6 @@ impl Recipe {
         }
         Ok(())
     }
-
-    /// Whether a runtime that knows only rope types and the step law runs this recipe exactly.
-    /// Returns the reasons it does not, empty when it does.
-    pub fn runtime_gaps(&self) -> Vec<String> {
-        let mut gaps = Vec::new();
-        if self.scale_law == ScaleLaw::Log {
-            gaps.push(format!(
-                "the log scale law max(1, ln(p+1)/ln {}) is not evaluated by any runtime; \
-                 the step law 1 + ln(1 + floor(p/{}))/ln {} is its nearest runtime form",
-                self.original_context, self.original_context, self.original_context
-            ));
-        }
-        if self.scale_law != ScaleLaw::None && self.skip_layers > 0 {
-            gaps.push(format!(
-                "runtimes scale every layer; this recipe exempts the first {} layer(s)",
-                self.skip_layers
-            ));
-        }
-        gaps
-    }
 }
 
 impl fmt::Display for Recipe {

@@ -18,10 +18,9 @@ use super::backend::{CandleBackend, LogitsBackend};
 use crate::checkpoint::{Checkpoint, ModelConfig, ModelType};
 use crate::convert::tokenizer_gguf::GgufVocab;
 use crate::convert::{read_hf_tensors, read_hparams, GgufHparams};
-use crate::gguf::keys::{self, ArchKey, ARCH_MISTRAL3};
-use crate::gguf::{open_mmap, Metadata};
+use crate::gguf::keys::ArchKey;
+use crate::gguf::{open_mmap, runtime_recipe, RuntimeRecipe};
 use crate::model::Llama;
-use crate::rope::{defaults, yarn_mscale, BaseRope, Recipe, RopeMethod, ScaleLaw};
 
 /// Why a GGUF could not be read into our forward. Messages name the file and key or tensor.
 #[derive(Debug, thiserror::Error)]
@@ -42,125 +41,6 @@ pub enum GgufModelError {
     },
 }
 
-/// The recipe llama.cpp runs for a file, with the notes of how each key was read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RuntimeRecipe {
-    pub arch: String,
-    pub recipe: Recipe,
-    /// `{arch}.rope.dimension_count` (default `head_dim`).
-    pub rope_dim: usize,
-    /// Keys present that this architecture's graph ignores (e.g. temperature_scale under llama).
-    pub ignored: Vec<String>,
-}
-
-/// Derive the recipe from the runtime keys of `meta` for a model of `head_dim` (see the module
-/// doc for the sources of each default).
-pub fn runtime_recipe(meta: &Metadata, head_dim: usize) -> Result<RuntimeRecipe, String> {
-    let e = |x: crate::gguf::GgufError| x.to_string();
-    let arch = meta
-        .architecture()
-        .map_err(e)?
-        .ok_or_else(|| format!("{} missing", keys::GENERAL_ARCHITECTURE))?
-        .to_string();
-    let ctx = meta
-        .arch_u32(&arch, ArchKey::ContextLength)
-        .map_err(e)?
-        .ok_or_else(|| format!("{} missing", ArchKey::ContextLength.key(&arch)))?
-        as u64;
-    let base = meta
-        .arch_f32(&arch, ArchKey::RopeFreqBase)
-        .map_err(e)?
-        .map(f64::from)
-        .unwrap_or(keys::DEFAULT_FREQ_BASE);
-    let rope_dim = meta
-        .arch_u32(&arch, ArchKey::RopeDimensionCount)
-        .map_err(e)?
-        .map(|d| d as usize)
-        .unwrap_or(head_dim);
-    // llama.cpp: the type defaults to linear; a factor of 0 (or none) means scale 1
-    let ty = meta
-        .arch_str(&arch, ArchKey::RopeScalingType)
-        .map_err(e)?
-        .unwrap_or(keys::SCALING_LINEAR)
-        .to_string();
-    let factor = meta
-        .arch_f32(&arch, ArchKey::RopeScalingFactor)
-        .map_err(e)?
-        .map(f64::from)
-        .filter(|&f| f != 0.0)
-        .unwrap_or(1.0);
-    let orig = meta
-        .arch_u32(&arch, ArchKey::RopeScalingOriginalContextLength)
-        .map_err(e)?
-        .map(u64::from)
-        .unwrap_or(ctx);
-    let mistral3 = arch == ARCH_MISTRAL3;
-    let mut ignored = Vec::new();
-    let mut r = Recipe::plain(BaseRope {
-        base,
-        context: orig.min(ctx).max(2),
-    });
-    r.context = ctx.max(r.original_context);
-    match ty.as_str() {
-        keys::SCALING_NONE => {}
-        keys::SCALING_LINEAR if factor == 1.0 => {}
-        keys::SCALING_LINEAR => {
-            r.method = RopeMethod::Linear;
-            r.factor = factor;
-            r.original_context = orig.max(2);
-        }
-        keys::SCALING_YARN => {
-            r.method = RopeMethod::Yarn;
-            r.factor = factor;
-            r.original_context = orig.max(2);
-            if let Some(a) = meta
-                .arch_f32(&arch, ArchKey::RopeScalingAttnFactor)
-                .map_err(e)?
-            {
-                // ggml multiplies its own mscale 0.1 ln s + 1 by attn_factor
-                r.yarn_attention_factor = Some(f64::from(a) * yarn_mscale(factor));
-            }
-            let mut beta = |k: ArchKey, d: f64| -> Result<f64, String> {
-                let v = meta.arch_f32(&arch, k).map_err(e)?.map(f64::from);
-                if v.is_some() && !mistral3 {
-                    ignored.push(k.key(&arch));
-                }
-                Ok(if mistral3 { v.unwrap_or(d) } else { d })
-            };
-            r.beta_fast = beta(ArchKey::RopeScalingYarnBetaFast, defaults::BETA_FAST)?;
-            r.beta_slow = beta(ArchKey::RopeScalingYarnBetaSlow, defaults::BETA_SLOW)?;
-        }
-        other => {
-            return Err(format!(
-                "rope.scaling.type {other:?}: expected none, linear or yarn"
-            ))
-        }
-    }
-    r.context = r.context.max(r.original_context);
-    let temp = meta
-        .arch_f32(&arch, ArchKey::AttentionTemperatureScale)
-        .map_err(e)?
-        .map(f64::from);
-    match temp {
-        Some(beta) if mistral3 && beta != 0.0 => {
-            // mistral3: scale = ln(floor(pos / L) + 1) * beta + 1, L = n_ctx_orig_yarn
-            r.scale_law = ScaleLaw::Step {
-                beta,
-                length: orig.max(1),
-            };
-        }
-        Some(_) if !mistral3 => ignored.push(ArchKey::AttentionTemperatureScale.key(&arch)),
-        _ => {}
-    }
-    r.validate().map_err(|x| x.to_string())?;
-    Ok(RuntimeRecipe {
-        arch,
-        recipe: r,
-        rope_dim,
-        ignored,
-    })
-}
-
 /// A GGUF loaded into our [`Llama`] (f32 weights), with its runtime recipe.
 pub struct GgufModel {
     pub model: Llama,
@@ -178,12 +58,11 @@ pub fn load_gguf_model(path: &Path, device: &Device) -> Result<GgufModel, GgufMo
     let mapped = open_mmap(path).map_err(|x| read(x.to_string()))?;
     let file = &mapped.file;
     let hp = read_hparams(&file.metadata).map_err(|x| read(x.to_string()))?;
-    let runtime =
-        runtime_recipe(&file.metadata, hp.head_dim).map_err(|reason| GgufModelError::Key {
-            path: path.to_path_buf(),
-            key: format!("{}.rope.*", hp.arch),
-            reason,
-        })?;
+    let runtime = runtime_recipe(&file.metadata, hp.head_dim).map_err(|e| GgufModelError::Key {
+        path: path.to_path_buf(),
+        key: format!("{}.rope.*", hp.arch),
+        reason: e.to_string(),
+    })?;
     if runtime.rope_dim != hp.head_dim {
         return Err(GgufModelError::Unsupported {
             path: path.to_path_buf(),

@@ -7,11 +7,12 @@ mod gguf_candle;
 #[cfg(feature = "llamacpp")]
 mod llamacpp;
 
+pub use crate::gguf::{runtime_recipe, RuntimeRecipe};
 pub use backend::{CandleBackend, LogitsBackend};
 pub use error::RuntimeError;
 pub use gguf_candle::{
-    is_gguf, load_gguf_model, open_backend, runtime_recipe, tokenize_for, BackendKind, GgufModel,
-    GgufModelError, GgufTokenizer, RuntimeRecipe,
+    is_gguf, load_gguf_model, open_backend, tokenize_for, BackendKind, GgufModel, GgufModelError,
+    GgufTokenizer,
 };
 #[cfg(feature = "llamacpp")]
 pub use llamacpp::{LlamaCpp, LlamaCppOptions};

@@ -11,8 +11,8 @@ use serde_json::Value;
 use super::recompute::LayerModel;
 use super::TrainError;
 use crate::checkpoint::{
-    patch_config, save_checkpoint, HfConfig, ModelConfig, Runtime, SafetensorStore, SaveSpec,
-    TensorData, DEFAULT_SHARD_BYTES,
+    patch_config, save_checkpoint, HfConfig, ModelConfig, SafetensorStore, SaveSpec, TensorData,
+    DEFAULT_SHARD_BYTES,
 };
 use crate::model::{Llama, Path as ForwardPath, Positions};
 use crate::rope::Recipe;
@@ -113,7 +113,7 @@ pub fn export(
     recipe: &Recipe,
     tensors: &[(String, Tensor)],
 ) -> Result<Vec<PathBuf>, TrainError> {
-    let patched = patch_config(hf, recipe, Runtime::Exact, false).map_err(ckpt)?;
+    let patched = patch_config(hf, recipe, crate::rope::Target::Exact, false).map_err(ckpt)?;
     let config = Value::Object(patched.config);
     let data: Vec<TensorData<'static>> = tensors
         .iter()

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::checkpoint::ModelConfig;
 use crate::gguf::keys::{self, required_type, ArchKey, ARCH_MISTRAL3};
-use crate::gguf::Metadata;
-use crate::rope::{ntk_base, Recipe, RopeMethod, ScaleLaw};
+use crate::gguf::{GgufError, Metadata};
+use crate::rope::{Recipe, RopeMethod, ScaleLaw};
 use crate::runtime::RuntimeRecipe;
 
 /// One mismatch.
@@ -24,36 +24,18 @@ fn issue(key: impl Into<String>, message: impl Into<String>) -> Issue {
     }
 }
 
-/// The form of `recipe` a runtime evaluates (what `gguf::apply_recipe` writes with
-/// `--allow-approximate`): the log law as its step law, every layer scaled, dynamic NTK as plain
-/// RoPE. Returns the recipe and the gaps (empty when exact).
-pub fn runtime_form(recipe: &Recipe) -> (Recipe, Vec<String>) {
-    let mut gaps = recipe.runtime_gaps();
-    let mut r = recipe.clone();
-    if r.scale_law == ScaleLaw::Log {
-        r.scale_law = Recipe::default_step(r.original_context);
-    }
-    if r.scale_law != ScaleLaw::None {
-        r.skip_layers = 0;
-    }
-    if r.method == RopeMethod::Dynamic {
-        gaps.push("llama.cpp has no dynamic NTK: run as plain RoPE with its base".into());
-        r.method = RopeMethod::Default;
-        r.factor = 1.0;
-    }
-    (r, gaps)
-}
-
 fn close(a: f64, b: f64) -> bool {
     // keys are F32: allow its rounding
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-30)
 }
 
-/// Compare the file's runtime reading with the reference (`want` is the runtime form of the
-/// reference recipe). Every mismatch is returned, none stops the run.
+/// Compare the file's runtime reading with the reference (`want` is
+/// `rope::runtime_form(reference, LlamaCpp, head_dim).recipe`: static NTK already as its base,
+/// dynamic NTK as plain rope, the log law as its step law). Every mismatch is returned, none
+/// stops the run.
 pub fn check(
     meta: &Metadata,
-    got: Result<&RuntimeRecipe, &str>,
+    got: Result<&RuntimeRecipe, &GgufError>,
     cfg: &ModelConfig,
     want: &Recipe,
 ) -> Vec<Issue> {
@@ -144,12 +126,7 @@ pub fn check(
             ),
         ));
     }
-    // rope base: static NTK is written as its base
-    let want_base = if want.method == RopeMethod::Ntk {
-        ntk_base(want.rope_base, want.factor, cfg.head_dim)
-    } else {
-        want.rope_base
-    };
+    let want_base = want.rope_base;
     if !close(r.rope_base, want_base) {
         out.push(issue(
             ArchKey::RopeFreqBase.key(&arch),
@@ -176,7 +153,7 @@ pub fn check(
     };
     let got_ty = match r.method {
         RopeMethod::Linear => keys::SCALING_LINEAR,
-        RopeMethod::Yarn => keys::SCALING_YARN,
+        RopeMethod::Yarn | RopeMethod::NtkByParts => keys::SCALING_YARN,
         _ => keys::SCALING_NONE,
     };
     if want_ty != got_ty {

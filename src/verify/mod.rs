@@ -11,7 +11,7 @@ pub mod report;
 pub mod run;
 
 pub use lines::{Check, LongContextRule, PassLines, TypeClass, SMALL_MODEL_PARAMS};
-pub use metadata::{runtime_form, Issue};
+pub use metadata::Issue;
 pub use metrics::{bands, Band, BandMetrics, Comparison, Reference};
 pub use report::render;
 pub use run::{

@@ -7,11 +7,12 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use super::lines::{fidelity, long_context, Check, LongContextRule, PassLines};
-use super::metadata::{check, runtime_form, Issue};
+use super::metadata::{check, Issue};
 use super::metrics::{bands, BandMetrics, Comparison, Reference};
 use crate::checkpoint::{Checkpoint, ModelConfig};
 use crate::gguf::{open_mmap, GgmlType};
 use crate::model::Llama;
+use crate::rope::{runtime_form, Target};
 use crate::runtime::{
     open_backend, runtime_recipe, BackendKind, CandleBackend, GgufTokenizer, LogitsBackend,
 };
@@ -283,7 +284,9 @@ pub fn verify_many(
     let ckpt = Checkpoint::open(&opts.reference).map_err(|e| input_err(&opts.reference, e))?;
     let cfg = ckpt.config.model.clone();
     let exact = cfg.recipe.clone();
-    let (want, gaps) = runtime_form(&exact);
+    let form = runtime_form(&exact, Target::LlamaCpp, cfg.head_dim);
+    let gaps = form.reasons();
+    let want = form.recipe;
     let c = exact.original_context as usize;
     let params = parameter_count(&cfg);
     let mut notes = Vec::new();
@@ -293,12 +296,7 @@ pub fn verify_many(
     for gguf in ggufs {
         let mapped = open_mmap(gguf).map_err(|e| input_err(gguf, e))?;
         let got = runtime_recipe(&mapped.file.metadata, cfg.head_dim);
-        let issues = check(
-            &mapped.file.metadata,
-            got.as_ref().map_err(|s| s.as_str()),
-            &cfg,
-            &want,
-        );
+        let issues = check(&mapped.file.metadata, got.as_ref(), &cfg, &want);
         let runtime_text = got
             .as_ref()
             .ok()

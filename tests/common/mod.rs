@@ -24,3 +24,13 @@ pub fn smollm_gguf() -> Option<PathBuf> {
     );
     None
 }
+
+/// A test's data or tool is missing: None with a printed note, or a failure under
+/// `ABF_REQUIRE_DATA=1` (set by `make test`).
+pub fn missing<T>(what: &str) -> Option<T> {
+    if std::env::var("ABF_REQUIRE_DATA").is_ok_and(|v| v == "1") {
+        panic!("{what} is missing: run `make fetch`");
+    }
+    eprintln!("note: {what} is missing (run `make fetch`); skipping");
+    None
+}

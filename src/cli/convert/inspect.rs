@@ -67,6 +67,17 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
     let file = &mapped.file;
     let max = (!args.full).then_some(SHOWN_ITEMS);
     let recipe = read_recipe(&file.metadata);
+    // what llama.cpp cannot run of the recorded recipe (static NTK needs the rotary dimension)
+    let dim = file
+        .metadata
+        .architecture()
+        .ok()
+        .flatten()
+        .and_then(|a| crate::gguf::rope_dim(&file.metadata, a).ok().flatten())
+        .unwrap_or(2);
+    let gaps = |r: &crate::rope::Recipe| {
+        crate::rope::runtime_form(r, crate::rope::Target::LlamaCpp, dim).reasons()
+    };
     let summary = summary(file);
     if args.json {
         let keys: Vec<_> = file
@@ -101,7 +112,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
             "summary": summary,
             "recipe": recipe_json,
             "recipe_error": recipe_error,
-            "recipe_gaps": recipe.as_ref().ok().and_then(|r| r.as_ref()).map(|r| r.runtime_gaps()),
+            "recipe_gaps": recipe.as_ref().ok().and_then(|r| r.as_ref()).map(gaps),
             "keys": keys,
             "tensors": tensors,
         }))?;
@@ -121,7 +132,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
     match &recipe {
         Ok(Some(r)) => {
             println!("recipe: {r}");
-            for g in r.runtime_gaps() {
+            for g in gaps(r) {
                 println!("  note: {g}");
             }
         }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use crate::checkpoint::{patch_config, write_patched, HfConfig, PatchOutput, Runtime};
+use crate::checkpoint::{patch_config, write_patched, HfConfig, PatchOutput};
 use crate::cli::{print_json, Exit};
 use crate::rope::{BaseRope, RecipeArgs};
 
@@ -22,9 +22,10 @@ pub struct PatchConfigArgs {
     pub in_place: bool,
     #[command(flatten)]
     pub recipe: RecipeArgs,
-    /// transformers: the Hugging Face fields transformers runs natively; exact: our abf_recipe block.
-    #[arg(long, value_enum, default_value_t = Runtime::Transformers)]
-    pub runtime: Runtime,
+    /// transformers: the Hugging Face fields transformers runs natively; exact: those fields plus
+    /// our abf_recipe block with what they cannot express (warned about, never refused).
+    #[arg(long, default_value = "transformers", value_parser = crate::cli::parse_config_target)]
+    pub runtime: crate::rope::Target,
     /// Write the nearest runtime form of a recipe the runtime cannot run exactly.
     #[arg(long)]
     pub allow_approximate: bool,
@@ -60,6 +61,7 @@ pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
             "recipe": patched.recipe.to_json_block(),
             "runtime_recipe": patched.runtime_recipe.to_json_block(),
             "exact": patched.approximations.is_empty(),
+            "transformers_exact": patched.approximations.is_empty(),
             "approximations": patched.approximations,
             "linked": files.linked,
             "copied": files.copied,
@@ -74,9 +76,9 @@ pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
         );
         println!("recipe: {}", patched.recipe);
         if !patched.approximations.is_empty() {
-            println!("approximated as: {}", patched.runtime_recipe);
+            println!("transformers runs: {}", patched.runtime_recipe);
             for gap in &patched.approximations {
-                println!("  approximation: {gap}");
+                eprintln!("warning: transformers will not apply: {gap}");
             }
         }
         if let PatchOutput::Dir(_) = output {

@@ -11,7 +11,7 @@ use crate::cli::{print_json, Exit};
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{
     apply_recipe, diff, in_place_writes, open_mmap, read_recipe, rewrite, write_in_place, Metadata,
-    Runtime, Value, ValueType,
+    Value, ValueType,
 };
 use crate::rope::{BaseRope, RecipeArgs};
 
@@ -37,8 +37,8 @@ pub struct PatchArgs {
     #[command(flatten)]
     pub recipe: RecipeArgs,
     /// Which runtime the recipe keys are for: llama.cpp (its native keys) or exact (also abf.recipe.*).
-    #[arg(long, default_value = "llama.cpp", value_parser = parse_runtime)]
-    pub runtime: Runtime,
+    #[arg(long, default_value = "llama.cpp", value_parser = crate::cli::parse_gguf_target)]
+    pub runtime: crate::rope::Target,
     /// Write the nearest runtime form of a recipe llama.cpp cannot run exactly.
     #[arg(long)]
     pub allow_approximate: bool,
@@ -54,10 +54,6 @@ pub struct PatchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_runtime(s: &str) -> Result<Runtime, String> {
-    s.parse()
 }
 
 /// Parse `KEY=TYPE:VALUE`.

@@ -5,7 +5,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::cli::{print_json, Exit};
-use crate::rope::{BaseRope, RecipeArgs};
+use crate::rope::{runtime_form, BaseRope, RecipeArgs, Target};
 
 /// The model assumed when no checkpoint is given: LLaMA-2 (base 10000, window 4096).
 const LLAMA2: BaseRope = BaseRope {
@@ -61,9 +61,25 @@ pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
         .iter()
         .map(|&p| (p, recipe.logit_scale(layer, p)))
         .collect();
+    let forms: Vec<_> = [Target::LlamaCpp, Target::Transformers]
+        .iter()
+        .map(|&t| runtime_form(&recipe, t, args.head_dim))
+        .collect();
     if args.json {
+        let runtimes: serde_json::Map<String, serde_json::Value> = forms
+            .iter()
+            .map(|f| {
+                let v = json!({
+                    "exact": f.is_exact(),
+                    "recipe": f.recipe.to_json_block(),
+                    "approximations": f.reasons(),
+                });
+                (f.target.name().to_string(), v)
+            })
+            .collect();
         print_json(&json!({
             "recipe": recipe.to_json_block(),
+            "runtimes": runtimes,
             "effective_base": recipe.effective_base(args.head_dim, args.seq_len),
             "inv_freq": inv_freq,
             "attention_factor": recipe.attention_factor(),
@@ -85,8 +101,10 @@ pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
         for (p, s) in scales {
             println!("  position {p:8} {s:.6}");
         }
-        for gap in recipe.runtime_gaps() {
-            println!("note: {gap}");
+        for f in &forms {
+            for gap in f.reasons() {
+                println!("note ({}): {gap}", f.target);
+            }
         }
     }
     Ok(Exit::Ok)

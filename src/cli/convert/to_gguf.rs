@@ -9,7 +9,6 @@ use serde_json::json;
 use crate::checkpoint::Checkpoint;
 use crate::cli::{print_json, progress, Exit};
 use crate::convert::{plan_to_gguf, write_gguf, OutType, ToGgufOptions};
-use crate::gguf::Runtime;
 use crate::rope::RecipeArgs;
 
 #[derive(Args, Debug)]
@@ -23,8 +22,8 @@ pub struct ToGgufArgs {
     #[arg(long, default_value = "f16", value_parser = parse_outtype)]
     pub outtype: OutType,
     /// llama.cpp (its native keys) or exact (also our abf.recipe.* keys).
-    #[arg(long, default_value = "llama.cpp", value_parser = parse_runtime)]
-    pub runtime: Runtime,
+    #[arg(long, default_value = "llama.cpp", value_parser = crate::cli::parse_gguf_target)]
+    pub runtime: crate::rope::Target,
     #[command(flatten)]
     pub recipe: RecipeArgs,
     /// Write the nearest runtime form of a recipe llama.cpp cannot run exactly.
@@ -48,10 +47,6 @@ pub struct ToGgufArgs {
 }
 
 fn parse_outtype(s: &str) -> Result<OutType, String> {
-    s.parse()
-}
-
-fn parse_runtime(s: &str) -> Result<Runtime, String> {
     s.parse()
 }
 
