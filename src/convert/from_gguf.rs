@@ -14,9 +14,10 @@ use super::numeric;
 use super::permute::unpermute_qk;
 use super::tensor_map::{gguf_to_hf, Role, ROPE_FREQS};
 use super::tokenizer_gguf::GgufVocab;
+use crate::checkpoint::keys as ck;
 use crate::checkpoint::writer::{write_json, StagedDir};
 use crate::checkpoint::{
-    patch_config, HfConfig, TensorData, TensorDtype, CONFIG_FILE, DEFAULT_SHARD_BYTES,
+    patch_config, HfConfig, ModelType, TensorData, TensorDtype, CONFIG_FILE, DEFAULT_SHARD_BYTES,
 };
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{open_mmap, read_recipe, Metadata};
@@ -204,21 +205,11 @@ pub fn from_gguf(
     let meta = &file.metadata;
     let mut notes = Vec::new();
     let hp = read_hparams(meta)?;
-    let arch = hp.arch.clone();
-    let (hidden, layers, ff, heads, kv_heads, head_dim, eps) = (
-        hp.hidden,
-        hp.layers,
-        hp.ff,
-        hp.heads,
-        hp.kv_heads,
-        hp.head_dim,
-        hp.eps,
-    );
     let recipe = match read_recipe(meta)? {
         Some(r) => r,
         None => {
             return Err(ConvertError::Key {
-                key: ArchKey::ContextLength.key(&arch),
+                key: ArchKey::ContextLength.key(&hp.arch),
                 reason: "missing: no recipe can be read".into(),
             })
         }
@@ -238,76 +229,24 @@ pub fn from_gguf(
         (read.vocab_rows, read.has_output, read.input_bytes);
     let vocab = GgufVocab::read(meta)?;
     let vocab_size = meta
-        .arch_u32(&arch, ArchKey::VocabSize)?
+        .arch_u32(&hp.arch, ArchKey::VocabSize)?
         .map(|v| v as usize)
         .or(vocab_rows)
         .or(vocab.as_ref().map(|v| v.tokens.len()))
         .ok_or_else(|| ConvertError::Model("no vocabulary size".into()))?;
 
-    // config.json: LLaMA fields, the transformers form of the recipe, and our exact block
-    let dtype_name = match opts.dtype {
-        TensorDtype::F32 => "float32",
-        TensorDtype::F16 => "float16",
-        TensorDtype::BF16 => "bfloat16",
+    let fields = ConfigFields {
+        hp: &hp,
+        vocab_size,
+        tied: !has_output,
+        vocab: vocab.as_ref(),
+        dtype: opts.dtype,
     };
-    let mut cfg = Map::new();
-    cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    cfg.insert("model_type".into(), json!("llama"));
-    cfg.insert("hidden_act".into(), json!("silu"));
-    cfg.insert("hidden_size".into(), json!(hidden));
-    cfg.insert("intermediate_size".into(), json!(ff));
-    cfg.insert("num_hidden_layers".into(), json!(layers));
-    cfg.insert("num_attention_heads".into(), json!(heads));
-    cfg.insert("num_key_value_heads".into(), json!(kv_heads));
-    cfg.insert("head_dim".into(), json!(head_dim));
-    cfg.insert("rms_norm_eps".into(), json!(eps));
-    cfg.insert("vocab_size".into(), json!(vocab_size));
-    cfg.insert("max_position_embeddings".into(), json!(recipe.context));
-    cfg.insert("rope_theta".into(), json!(recipe.rope_base));
-    cfg.insert("tie_word_embeddings".into(), json!(!has_output));
-    cfg.insert("attention_bias".into(), json!(false));
-    cfg.insert("mlp_bias".into(), json!(false));
-    if let Some(v) = &vocab {
-        if let Some(b) = v.bos {
-            cfg.insert("bos_token_id".into(), json!(b));
-        }
-        if let Some(e) = v.eos {
-            cfg.insert("eos_token_id".into(), json!(e));
-        }
-    }
-    cfg.insert("torch_dtype".into(), json!(dtype_name));
-    let config_path = out.join(CONFIG_FILE);
-    let plain = HfConfig::from_value(&config_path, Json::Object(cfg))?;
-    // the exact form: transformers' fields for what it can run, our block for the rest
-    let patched = patch_config(&plain, &recipe, Target::Exact, true)?;
-    notes.extend(
-        patched
-            .approximations
-            .iter()
-            .map(|g| format!("config.json: transformers will not apply: {g}")),
-    );
-    let config = patched.config;
-    let config = Json::Object(config);
+    let config = hf_config(&fields, &recipe, &out.join(CONFIG_FILE), &mut notes)?;
 
     // write: stage beside the target; with --force an existing directory is moved aside and
     // removed only once the new one is in place
-    let non_empty = out.is_dir()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true);
-    if non_empty && !opts.force {
-        return Err(ConvertError::Io {
-            path: out.to_path_buf(),
-            reason: "output directory exists and is not empty (use --force to replace it)".into(),
-        });
-    }
-    let aside = non_empty.then(|| {
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        out.with_file_name(format!(".{name}.old.{}", std::process::id()))
-    });
+    let aside = aside_path(out, opts.force)?;
     let staged = StagedDir::create(&staged_target(out, aside.is_some()))?;
     let files =
         crate::checkpoint::write_safetensors(staged.path(), &tensors, DEFAULT_SHARD_BYTES, false)?;
@@ -327,19 +266,7 @@ pub fn from_gguf(
         .sum();
     let staged_dir = staged.commit()?;
     let dir = match &aside {
-        Some(old) => {
-            let io = |e: std::io::Error| ConvertError::Io {
-                path: out.to_path_buf(),
-                reason: e.to_string(),
-            };
-            std::fs::rename(out, old).map_err(io)?;
-            if let Err(e) = std::fs::rename(&staged_dir, out) {
-                let _ = std::fs::rename(old, out);
-                return Err(io(e));
-            }
-            std::fs::remove_dir_all(old).map_err(io)?;
-            out.to_path_buf()
-        }
+        Some(old) => replace_dir(out, old, &staged_dir)?,
         None => staged_dir,
     };
     Ok(FromGgufReport {
@@ -352,6 +279,107 @@ pub fn from_gguf(
         tied_embeddings: !has_output,
         notes,
     })
+}
+
+/// What config.json says about the model besides the recipe.
+struct ConfigFields<'a> {
+    hp: &'a GgufHparams,
+    vocab_size: usize,
+    /// Whether the head is the embedding.
+    tied: bool,
+    vocab: Option<&'a GgufVocab>,
+    dtype: TensorDtype,
+}
+
+/// config.json: LLaMA fields, the transformers form of the recipe, and our exact block. Notes
+/// the transformers fields that only approximate the recipe.
+fn hf_config(
+    f: &ConfigFields,
+    recipe: &Recipe,
+    config_path: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Json, ConvertError> {
+    let hp = f.hp;
+    let dtype_name = match f.dtype {
+        TensorDtype::F32 => "float32",
+        TensorDtype::F16 => "float16",
+        TensorDtype::BF16 => "bfloat16",
+    };
+    let mut cfg = Map::new();
+    let mut put = |k: &str, v: Json| cfg.insert(k.into(), v);
+    put(ck::ARCHITECTURES, json!([ModelType::Llama.architecture()]));
+    put(ck::MODEL_TYPE, json!(ModelType::Llama.name()));
+    put(ck::HIDDEN_ACT, json!("silu"));
+    put(ck::HIDDEN_SIZE, json!(hp.hidden));
+    put(ck::INTERMEDIATE_SIZE, json!(hp.ff));
+    put(ck::NUM_HIDDEN_LAYERS, json!(hp.layers));
+    put(ck::NUM_ATTENTION_HEADS, json!(hp.heads));
+    put(ck::NUM_KEY_VALUE_HEADS, json!(hp.kv_heads));
+    put(ck::HEAD_DIM, json!(hp.head_dim));
+    put(ck::RMS_NORM_EPS, json!(hp.eps));
+    put(ck::VOCAB_SIZE, json!(f.vocab_size));
+    put(ck::MAX_POSITION_EMBEDDINGS, json!(recipe.context));
+    put(ck::ROPE_THETA, json!(recipe.rope_base));
+    put(ck::TIE_WORD_EMBEDDINGS, json!(f.tied));
+    put(ck::ATTENTION_BIAS, json!(false));
+    put(ck::MLP_BIAS, json!(false));
+    if let Some(v) = f.vocab {
+        if let Some(b) = v.bos {
+            put(ck::BOS_TOKEN_ID, json!(b));
+        }
+        if let Some(e) = v.eos {
+            put(ck::EOS_TOKEN_ID, json!(e));
+        }
+    }
+    put(ck::TORCH_DTYPE, json!(dtype_name));
+    let plain = HfConfig::from_value(config_path, Json::Object(cfg))?;
+    // the exact form: transformers' fields for what it can run, our block for the rest
+    let patched = patch_config(&plain, recipe, Target::Exact, true)?;
+    notes.extend(
+        patched
+            .approximations
+            .iter()
+            .map(|g| format!("config.json: transformers will not apply: {g}")),
+    );
+    let config = patched.config;
+    Ok(Json::Object(config))
+}
+
+/// Where an existing non-empty `out` is moved aside while the new one takes its place (None when
+/// there is nothing to replace); an error when there is and `force` is off.
+fn aside_path(out: &Path, force: bool) -> Result<Option<PathBuf>, ConvertError> {
+    let non_empty = out.is_dir()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+    if non_empty && !force {
+        return Err(ConvertError::Io {
+            path: out.to_path_buf(),
+            reason: "output directory exists and is not empty (use --force to replace it)".into(),
+        });
+    }
+    Ok(non_empty.then(|| {
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        out.with_file_name(format!(".{name}.old.{}", std::process::id()))
+    }))
+}
+
+/// Move `out` to `old`, `staged` to `out` (moving `old` back if that fails), then remove `old`.
+fn replace_dir(out: &Path, old: &Path, staged: &Path) -> Result<PathBuf, ConvertError> {
+    let io = |e: std::io::Error| ConvertError::Io {
+        path: out.to_path_buf(),
+        reason: e.to_string(),
+    };
+    std::fs::rename(out, old).map_err(io)?;
+    if let Err(e) = std::fs::rename(staged, out) {
+        let _ = std::fs::rename(old, out);
+        return Err(io(e));
+    }
+    std::fs::remove_dir_all(old).map_err(io)?;
+    Ok(out.to_path_buf())
 }
 
 /// Where to stage: the target itself, or (when it will replace an existing directory) a

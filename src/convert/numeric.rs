@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::error::ConvertError;
 use crate::checkpoint::TensorDtype;
-use crate::gguf::GgmlType;
+use crate::gguf::types::{self, GgmlType};
 
 /// Elements per rayon task: large enough that scheduling is noise, small enough to spread.
 const CHUNK: usize = 1 << 16;
@@ -127,9 +127,9 @@ fn convert_slices(from: TensorDtype, to: TensorDtype, data: &[u8]) -> Option<Vec
 /// The float dtype a ggml type is, if it is one.
 pub fn float_dtype(ty: GgmlType) -> Option<TensorDtype> {
     match ty.code() {
-        0 => Some(TensorDtype::F32),
-        1 => Some(TensorDtype::F16),
-        30 => Some(TensorDtype::BF16),
+        c if c == types::F32.code => Some(TensorDtype::F32),
+        c if c == types::F16.code => Some(TensorDtype::F16),
+        c if c == types::BF16.code => Some(TensorDtype::BF16),
         _ => None,
     }
 }

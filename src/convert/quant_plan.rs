@@ -9,68 +9,48 @@
 use std::str::FromStr;
 
 use super::tensor_map::Role;
-use crate::gguf::GgmlType;
+use crate::gguf::types::{self, GgmlType, TypeInfo};
 
-/// The `--outtype` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OutType {
-    F32,
-    F16,
-    Bf16,
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
-    Q4KM,
-    Q5KM,
+/// Declares [`OutType`] and its table from one list, so every variant has exactly one row and
+/// a row is found by indexing with the variant.
+macro_rules! out_types {
+    ($($variant:ident = $name:literal, $base:path, $ftype:literal;)*) => {
+        /// The `--outtype` values.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum OutType {
+            $($variant),*
+        }
+
+        /// (outtype, name, base ggml type, llama.cpp `LLAMA_FTYPE_*` for `general.file_type`),
+        /// in declaration order: row `i` is variant `i`.
+        pub const OUT_TYPES: &[(OutType, &str, &TypeInfo, u32)] =
+            &[$((OutType::$variant, $name, &$base, $ftype)),*];
+    };
 }
 
-/// (outtype, name, base ggml type code, llama.cpp `LLAMA_FTYPE_*` for `general.file_type`).
-/// Plain k-quant names follow llama.cpp's small ("_S") mixes: q3_k = Q3_K_S (11),
-/// q4_k = Q4_K_S (14), q5_k = Q5_K_S (16). Source: llama.cpp `include/llama.h` (`llama_ftype`).
-pub const OUT_TYPES: &[(OutType, &str, u32, u32)] = &[
-    (OutType::F32, "f32", 0, 0),
-    (OutType::F16, "f16", 1, 1),
-    (OutType::Bf16, "bf16", 30, 32),
-    (OutType::Q8_0, "q8_0", 8, 7),
-    (OutType::Q4_0, "q4_0", 2, 2),
-    (OutType::Q4_1, "q4_1", 3, 3),
-    (OutType::Q5_0, "q5_0", 6, 8),
-    (OutType::Q5_1, "q5_1", 7, 9),
-    (OutType::Q2K, "q2_k", 10, 10),
-    (OutType::Q3K, "q3_k", 11, 11),
-    (OutType::Q4K, "q4_k", 12, 14),
-    (OutType::Q5K, "q5_k", 13, 16),
-    (OutType::Q6K, "q6_k", 14, 18),
-    (OutType::Q4KM, "q4_k_m", 12, 15),
-    (OutType::Q5KM, "q5_k_m", 13, 17),
-];
-
-// ggml type codes used by the rules (gguf/types.rs)
-const F32: u32 = 0;
-const F16: u32 = 1;
-const Q4_0: u32 = 2;
-const Q5_0: u32 = 6;
-const Q5_1: u32 = 7;
-const Q8_0: u32 = 8;
-const Q2_K: u32 = 10;
-const Q3_K: u32 = 11;
-const Q4_K: u32 = 12;
-const Q5_K: u32 = 13;
-const Q6_K: u32 = 14;
+// Plain k-quant names follow llama.cpp's small ("_S") mixes: q3_k = Q3_K_S (11),
+// q4_k = Q4_K_S (14), q5_k = Q5_K_S (16). Source: llama.cpp `include/llama.h` (`llama_ftype`).
+out_types! {
+    F32 = "f32", types::F32, 0;
+    F16 = "f16", types::F16, 1;
+    Bf16 = "bf16", types::BF16, 32;
+    Q8_0 = "q8_0", types::Q8_0, 7;
+    Q4_0 = "q4_0", types::Q4_0, 2;
+    Q4_1 = "q4_1", types::Q4_1, 3;
+    Q5_0 = "q5_0", types::Q5_0, 8;
+    Q5_1 = "q5_1", types::Q5_1, 9;
+    Q2K = "q2_k", types::Q2_K, 10;
+    Q3K = "q3_k", types::Q3_K, 11;
+    Q4K = "q4_k", types::Q4_K, 14;
+    Q5K = "q5_k", types::Q5_K, 16;
+    Q6K = "q6_k", types::Q6_K, 18;
+    Q4KM = "q4_k_m", types::Q4_K, 15;
+    Q5KM = "q5_k_m", types::Q5_K, 17;
+}
 
 impl OutType {
-    fn row(self) -> &'static (OutType, &'static str, u32, u32) {
-        OUT_TYPES
-            .iter()
-            .find(|r| r.0 == self)
-            .unwrap_or(&OUT_TYPES[0])
+    fn row(self) -> &'static (OutType, &'static str, &'static TypeInfo, u32) {
+        &OUT_TYPES[self as usize]
     }
 
     pub fn name(self) -> &'static str {
@@ -79,7 +59,7 @@ impl OutType {
 
     /// The type most tensors get.
     pub fn base_type(self) -> GgmlType {
-        GgmlType::from_code(self.row().2)
+        self.row().2.ty()
     }
 
     /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*` numbering).
@@ -152,77 +132,88 @@ pub fn choose_type(
     ctx: &PlanContext,
 ) -> (GgmlType, Option<String>) {
     if keeps_f32(role, n_dims) {
-        return (GgmlType::from_code(F32), None);
+        return (types::F32.ty(), None);
     }
-    let base = out.base_type().code();
+    let base = out.row().2;
     if out.is_float_or_q8() {
         // convert_hf_to_gguf: a Q8_0 tensor whose rows are not whole blocks is written as F16
-        if base == Q8_0 && !row_len.is_multiple_of(32) {
+        if *base == types::Q8_0 && !row_len.is_multiple_of(32) {
             return (
-                GgmlType::from_code(F16),
+                types::F16.ty(),
                 Some(format!("rows of {row_len} are not a multiple of 32: F16")),
             );
         }
-        return (GgmlType::from_code(base), None);
+        return (base.ty(), None);
     }
+    let ty = quantize_rule(out, role, row_len, layer.unwrap_or(0), ctx);
+    fit_rows(ty, row_len)
+}
+
+/// llama.cpp `llama_tensor_get_type` before the row-size check: the head, `attn_v`,
+/// `ffn_down` and `attn_output` upgrades of a k-quant or legacy-quant output type.
+fn quantize_rule(
+    out: OutType,
+    role: Role,
+    row_len: u64,
+    i: usize,
+    ctx: &PlanContext,
+) -> &'static TypeInfo {
     let is_head = role == Role::Output || (!ctx.has_output && role == Role::Embedding);
-    let i = layer.unwrap_or(0);
-    let n = ctx.n_layer;
-    let mut ty = base;
     if is_head {
-        // llama_tensor_get_type: the head gets Q6_K, or Q8_0 when its rows are not whole 256-blocks
-        ty = if !row_len.is_multiple_of(256) {
-            Q8_0
+        // the head gets Q6_K, or Q8_0 when its rows are not whole 256-blocks
+        return if !row_len.is_multiple_of(256) {
+            &types::Q8_0
         } else {
-            Q6_K
+            &types::Q6_K
         };
-    } else {
-        match role {
-            Role::V => match out {
-                OutType::Q2K => ty = if ctx.n_gqa >= 4 { Q4_K } else { Q3_K },
-                OutType::Q4KM | OutType::Q5KM if use_more_bits(i, n) => ty = Q6_K,
-                OutType::Q4K if i < 4 => ty = Q5_K,
-                _ => {}
-            },
-            Role::FfnDown => match out {
-                OutType::Q2K => ty = Q3_K,
-                OutType::Q4KM | OutType::Q5KM if use_more_bits(i, n) => ty = Q6_K,
-                OutType::Q4K if i < n / 8 => ty = Q5_K,
-                _ => {}
-            },
-            Role::AttnOutput if out == OutType::Q2K => ty = Q3_K,
-            _ => {}
-        }
     }
-    // rows not a multiple of the block: llama.cpp's fallback table (Q2_K/Q3_K -> IQ4_NL, which
-    // candle cannot write: we use Q4_0, the same size; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0),
-    // then F16 when even that block does not divide the row
-    let block = GgmlType::from_code(ty)
-        .info()
-        .map(|t| t.block_size)
-        .unwrap_or(1);
+    let n = ctx.n_layer;
+    let base = out.row().2;
+    match role {
+        Role::V => match out {
+            OutType::Q2K if ctx.n_gqa >= 4 => &types::Q4_K,
+            OutType::Q2K => &types::Q3_K,
+            OutType::Q4KM | OutType::Q5KM if use_more_bits(i, n) => &types::Q6_K,
+            OutType::Q4K if i < 4 => &types::Q5_K,
+            _ => base,
+        },
+        Role::FfnDown => match out {
+            OutType::Q2K => &types::Q3_K,
+            OutType::Q4KM | OutType::Q5KM if use_more_bits(i, n) => &types::Q6_K,
+            OutType::Q4K if i < n / 8 => &types::Q5_K,
+            _ => base,
+        },
+        Role::AttnOutput if out == OutType::Q2K => &types::Q3_K,
+        _ => base,
+    }
+}
+
+/// `ty`, or its fallback when `row_len` is not a whole number of its blocks, with the reason.
+/// llama.cpp's fallback table: Q2_K/Q3_K -> IQ4_NL, which candle cannot write: we use Q4_0, the
+/// same size; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; then F16 when even that block does not
+/// divide the row.
+fn fit_rows(ty: &'static TypeInfo, row_len: u64) -> (GgmlType, Option<String>) {
+    let block = ty.block_size;
     if row_len.is_multiple_of(block) {
-        return (GgmlType::from_code(ty), None);
+        return (ty.ty(), None);
     }
-    let fallback = match ty {
-        Q2_K | Q3_K => Q4_0,
-        Q4_K => Q5_0,
-        Q5_K => Q5_1,
-        Q6_K => Q8_0,
-        _ => F16,
+    let fallback = match *ty {
+        types::Q2_K | types::Q3_K => &types::Q4_0,
+        types::Q4_K => &types::Q5_0,
+        types::Q5_K => &types::Q5_1,
+        types::Q6_K => &types::Q8_0,
+        _ => &types::F16,
     };
     let fb = if row_len.is_multiple_of(32) {
         fallback
     } else {
-        F16
+        &types::F16
     };
-    let name = |c: u32| GgmlType::from_code(c).to_string();
     (
-        GgmlType::from_code(fb),
+        fb.ty(),
         Some(format!(
             "rows of {row_len} are not a multiple of {block} for {}: {}",
-            name(ty),
-            name(fb)
+            ty.name, fb.name
         )),
     )
 }
@@ -230,6 +221,16 @@ pub fn choose_type(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_outtype_round_trips_through_its_row() {
+        for (i, &(out, name, base, _)) in OUT_TYPES.iter().enumerate() {
+            assert_eq!(out as usize, i, "{name}: row out of declaration order");
+            assert_eq!(name.parse::<OutType>(), Ok(out));
+            assert_eq!((out.name(), out.base_type()), (name, base.ty()));
+            assert_eq!(GgmlType::from_code(base.code), base.ty());
+        }
+    }
 
     #[test]
     fn more_bits_matches_llama_cpp_for_32_layers() {

@@ -168,6 +168,223 @@ fn post_processor_adds_first(pp: &Json) -> bool {
         .is_some_and(|first| first.get("SpecialToken").is_some())
 }
 
+/// The tokens of tokenizer.json's `model`: id -> (text, score), the BPE merges, and whether it
+/// is SentencePiece-style (`llama` in GGUF) rather than byte-level BPE (`gpt2`).
+struct ModelTokens {
+    entries: HashMap<u32, (String, f32)>,
+    merges: Vec<(String, String)>,
+    spm: bool,
+}
+
+/// Read the tokens of a `BPE` or `Unigram` model.
+fn model_tokens(
+    path: &Path,
+    tj: &Json,
+    model: &Json,
+    mtype: &str,
+) -> Result<ModelTokens, ConvertError> {
+    let byte_fallback = model
+        .get("byte_fallback")
+        .and_then(Json::as_bool)
+        .unwrap_or(false);
+    match mtype {
+        "BPE" => {
+            let mut entries = HashMap::new();
+            let vocab = model
+                .get("vocab")
+                .and_then(Json::as_object)
+                .ok_or_else(|| tok_err(path, "model.vocab is not an object"))?;
+            for (t, id) in vocab {
+                let id = id
+                    .as_u64()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(|| tok_err(path, format!("token {t:?}: bad id {id}")))?;
+                entries.insert(id, (t.clone(), 0.0));
+            }
+            let merges = bpe_merges(path, model)?;
+            let has_byte_level = tj
+                .get("pre_tokenizer")
+                .map(|p| canonical(p).contains("ByteLevel"))
+                .unwrap_or(false)
+                || tj
+                    .get("decoder")
+                    .and_then(|d| d.get("type"))
+                    .and_then(Json::as_str)
+                    == Some("ByteLevel");
+            Ok(ModelTokens {
+                entries,
+                merges,
+                spm: byte_fallback || !has_byte_level,
+            })
+        }
+        "Unigram" => {
+            let mut entries = HashMap::new();
+            let vocab = model
+                .get("vocab")
+                .and_then(Json::as_array)
+                .ok_or_else(|| tok_err(path, "model.vocab is not an array"))?;
+            for (i, e) in vocab.iter().enumerate() {
+                let (t, s) = match e.as_array().map(Vec::as_slice) {
+                    Some([t, s]) => (t.as_str(), s.as_f64()),
+                    _ => (None, None),
+                };
+                let (t, s) = t
+                    .zip(s)
+                    .ok_or_else(|| tok_err(path, format!("vocab entry {i}: {e}")))?;
+                entries.insert(i as u32, (t.to_string(), s as f32));
+            }
+            Ok(ModelTokens {
+                entries,
+                merges: Vec::new(),
+                spm: true,
+            })
+        }
+        other => Err(tok_err(
+            path,
+            format!("tokenizer model {other:?} is not supported (BPE or Unigram)"),
+        )),
+    }
+}
+
+/// A BPE model's merges, each `"a b"` or `["a", "b"]`.
+fn bpe_merges(path: &Path, model: &Json) -> Result<Vec<(String, String)>, ConvertError> {
+    let mut merges = Vec::new();
+    for (i, m) in model
+        .get("merges")
+        .and_then(Json::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        let pair = match m {
+            Json::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string())),
+            Json::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
+                (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
+                _ => None,
+            },
+            _ => None,
+        };
+        let pair = pair.ok_or_else(|| tok_err(path, format!("merge {i}: {m}")))?;
+        merges.push(pair);
+    }
+    Ok(merges)
+}
+
+/// tokenizer.json's added tokens override or extend `entries`; returns id -> special.
+fn added_tokens(
+    path: &Path,
+    tj: &Json,
+    entries: &mut HashMap<u32, (String, f32)>,
+) -> Result<HashMap<u32, bool>, ConvertError> {
+    let mut added: HashMap<u32, bool> = HashMap::new();
+    for a in tj
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let id = a
+            .get("id")
+            .and_then(Json::as_u64)
+            .and_then(|i| u32::try_from(i).ok());
+        let content = a.get("content").and_then(Json::as_str);
+        let (Some(id), Some(content)) = (id, content) else {
+            return Err(tok_err(path, format!("added token {a}")));
+        };
+        let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
+        entries.entry(id).or_insert((content.to_string(), 0.0)).0 = content.to_string();
+        added.insert(id, special);
+    }
+    Ok(added)
+}
+
+/// The GGUF token arrays for ids `0..n`: texts, types and scores; ids without a token become
+/// `[PAD<id>]`. Also returns how many were padded.
+struct TokenArrays {
+    tokens: Vec<Vec<u8>>,
+    types: Vec<i32>,
+    scores: Vec<f32>,
+    padded: usize,
+}
+
+fn token_arrays(
+    m: &ModelTokens,
+    added: &HashMap<u32, bool>,
+    n: usize,
+    is_bpe: bool,
+    unk_text: Option<&str>,
+) -> TokenArrays {
+    let spm = m.spm;
+    // BPE scores for SentencePiece-style use: -(merge rank) for merged tokens
+    let mut merge_score: HashMap<String, f32> = HashMap::new();
+    if spm && is_bpe {
+        for (r, (a, b)) in m.merges.iter().enumerate() {
+            merge_score.entry(format!("{a}{b}")).or_insert(-(r as f32));
+        }
+    }
+    let mut out = TokenArrays {
+        tokens: Vec::with_capacity(n),
+        types: Vec::with_capacity(n),
+        scores: Vec::with_capacity(n),
+        padded: 0,
+    };
+    for id in 0..n as u32 {
+        match m.entries.get(&id) {
+            Some((t, s)) => {
+                let ty = match added.get(&id) {
+                    Some(true) => TYPE_CONTROL,
+                    Some(false) => TYPE_USER_DEFINED,
+                    None if spm && Some(t.as_str()) == unk_text => TYPE_UNKNOWN,
+                    None if spm && is_byte_token(t) => TYPE_BYTE,
+                    None => TYPE_NORMAL,
+                };
+                let score = if is_bpe {
+                    merge_score.get(t).copied().unwrap_or(0.0)
+                } else {
+                    *s
+                };
+                out.tokens.push(t.as_bytes().to_vec());
+                out.types.push(ty);
+                out.scores.push(score);
+            }
+            None => {
+                out.padded += 1;
+                out.tokens.push(format!("[PAD{id}]").into_bytes());
+                out.types.push(TYPE_UNUSED);
+                out.scores.push(0.0);
+            }
+        }
+    }
+    out
+}
+
+/// `tokenizer.ggml.pre` of a byte-level tokenizer: the override, or the recognised
+/// pre-tokenizer (an error naming the known ones when it is not recognised).
+fn pre_name(path: &Path, tj: &Json, pre_override: Option<&str>) -> Result<String, ConvertError> {
+    Ok(match pre_override {
+        Some(p) => p.to_string(),
+        None => {
+            let p = tj.get("pre_tokenizer").unwrap_or(&Json::Null);
+            recognise_pre(p)
+                .ok_or_else(|| {
+                    tok_err(
+                        path,
+                        format!(
+                            "unrecognised pre-tokenizer {}; pass --tokenizer-pre NAME \
+                             (known: {})",
+                            canonical(p),
+                            PRE_TOKENIZERS.join(", ")
+                        ),
+                    )
+                })?
+                .to_string()
+        }
+    })
+}
+
 /// Read the vocabulary of a model directory (tokenizer.json and, when present,
 /// tokenizer_config.json). `vocab_size` is the embedding's row count; `config_ids` the
 /// config.json bos/eos ids used when tokenizer_config.json names none. Returns notes.
@@ -190,104 +407,10 @@ pub fn vocab_from_dir(
         .get("model")
         .ok_or_else(|| tok_err(&path, "no \"model\""))?;
     let mtype = model.get("type").and_then(Json::as_str).unwrap_or("BPE");
-    // id -> (text, score)
-    let mut entries: HashMap<u32, (String, f32)> = HashMap::new();
-    let mut merges_out: Vec<(String, String)> = Vec::new();
-    let byte_fallback = model
-        .get("byte_fallback")
-        .and_then(Json::as_bool)
-        .unwrap_or(false);
-    let spm;
-    match mtype {
-        "BPE" => {
-            let vocab = model
-                .get("vocab")
-                .and_then(Json::as_object)
-                .ok_or_else(|| tok_err(&path, "model.vocab is not an object"))?;
-            for (t, id) in vocab {
-                let id = id
-                    .as_u64()
-                    .and_then(|i| u32::try_from(i).ok())
-                    .ok_or_else(|| tok_err(&path, format!("token {t:?}: bad id {id}")))?;
-                entries.insert(id, (t.clone(), 0.0));
-            }
-            for (i, m) in model
-                .get("merges")
-                .and_then(Json::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-                .iter()
-                .enumerate()
-            {
-                let pair = match m {
-                    Json::String(s) => s
-                        .split_once(' ')
-                        .map(|(a, b)| (a.to_string(), b.to_string())),
-                    Json::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
-                        (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                let pair = pair.ok_or_else(|| tok_err(&path, format!("merge {i}: {m}")))?;
-                merges_out.push(pair);
-            }
-            let has_byte_level = tj
-                .get("pre_tokenizer")
-                .map(|p| canonical(p).contains("ByteLevel"))
-                .unwrap_or(false)
-                || tj
-                    .get("decoder")
-                    .and_then(|d| d.get("type"))
-                    .and_then(Json::as_str)
-                    == Some("ByteLevel");
-            spm = byte_fallback || !has_byte_level;
-        }
-        "Unigram" => {
-            let vocab = model
-                .get("vocab")
-                .and_then(Json::as_array)
-                .ok_or_else(|| tok_err(&path, "model.vocab is not an array"))?;
-            for (i, e) in vocab.iter().enumerate() {
-                let (t, s) = match e.as_array().map(Vec::as_slice) {
-                    Some([t, s]) => (t.as_str(), s.as_f64()),
-                    _ => (None, None),
-                };
-                let (t, s) = t
-                    .zip(s)
-                    .ok_or_else(|| tok_err(&path, format!("vocab entry {i}: {e}")))?;
-                entries.insert(i as u32, (t.to_string(), s as f32));
-            }
-            spm = true;
-        }
-        other => {
-            return Err(tok_err(
-                &path,
-                format!("tokenizer model {other:?} is not supported (BPE or Unigram)"),
-            ))
-        }
-    }
-    // added tokens override or extend the vocabulary
-    let mut added: HashMap<u32, bool> = HashMap::new();
-    for a in tj
-        .get("added_tokens")
-        .and_then(Json::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-    {
-        let id = a
-            .get("id")
-            .and_then(Json::as_u64)
-            .and_then(|i| u32::try_from(i).ok());
-        let content = a.get("content").and_then(Json::as_str);
-        let (Some(id), Some(content)) = (id, content) else {
-            return Err(tok_err(&path, format!("added token {a}")));
-        };
-        let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
-        entries.entry(id).or_insert((content.to_string(), 0.0)).0 = content.to_string();
-        added.insert(id, special);
-    }
-    let max_id = entries
+    let mut mt = model_tokens(&path, &tj, model, mtype)?;
+    let added = added_tokens(&path, &tj, &mut mt.entries)?;
+    let max_id = mt
+        .entries
         .keys()
         .copied()
         .max()
@@ -300,49 +423,15 @@ pub fn vocab_from_dir(
         ));
     }
     let unk_text = model.get("unk_token").and_then(Json::as_str);
-    // BPE scores for SentencePiece-style use: -(merge rank) for merged tokens
-    let mut merge_score: HashMap<String, f32> = HashMap::new();
-    if spm && mtype == "BPE" {
-        for (r, (a, b)) in merges_out.iter().enumerate() {
-            merge_score.entry(format!("{a}{b}")).or_insert(-(r as f32));
-        }
-    }
-    let mut tokens = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut scores = Vec::with_capacity(n);
-    let mut padded = 0usize;
-    for id in 0..n as u32 {
-        match entries.get(&id) {
-            Some((t, s)) => {
-                let ty = match added.get(&id) {
-                    Some(true) => TYPE_CONTROL,
-                    Some(false) => TYPE_USER_DEFINED,
-                    None if spm && Some(t.as_str()) == unk_text => TYPE_UNKNOWN,
-                    None if spm && is_byte_token(t) => TYPE_BYTE,
-                    None => TYPE_NORMAL,
-                };
-                let score = if mtype == "BPE" {
-                    merge_score.get(t).copied().unwrap_or(0.0)
-                } else {
-                    *s
-                };
-                tokens.push(t.as_bytes().to_vec());
-                types.push(ty);
-                scores.push(score);
-            }
-            None => {
-                padded += 1;
-                tokens.push(format!("[PAD{id}]").into_bytes());
-                types.push(TYPE_UNUSED);
-                scores.push(0.0);
-            }
-        }
-    }
-    if padded > 0 {
+    let spm = mt.spm;
+    let arrays = token_arrays(&mt, &added, n, mtype == "BPE", unk_text);
+    if arrays.padded > 0 {
         notes.push(format!(
-            "{padded} vocabulary ids without a token written as [PAD<id>]"
+            "{} vocabulary ids without a token written as [PAD<id>]",
+            arrays.padded
         ));
     }
+    let tokens = arrays.tokens;
     let id_of = |text: &Option<String>| -> Option<u32> {
         let text = text.as_deref()?;
         tokens
@@ -353,25 +442,7 @@ pub fn vocab_from_dir(
     let pre = if spm {
         None
     } else {
-        Some(match pre_override {
-            Some(p) => p.to_string(),
-            None => {
-                let p = tj.get("pre_tokenizer").unwrap_or(&Json::Null);
-                recognise_pre(p)
-                    .ok_or_else(|| {
-                        tok_err(
-                            &path,
-                            format!(
-                                "unrecognised pre-tokenizer {}; pass --tokenizer-pre NAME \
-                                 (known: {})",
-                                canonical(p),
-                                PRE_TOKENIZERS.join(", ")
-                            ),
-                        )
-                    })?
-                    .to_string()
-            }
-        })
+        Some(pre_name(&path, &tj, pre_override)?)
     };
     let add_bos = cfg.add_bos_token.or_else(|| {
         tj.get("post_processor")
@@ -381,11 +452,11 @@ pub fn vocab_from_dir(
     let vocab = GgufVocab {
         model: if spm { MODEL_LLAMA } else { MODEL_GPT2 }.to_string(),
         pre,
-        scores: spm.then_some(scores),
+        scores: spm.then_some(arrays.scores),
         merges: if spm {
             Vec::new()
         } else {
-            merges_out.iter().map(|(a, b)| format!("{a} {b}")).collect()
+            mt.merges.iter().map(|(a, b)| format!("{a} {b}")).collect()
         },
         bos: id_of(&cfg.bos_token).or(config_ids.0),
         eos: id_of(&cfg.eos_token).or(config_ids.1),
@@ -395,7 +466,7 @@ pub fn vocab_from_dir(
         add_eos: cfg.add_eos_token,
         chat_template: cfg.chat_template.clone(),
         tokens,
-        token_types: types,
+        token_types: arrays.types,
     };
     Ok((vocab, notes))
 }
@@ -525,6 +596,17 @@ impl GgufVocab {
     /// tokenizer_config.json, notes).
     pub fn to_hf(&self) -> Result<(Json, Json, Vec<String>), ConvertError> {
         let mut notes = Vec::new();
+        let (vocab, added) = self.hf_vocab(&mut notes)?;
+        let tokenizer = self.tokenizer_json(vocab, added)?;
+        Ok((tokenizer, self.tokenizer_config(), notes))
+    }
+
+    /// tokenizer.json's `model.vocab` (text -> first id) and `added_tokens` (control and
+    /// user-defined tokens); notes texts that repeat.
+    fn hf_vocab(
+        &self,
+        notes: &mut Vec<String>,
+    ) -> Result<(Map<String, Json>, Vec<Json>), ConvertError> {
         let bad = |reason: String| ConvertError::Key {
             key: tk::TOKENS.to_string(),
             reason,
@@ -548,24 +630,37 @@ impl GgufVocab {
             }
             vocab.insert(text, json!(i));
         }
+        Ok((vocab, added))
+    }
+
+    /// The post-processor: BOS first when the GGUF adds it, else byte-level offsets for a
+    /// byte-level tokenizer, else none.
+    fn post_processor(&self, byte_level: bool) -> Json {
         let bos_first = self.add_bos == Some(true) && self.bos.is_some();
-        let post = |byte_level: bool| -> Json {
-            match (bos_first, self.bos.and_then(|b| self.text(b))) {
-                (true, Some(bos)) => {
-                    let b = self.bos.unwrap_or(0);
-                    json!({"type": "TemplateProcessing",
-                        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                        "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}})
-                }
-                _ if byte_level => {
-                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
-                }
-                _ => Json::Null,
+        match (bos_first, self.bos.and_then(|b| self.text(b))) {
+            (true, Some(bos)) => {
+                let b = self.bos.unwrap_or(0);
+                json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}})
             }
-        };
-        let tokenizer = match self.model.as_str() {
+            _ if byte_level => {
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+            }
+            _ => Json::Null,
+        }
+    }
+
+    /// tokenizer.json for the GGUF's tokenizer model (gpt2: byte-level BPE; llama: SentencePiece
+    /// BPE with byte fallback).
+    fn tokenizer_json(
+        &self,
+        vocab: Map<String, Json>,
+        added: Vec<Json>,
+    ) -> Result<Json, ConvertError> {
+        Ok(match self.model.as_str() {
             MODEL_GPT2 => {
                 let pre_name = self.pre.as_deref().unwrap_or("gpt-2");
                 let pre = pre_tokenizer_json(pre_name).ok_or_else(|| ConvertError::Key {
@@ -578,7 +673,7 @@ impl GgufVocab {
                 json!({
                     "version": "1.0", "truncation": null, "padding": null,
                     "added_tokens": added, "normalizer": null, "pre_tokenizer": pre,
-                    "post_processor": post(true),
+                    "post_processor": self.post_processor(true),
                     "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                     "model": {"type": "BPE", "dropout": null, "unk_token": null,
                         "continuing_subword_prefix": null, "end_of_word_suffix": null,
@@ -595,7 +690,7 @@ impl GgufVocab {
                         {"type": "Prepend", "prepend": "\u{2581}"},
                         {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
                     "pre_tokenizer": null,
-                    "post_processor": post(false),
+                    "post_processor": self.post_processor(false),
                     "decoder": {"type": "Sequence", "decoders": [
                         {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
                         {"type": "ByteFallback"}, {"type": "Fuse"},
@@ -613,7 +708,11 @@ impl GgufVocab {
                     reason: format!("tokenizer model {other:?} is not supported (gpt2 or llama)"),
                 })
             }
-        };
+        })
+    }
+
+    /// tokenizer_config.json: the special tokens' texts, the add-BOS/EOS flags, the template.
+    fn tokenizer_config(&self) -> Json {
         let mut cfg = Map::new();
         cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
         for (k, id) in [
@@ -635,7 +734,7 @@ impl GgufVocab {
         if let Some(t) = &self.chat_template {
             cfg.insert("chat_template".into(), json!(t));
         }
-        Ok((tokenizer, Json::Object(cfg), notes))
+        Json::Object(cfg)
     }
 
     /// SentencePiece-style merges from scores (transformers `SentencePieceExtractor`): every

@@ -22,92 +22,42 @@ pub const DEFAULT_FREQ_BASE: f64 = 10_000.0;
 pub const ARCH_LLAMA: &str = "llama";
 pub const ARCH_MISTRAL3: &str = "mistral3";
 
-/// `{arch}.*` keys: (key, suffix, type).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArchKey {
-    ContextLength,
-    EmbeddingLength,
-    BlockCount,
-    FeedForwardLength,
-    HeadCount,
-    HeadCountKv,
-    LayerNormRmsEpsilon,
-    RopeDimensionCount,
-    VocabSize,
-    RopeFreqBase,
-    RopeScalingType,
-    RopeScalingFactor,
-    RopeScalingOriginalContextLength,
-    RopeScalingAttnFactor,
-    RopeScalingYarnBetaFast,
-    RopeScalingYarnBetaSlow,
-    AttentionTemperatureScale,
+/// Declares [`ArchKey`] and its table from one list, so every key has exactly one row and a row
+/// is found by indexing with the key.
+macro_rules! arch_keys {
+    ($($variant:ident = $suffix:literal, $ty:ident;)*) => {
+        /// `{arch}.*` keys: (key, suffix, type).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ArchKey {
+            $($variant),*
+        }
+
+        /// The `{arch}.` key table: suffix and the type llama.cpp requires, in declaration
+        /// order: row `i` is key `i`.
+        pub const ARCH_KEYS: &[(ArchKey, &str, ValueType)] =
+            &[$((ArchKey::$variant, $suffix, ValueType::$ty)),*];
+    };
 }
 
-/// The `{arch}.` key table: suffix and the type llama.cpp requires.
-pub const ARCH_KEYS: &[(ArchKey, &str, ValueType)] = &[
-    (ArchKey::ContextLength, "context_length", ValueType::U32),
-    (ArchKey::EmbeddingLength, "embedding_length", ValueType::U32),
-    (ArchKey::BlockCount, "block_count", ValueType::U32),
-    (
-        ArchKey::FeedForwardLength,
-        "feed_forward_length",
-        ValueType::U32,
-    ),
-    (ArchKey::HeadCount, "attention.head_count", ValueType::U32),
-    (
-        ArchKey::HeadCountKv,
-        "attention.head_count_kv",
-        ValueType::U32,
-    ),
-    (
-        ArchKey::LayerNormRmsEpsilon,
-        "attention.layer_norm_rms_epsilon",
-        ValueType::F32,
-    ),
-    (
-        ArchKey::RopeDimensionCount,
-        "rope.dimension_count",
-        ValueType::U32,
-    ),
-    (ArchKey::VocabSize, "vocab_size", ValueType::U32),
-    (ArchKey::RopeFreqBase, "rope.freq_base", ValueType::F32),
-    (
-        ArchKey::RopeScalingType,
-        "rope.scaling.type",
-        ValueType::String,
-    ),
-    (
-        ArchKey::RopeScalingFactor,
-        "rope.scaling.factor",
-        ValueType::F32,
-    ),
-    (
-        ArchKey::RopeScalingOriginalContextLength,
-        "rope.scaling.original_context_length",
-        ValueType::U32,
-    ),
-    (
-        ArchKey::RopeScalingAttnFactor,
-        "rope.scaling.attn_factor",
-        ValueType::F32,
-    ),
-    (
-        ArchKey::RopeScalingYarnBetaFast,
-        "rope.scaling.yarn_beta_fast",
-        ValueType::F32,
-    ),
-    (
-        ArchKey::RopeScalingYarnBetaSlow,
-        "rope.scaling.yarn_beta_slow",
-        ValueType::F32,
-    ),
-    (
-        ArchKey::AttentionTemperatureScale,
-        "attention.temperature_scale",
-        ValueType::F32,
-    ),
-];
+arch_keys! {
+    ContextLength = "context_length", U32;
+    EmbeddingLength = "embedding_length", U32;
+    BlockCount = "block_count", U32;
+    FeedForwardLength = "feed_forward_length", U32;
+    HeadCount = "attention.head_count", U32;
+    HeadCountKv = "attention.head_count_kv", U32;
+    LayerNormRmsEpsilon = "attention.layer_norm_rms_epsilon", F32;
+    RopeDimensionCount = "rope.dimension_count", U32;
+    VocabSize = "vocab_size", U32;
+    RopeFreqBase = "rope.freq_base", F32;
+    RopeScalingType = "rope.scaling.type", String;
+    RopeScalingFactor = "rope.scaling.factor", F32;
+    RopeScalingOriginalContextLength = "rope.scaling.original_context_length", U32;
+    RopeScalingAttnFactor = "rope.scaling.attn_factor", F32;
+    RopeScalingYarnBetaFast = "rope.scaling.yarn_beta_fast", F32;
+    RopeScalingYarnBetaSlow = "rope.scaling.yarn_beta_slow", F32;
+    AttentionTemperatureScale = "attention.temperature_scale", F32;
+}
 
 /// The rope/scaling keys a recipe owns: `apply_recipe` removes those it does not write.
 pub const RECIPE_ARCH_KEYS: &[ArchKey] = &[
@@ -144,10 +94,7 @@ pub mod tokenizer {
 
 impl ArchKey {
     fn row(self) -> &'static (ArchKey, &'static str, ValueType) {
-        ARCH_KEYS
-            .iter()
-            .find(|r| r.0 == self)
-            .unwrap_or(&ARCH_KEYS[0])
+        &ARCH_KEYS[self as usize]
     }
 
     pub fn suffix(self) -> &'static str {
@@ -346,5 +293,21 @@ impl Metadata {
         }
         self.set_architecture(new);
         Ok(Some(old))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_arch_key_round_trips_through_its_row() {
+        for (i, &(key, suffix, ty)) in ARCH_KEYS.iter().enumerate() {
+            assert_eq!(key as usize, i, "{suffix}: row out of declaration order");
+            assert_eq!((key.suffix(), key.value_type()), (suffix, ty));
+            let full = key.key(ARCH_LLAMA);
+            assert_eq!(ArchKey::parse(ARCH_LLAMA, &full), Some(key));
+            assert_eq!(required_type(Some(ARCH_LLAMA), &full), Some(ty));
+        }
     }
 }

@@ -278,204 +278,260 @@ fn pad(x: u64, align: u64) -> Option<u64> {
     x.checked_add(align - 1).map(|y| y / align * align)
 }
 
-impl GgufFile {
-    /// Parse a GGUF file held in memory.
-    pub fn parse(bytes: &[u8]) -> Result<GgufFile, GgufError> {
-        let mut c = Cursor { bytes, pos: 0 };
-        let magic: [u8; 4] = c.array(&|| "magic".to_string())?;
-        if &magic != MAGIC {
-            return Err(GgufError::BadMagic { found: magic });
-        }
-        let version = c.u32(&|| "version".to_string())?;
-        if version != 2 && version != 3 {
-            let hint = if version.swap_bytes() == 3 || version.swap_bytes() == 2 {
-                "; this looks like a big-endian file"
-            } else if version == 1 {
-                "; version 1 used 32-bit lengths and is obsolete"
-            } else {
-                ""
-            };
-            return Err(GgufError::UnsupportedVersion { version, hint });
-        }
-        // v2 and v3 share the layout (v3 only allowed big-endian files, which we refuse above)
-        let n_tensors = c.u64(&|| "tensor count".to_string())?;
-        let n_kv = c.u64(&|| "key/value count".to_string())?;
-        let check = |n: u64, min: u64, what: &str, left: u64| {
-            if n.checked_mul(min).is_some_and(|need| need <= left) {
-                Ok(())
-            } else {
-                Err(GgufError::CountTooLarge {
-                    offset: if what.starts_with("tensor") { 8 } else { 16 },
-                    what: what.to_string(),
-                    count: n,
-                    left,
-                })
-            }
+/// Magic and version; returns the version (2 or 3).
+fn read_preamble(c: &mut Cursor) -> Result<u32, GgufError> {
+    let magic: [u8; 4] = c.array(&|| "magic".to_string())?;
+    if &magic != MAGIC {
+        return Err(GgufError::BadMagic { found: magic });
+    }
+    let version = c.u32(&|| "version".to_string())?;
+    if version != 2 && version != 3 {
+        let hint = if version.swap_bytes() == 3 || version.swap_bytes() == 2 {
+            "; this looks like a big-endian file"
+        } else if version == 1 {
+            "; version 1 used 32-bit lengths and is obsolete"
+        } else {
+            ""
         };
-        check(n_tensors, MIN_TENSOR_INFO, "tensor count", c.left())?;
-        check(n_kv, MIN_KV, "key/value count", c.left())?;
+        return Err(GgufError::UnsupportedVersion { version, hint });
+    }
+    Ok(version)
+}
 
-        let mut metadata = Metadata::new();
-        // capacities are capped: a count is only trusted as far as items actually parse
-        let mut spans = Vec::with_capacity(n_kv.min(PREALLOC) as usize);
-        let mut seen_keys = std::collections::HashSet::new();
-        for i in 0..n_kv {
-            let key_offset = c.offset();
-            let key = c.utf8(&|| format!("key {i}"))?;
-            if !seen_keys.insert(key.clone()) {
-                return Err(GgufError::DuplicateKey {
-                    offset: key_offset,
-                    key,
-                });
-            }
-            let ty = value_type(&mut c, &key)?;
-            let value_offset = c.offset();
-            let value = if ty == ValueType::Array {
-                Value::Array(read_array(&mut c, &key)?)
-            } else {
-                read_scalar(&mut c, ty, &key)?
-            };
-            spans.push(FieldSpan {
-                key_offset,
-                value_offset,
-                value_end: c.offset(),
-            });
-            metadata.push_unchecked(key, value);
+/// The tensor and key/value counts, each checked against the smallest bytes it needs.
+fn read_counts(c: &mut Cursor) -> Result<(u64, u64), GgufError> {
+    // v2 and v3 share the layout (v3 only allowed big-endian files, which we refuse above)
+    let n_tensors = c.u64(&|| "tensor count".to_string())?;
+    let n_kv = c.u64(&|| "key/value count".to_string())?;
+    let check = |n: u64, min: u64, what: &str, left: u64| {
+        if n.checked_mul(min).is_some_and(|need| need <= left) {
+            Ok(())
+        } else {
+            Err(GgufError::CountTooLarge {
+                offset: if what.starts_with("tensor") { 8 } else { 16 },
+                what: what.to_string(),
+                count: n,
+                left,
+            })
         }
-        let alignment = metadata.alignment()?;
+    };
+    check(n_tensors, MIN_TENSOR_INFO, "tensor count", c.left())?;
+    check(n_kv, MIN_KV, "key/value count", c.left())?;
+    Ok((n_tensors, n_kv))
+}
 
-        let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
-        let mut seen_tensors = std::collections::HashSet::new();
-        for i in 0..n_tensors {
-            let info_offset = c.offset();
-            let name = c.utf8(&|| format!("name of tensor {i}"))?;
-            if !seen_tensors.insert(name.clone()) {
-                return Err(GgufError::DuplicateTensor {
-                    offset: info_offset,
-                    name,
-                });
-            }
-            let nd_at = c.offset();
-            let n_dims = c.u32(&|| format!("dimension count of tensor {name:?}"))?;
-            if n_dims > MAX_DIMS {
-                return Err(GgufError::TooManyDims {
-                    offset: nd_at,
-                    name,
-                    n_dims,
-                });
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for d in 0..n_dims {
-                dims.push(c.u64(&|| format!("dimension {d} of tensor {name:?}"))?);
-            }
-            // ggml keeps element counts in int64_t
-            let elements = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .filter(|&n| n <= i64::MAX as u64);
-            let Some(elements) = elements else {
-                return Err(GgufError::DimOverflow {
-                    offset: nd_at,
-                    name,
-                    dims,
-                });
-            };
-            let ggml_type = GgmlType::from_code(c.u32(&|| format!("type of tensor {name:?}"))?);
-            let offset = c.u64(&|| format!("offset of tensor {name:?}"))?;
-            let size = match ggml_type.info() {
-                Some(t) => {
-                    let row = dims.first().copied().unwrap_or(1);
-                    if !row.is_multiple_of(t.block_size) {
-                        return Err(GgufError::PartialBlock {
-                            name,
-                            row,
-                            ty: t.name.to_string(),
-                            block: t.block_size,
-                        });
-                    }
-                    (elements / t.block_size)
-                        .checked_mul(t.type_size)
-                        .ok_or_else(|| GgufError::DimOverflow {
-                            offset: nd_at,
-                            name: name.clone(),
-                            dims: dims.clone(),
-                        })?
-                }
-                None => 0, // sized below from the offsets
-            };
-            tensors.push(TensorInfo {
+/// `n_kv` metadata entries (duplicate keys refused) and where each lies.
+fn read_metadata(c: &mut Cursor, n_kv: u64) -> Result<(Metadata, Vec<FieldSpan>), GgufError> {
+    let mut metadata = Metadata::new();
+    // capacities are capped: a count is only trusted as far as items actually parse
+    let mut spans = Vec::with_capacity(n_kv.min(PREALLOC) as usize);
+    let mut seen_keys = std::collections::HashSet::new();
+    for i in 0..n_kv {
+        let key_offset = c.offset();
+        let key = c.utf8(&|| format!("key {i}"))?;
+        if !seen_keys.insert(key.clone()) {
+            return Err(GgufError::DuplicateKey {
+                offset: key_offset,
+                key,
+            });
+        }
+        let ty = value_type(c, &key)?;
+        let value_offset = c.offset();
+        let value = if ty == ValueType::Array {
+            Value::Array(read_array(c, &key)?)
+        } else {
+            read_scalar(c, ty, &key)?
+        };
+        spans.push(FieldSpan {
+            key_offset,
+            value_offset,
+            value_end: c.offset(),
+        });
+        metadata.push_unchecked(key, value);
+    }
+    Ok((metadata, spans))
+}
+
+/// `n_tensors` tensor infos (duplicate names refused).
+fn read_tensor_infos(c: &mut Cursor, n_tensors: u64) -> Result<Vec<TensorInfo>, GgufError> {
+    let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
+    let mut seen_tensors = std::collections::HashSet::new();
+    for i in 0..n_tensors {
+        let info_offset = c.offset();
+        let name = c.utf8(&|| format!("name of tensor {i}"))?;
+        if !seen_tensors.insert(name.clone()) {
+            return Err(GgufError::DuplicateTensor {
+                offset: info_offset,
                 name,
-                dims,
-                ggml_type,
-                offset,
-                size,
-                info_offset,
             });
         }
-        let header_end = c.offset();
-        let file_len = bytes.len() as u64;
-        let data_start = pad(header_end, alignment).ok_or(GgufError::Truncated {
+        tensors.push(read_tensor_info(c, name, info_offset)?);
+    }
+    Ok(tensors)
+}
+
+/// The rest of one tensor info after its name: dimensions, type, offset; the size from the
+/// type table (0 for an unknown type, sized later from the offsets).
+fn read_tensor_info(
+    c: &mut Cursor,
+    name: String,
+    info_offset: u64,
+) -> Result<TensorInfo, GgufError> {
+    let nd_at = c.offset();
+    let n_dims = c.u32(&|| format!("dimension count of tensor {name:?}"))?;
+    if n_dims > MAX_DIMS {
+        return Err(GgufError::TooManyDims {
+            offset: nd_at,
+            name,
+            n_dims,
+        });
+    }
+    let mut dims = Vec::with_capacity(n_dims as usize);
+    for d in 0..n_dims {
+        dims.push(c.u64(&|| format!("dimension {d} of tensor {name:?}"))?);
+    }
+    // ggml keeps element counts in int64_t
+    let elements = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64);
+    let Some(elements) = elements else {
+        return Err(GgufError::DimOverflow {
+            offset: nd_at,
+            name,
+            dims,
+        });
+    };
+    let ggml_type = GgmlType::from_code(c.u32(&|| format!("type of tensor {name:?}"))?);
+    let offset = c.u64(&|| format!("offset of tensor {name:?}"))?;
+    let size = match ggml_type.info() {
+        Some(t) => {
+            let row = dims.first().copied().unwrap_or(1);
+            if !row.is_multiple_of(t.block_size) {
+                return Err(GgufError::PartialBlock {
+                    name,
+                    row,
+                    ty: t.name.to_string(),
+                    block: t.block_size,
+                });
+            }
+            (elements / t.block_size)
+                .checked_mul(t.type_size)
+                .ok_or_else(|| GgufError::DimOverflow {
+                    offset: nd_at,
+                    name: name.clone(),
+                    dims: dims.clone(),
+                })?
+        }
+        None => 0, // sized below from the offsets
+    };
+    Ok(TensorInfo {
+        name,
+        dims,
+        ggml_type,
+        offset,
+        size,
+        info_offset,
+    })
+}
+
+/// Start of the data section: the header end padded to `alignment`, which must lie within the
+/// file when there are tensors.
+fn data_start(
+    header_end: u64,
+    alignment: u64,
+    file_len: u64,
+    has_tensors: bool,
+) -> Result<u64, GgufError> {
+    let data_start = pad(header_end, alignment).ok_or(GgufError::Truncated {
+        offset: header_end,
+        what: "padding before the data section".to_string(),
+        needed: alignment,
+        left: 0,
+    })?;
+    if data_start > file_len && has_tensors {
+        return Err(GgufError::Truncated {
             offset: header_end,
             what: "padding before the data section".to_string(),
-            needed: alignment,
-            left: 0,
-        })?;
-        if data_start > file_len && !tensors.is_empty() {
-            return Err(GgufError::Truncated {
-                offset: header_end,
-                what: "padding before the data section".to_string(),
-                needed: data_start - header_end,
-                left: file_len - header_end,
+            needed: data_start - header_end,
+            left: file_len - header_end,
+        });
+    }
+    Ok(data_start)
+}
+
+/// Check the tensor offsets against the running-sum rule (ggml gguf.cpp: each offset is the
+/// padded end of the one before) and the data section, and size the tensors of unknown type
+/// (up to the next tensor or the end of the file).
+fn place_tensors(
+    tensors: &mut [TensorInfo],
+    alignment: u64,
+    data_start: u64,
+    file_len: u64,
+) -> Result<(), GgufError> {
+    let data_len = file_len.saturating_sub(data_start);
+    let mut expected = 0u64;
+    let n = tensors.len();
+    for i in 0..n {
+        let next_offset = tensors.get(i + 1).map(|t| t.offset);
+        let t = &mut tensors[i];
+        if !t.offset.is_multiple_of(alignment) {
+            return Err(GgufError::MisalignedOffset {
+                name: t.name.clone(),
+                tensor_offset: t.offset,
+                alignment,
             });
         }
-        let data_len = file_len.saturating_sub(data_start);
-        // the running-sum rule (ggml gguf.cpp): each offset is the padded end of the one before
-        let mut expected = 0u64;
-        let n = tensors.len();
-        for i in 0..n {
-            let next_offset = tensors.get(i + 1).map(|t| t.offset);
-            let t = &mut tensors[i];
-            if !t.offset.is_multiple_of(alignment) {
-                return Err(GgufError::MisalignedOffset {
-                    name: t.name.clone(),
-                    tensor_offset: t.offset,
-                    alignment,
-                });
-            }
-            if t.offset != expected {
+        if t.offset != expected {
+            return Err(GgufError::OffsetNotRunningSum {
+                name: t.name.clone(),
+                tensor_offset: t.offset,
+                expected,
+            });
+        }
+        if !t.is_known() {
+            // an unknown type spans up to the next tensor or the end of the file
+            let end = next_offset.unwrap_or(data_len);
+            if end < t.offset {
                 return Err(GgufError::OffsetNotRunningSum {
                     name: t.name.clone(),
                     tensor_offset: t.offset,
                     expected,
                 });
             }
-            if !t.is_known() {
-                // an unknown type spans up to the next tensor or the end of the file
-                let end = next_offset.unwrap_or(data_len);
-                if end < t.offset {
-                    return Err(GgufError::OffsetNotRunningSum {
-                        name: t.name.clone(),
-                        tensor_offset: t.offset,
-                        expected,
-                    });
-                }
-                t.size = end - t.offset;
-            }
-            let end = t.offset.checked_add(t.size);
-            let past = |end: u64| GgufError::TensorPastEnd {
-                name: t.name.clone(),
-                start: data_start.saturating_add(t.offset),
-                end: data_start.saturating_add(end),
-                file_len,
-            };
-            let Some(end) = end else {
-                return Err(past(u64::MAX - data_start));
-            };
-            if end > data_len {
-                return Err(past(end));
-            }
-            expected = pad(end, alignment).ok_or_else(|| past(end))?;
+            t.size = end - t.offset;
         }
+        let end = t.offset.checked_add(t.size);
+        let past = |end: u64| GgufError::TensorPastEnd {
+            name: t.name.clone(),
+            start: data_start.saturating_add(t.offset),
+            end: data_start.saturating_add(end),
+            file_len,
+        };
+        let Some(end) = end else {
+            return Err(past(u64::MAX - data_start));
+        };
+        if end > data_len {
+            return Err(past(end));
+        }
+        expected = pad(end, alignment).ok_or_else(|| past(end))?;
+    }
+    Ok(())
+}
+
+impl GgufFile {
+    /// Parse a GGUF file held in memory.
+    pub fn parse(bytes: &[u8]) -> Result<GgufFile, GgufError> {
+        let mut c = Cursor { bytes, pos: 0 };
+        let version = read_preamble(&mut c)?;
+        let (n_tensors, n_kv) = read_counts(&mut c)?;
+        let (metadata, spans) = read_metadata(&mut c, n_kv)?;
+        let alignment = metadata.alignment()?;
+        let mut tensors = read_tensor_infos(&mut c, n_tensors)?;
+        let header_end = c.offset();
+        let file_len = bytes.len() as u64;
+        let data_start = data_start(header_end, alignment, file_len, !tensors.is_empty())?;
+        place_tensors(&mut tensors, alignment, data_start, file_len)?;
         let data_end = match tensors.last() {
             Some(t) => data_start + t.offset + t.size,
             None => data_start.min(file_len),

@@ -22,6 +22,13 @@ pub struct TypeInfo {
     pub type_size: u64,
 }
 
+impl TypeInfo {
+    /// This row as a [`GgmlType`]: `types::Q4_K.ty()`.
+    pub const fn ty(&'static self) -> GgmlType {
+        GgmlType::Known(self)
+    }
+}
+
 macro_rules! types {
     ($($konst:ident = $code:literal, $name:literal, $bs:literal, $ts:literal;)*) => {
         $(pub const $konst: TypeInfo = TypeInfo { code: $code, name: $name, block_size: $bs, type_size: $ts };)*
@@ -113,5 +120,22 @@ impl fmt::Display for GgmlType {
             GgmlType::Known(t) => f.write_str(t.name),
             GgmlType::Unknown(c) => write!(f, "unknown type {c}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_round_trips_code_and_name() {
+        for t in TYPES {
+            assert_eq!(GgmlType::from_code(t.code), t.ty());
+            assert_eq!(GgmlType::from_name(t.name), Some(t.ty()));
+            assert_eq!(GgmlType::from_name(&t.name.to_lowercase()), Some(t.ty()));
+            assert_eq!(t.ty().byte_size(t.block_size), Some(t.type_size));
+        }
+        assert_eq!(GgmlType::from_code(5), GgmlType::Unknown(5));
+        assert_eq!(GgmlType::from_name("Q4_K_M"), None);
     }
 }

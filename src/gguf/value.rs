@@ -2,40 +2,38 @@
 
 use std::fmt;
 
-/// A GGUF value type code (ggml `docs/gguf.md`, `gguf_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ValueType {
-    U8,
-    I8,
-    U16,
-    I16,
-    U32,
-    I32,
-    F32,
-    Bool,
-    String,
-    Array,
-    U64,
-    I64,
-    F64,
+/// Declares [`ValueType`] and its table from one list, so every variant has exactly one row and
+/// a row is found by indexing with the variant.
+macro_rules! value_types {
+    ($($variant:ident = $code:literal, $name:literal, $size:literal;)*) => {
+        /// A GGUF value type code (ggml `docs/gguf.md`, `gguf_type`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ValueType {
+            $($variant),*
+        }
+
+        /// (type, code, name, fixed size in bytes; 0 for strings and arrays), one table, in
+        /// declaration order: row `i` is variant `i`.
+        const VALUE_TYPES: &[(ValueType, u32, &str, u64)] =
+            &[$((ValueType::$variant, $code, $name, $size)),*];
+    };
 }
 
-/// (type, code, name, fixed size in bytes; 0 for strings and arrays), one table.
-const VALUE_TYPES: &[(ValueType, u32, &str, u64)] = &[
-    (ValueType::U8, 0, "u8", 1),
-    (ValueType::I8, 1, "i8", 1),
-    (ValueType::U16, 2, "u16", 2),
-    (ValueType::I16, 3, "i16", 2),
-    (ValueType::U32, 4, "u32", 4),
-    (ValueType::I32, 5, "i32", 4),
-    (ValueType::F32, 6, "f32", 4),
-    (ValueType::Bool, 7, "bool", 1),
-    (ValueType::String, 8, "string", 0),
-    (ValueType::Array, 9, "array", 0),
-    (ValueType::U64, 10, "u64", 8),
-    (ValueType::I64, 11, "i64", 8),
-    (ValueType::F64, 12, "f64", 8),
-];
+value_types! {
+    U8 = 0, "u8", 1;
+    I8 = 1, "i8", 1;
+    U16 = 2, "u16", 2;
+    I16 = 3, "i16", 2;
+    U32 = 4, "u32", 4;
+    I32 = 5, "i32", 4;
+    F32 = 6, "f32", 4;
+    Bool = 7, "bool", 1;
+    String = 8, "string", 0;
+    Array = 9, "array", 0;
+    U64 = 10, "u64", 8;
+    I64 = 11, "i64", 8;
+    F64 = 12, "f64", 8;
+}
 
 impl ValueType {
     pub fn from_code(code: u32) -> Option<ValueType> {
@@ -50,10 +48,7 @@ impl ValueType {
     }
 
     fn row(self) -> &'static (ValueType, u32, &'static str, u64) {
-        VALUE_TYPES
-            .iter()
-            .find(|r| r.0 == self)
-            .unwrap_or(&VALUE_TYPES[0])
+        &VALUE_TYPES[self as usize]
     }
 
     pub fn code(self) -> u32 {
@@ -388,6 +383,21 @@ impl fmt::Display for Value {
             Value::I32(x) => write!(f, "{x}"),
             Value::I64(x) => write!(f, "{x}"),
             v => write!(f, "{}", v.as_u64().unwrap_or(0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_type_round_trips_through_its_row() {
+        for (i, &(ty, code, name, _)) in VALUE_TYPES.iter().enumerate() {
+            assert_eq!(ty as usize, i, "{name}: row out of declaration order");
+            assert_eq!((ty.code(), ty.name()), (code, name));
+            assert_eq!(ValueType::from_code(code), Some(ty));
+            assert_eq!(ValueType::from_name(name), Some(ty));
         }
     }
 }

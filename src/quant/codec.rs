@@ -31,6 +31,8 @@ const CHUNK_ELEMENTS: usize = 1 << 15;
 /// are its ggml encoding. The size is checked against our type table below.
 unsafe trait PlainBlock: CandleBlock + 'static {}
 
+/// The one map between our type table and candle's block structs: each row declares the block
+/// plain (with a compile-time check of its size against the table) and makes it a [`Codec`].
 macro_rules! plain_blocks {
     ($($block:ty => $info:path),* $(,)?) => {
         $(
@@ -42,6 +44,17 @@ macro_rules! plain_blocks {
                 "candle block layout differs from ggml's type table"
             );
         )*
+
+        /// The kernels of `ty`, or None when candle has no block for it.
+        fn codec(ty: GgmlType) -> Option<Codec> {
+            let info = ty.info()?;
+            $(
+                if info.code == $info.code {
+                    return Some(Codec::of::<$block>(&$info));
+                }
+            )*
+            None
+        }
     };
 }
 
@@ -123,28 +136,6 @@ impl Codec {
     fn chunk_blocks(&self) -> usize {
         (CHUNK_ELEMENTS / self.block_size()).max(1)
     }
-}
-
-fn codec(ty: GgmlType) -> Option<Codec> {
-    let info = ty.info()?;
-    let c = match info.code {
-        c if c == types::F32.code => Codec::of::<f32>(&types::F32),
-        c if c == types::F16.code => Codec::of::<f16>(&types::F16),
-        c if c == types::BF16.code => Codec::of::<bf16>(&types::BF16),
-        c if c == types::Q4_0.code => Codec::of::<BlockQ4_0>(&types::Q4_0),
-        c if c == types::Q4_1.code => Codec::of::<BlockQ4_1>(&types::Q4_1),
-        c if c == types::Q5_0.code => Codec::of::<BlockQ5_0>(&types::Q5_0),
-        c if c == types::Q5_1.code => Codec::of::<BlockQ5_1>(&types::Q5_1),
-        c if c == types::Q8_0.code => Codec::of::<BlockQ8_0>(&types::Q8_0),
-        c if c == types::Q2_K.code => Codec::of::<BlockQ2K>(&types::Q2_K),
-        c if c == types::Q3_K.code => Codec::of::<BlockQ3K>(&types::Q3_K),
-        c if c == types::Q4_K.code => Codec::of::<BlockQ4K>(&types::Q4_K),
-        c if c == types::Q5_K.code => Codec::of::<BlockQ5K>(&types::Q5_K),
-        c if c == types::Q6_K.code => Codec::of::<BlockQ6K>(&types::Q6_K),
-        c if c == types::Q8_K.code => Codec::of::<BlockQ8K>(&types::Q8_K),
-        _ => return None,
-    };
-    Some(c)
 }
 
 /// Whether [`quantize`] and [`dequantize`] handle `ty`.

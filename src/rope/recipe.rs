@@ -28,19 +28,6 @@ pub enum RopeMethod {
     Eabf,
 }
 
-/// Every method with its command-line / config name, in one table.
-const METHOD_NAMES: &[(RopeMethod, &str)] = &[
-    (RopeMethod::Default, "default"),
-    (RopeMethod::Linear, "linear"),
-    (RopeMethod::Ntk, "ntk"),
-    (RopeMethod::Dynamic, "dynamic"),
-    (RopeMethod::Yarn, "yarn"),
-    (RopeMethod::NtkByParts, "ntk-by-parts"),
-    (RopeMethod::Llama3, "llama3"),
-    (RopeMethod::Abf, "abf"),
-    (RopeMethod::Eabf, "eabf"),
-];
-
 impl RopeMethod {
     pub const ALL: [RopeMethod; 9] = [
         RopeMethod::Default,
@@ -54,12 +41,20 @@ impl RopeMethod {
         RopeMethod::Eabf,
     ];
 
+    /// The command-line / config name: the one table of names, exhaustive by construction
+    /// (parsing reads it back through [`RopeMethod::ALL`]).
     pub fn name(self) -> &'static str {
-        METHOD_NAMES
-            .iter()
-            .find(|(m, _)| *m == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("default")
+        match self {
+            RopeMethod::Default => "default",
+            RopeMethod::Linear => "linear",
+            RopeMethod::Ntk => "ntk",
+            RopeMethod::Dynamic => "dynamic",
+            RopeMethod::Yarn => "yarn",
+            RopeMethod::NtkByParts => "ntk-by-parts",
+            RopeMethod::Llama3 => "llama3",
+            RopeMethod::Abf => "abf",
+            RopeMethod::Eabf => "eabf",
+        }
     }
 
     /// Methods whose frequencies depend on a scale factor.
@@ -98,11 +93,39 @@ impl FromStr for RopeMethod {
             "none" => "default",
             other => other,
         };
-        METHOD_NAMES
-            .iter()
-            .find(|(_, n)| *n == key)
-            .map(|(m, _)| *m)
+        RopeMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == key)
             .ok_or_else(|| RecipeError::UnknownMethod(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod method_name_tests {
+    use super::RopeMethod;
+
+    #[test]
+    fn every_method_round_trips_name_parse_variant() {
+        for (i, m) in RopeMethod::ALL.into_iter().enumerate() {
+            assert_eq!(
+                m as usize, i,
+                "{m}: RopeMethod::ALL out of declaration order"
+            );
+            assert_eq!(m.name().parse::<RopeMethod>().ok(), Some(m));
+        }
+        // exhaustive: a new variant stops this compiling until it is added here and to ALL
+        let last = |m: RopeMethod| match m {
+            RopeMethod::Default
+            | RopeMethod::Linear
+            | RopeMethod::Ntk
+            | RopeMethod::Dynamic
+            | RopeMethod::Yarn
+            | RopeMethod::NtkByParts
+            | RopeMethod::Llama3
+            | RopeMethod::Abf => false,
+            RopeMethod::Eabf => true,
+        };
+        assert!(last(RopeMethod::ALL[RopeMethod::ALL.len() - 1]));
     }
 }
 

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::metrics::BandMetrics;
-use crate::gguf::GgmlType;
+use crate::gguf::types::{self, GgmlType};
 
 /// Models below this many parameters get the small-model lines (docs/verifier.md).
 pub const SMALL_MODEL_PARAMS: u64 = 1_000_000_000;
@@ -28,9 +28,9 @@ impl TypeClass {
     /// The class of the type that carries most of a file's weights.
     pub fn of(ty: GgmlType) -> TypeClass {
         match ty.code() {
-            0 => TypeClass::F32,
-            1 | 30 => TypeClass::F16,
-            8 => TypeClass::Q8_0,
+            c if c == types::F32.code => TypeClass::F32,
+            c if c == types::F16.code || c == types::BF16.code => TypeClass::F16,
+            c if c == types::Q8_0.code => TypeClass::Q8_0,
             _ => TypeClass::KQuant,
         }
     }
