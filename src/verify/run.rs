@@ -31,7 +31,7 @@ pub enum VerifyError {
     #[error("{backend}: {source}")]
     Backend {
         backend: String,
-        source: RuntimeError,
+        source: Box<RuntimeError>,
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -284,7 +284,7 @@ fn run_backend(
         .for_each_logits(tokens, f)
         .map_err(|source| VerifyError::Backend {
             backend: name,
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -404,7 +404,7 @@ pub fn verify_many(
             let mut backend =
                 open_backend(gguf, kind, &device).map_err(|source| VerifyError::Backend {
                     backend: kind.name().into(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let name = backend.name().to_string();
             let mut cmp = Comparison::new(&reference, &tokens, band_list.clone());
