@@ -294,13 +294,9 @@ fn pretrain(text_path: &Path, out: &Path, steps: u64, seed: u64) -> anyhow::Resu
         &tok_dir.join("generation_config.json"),
         &json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}),
     )?;
-    let tk = tokenizers::Tokenizer::from_file(tok_dir.join("tokenizer.json"))
-        .map_err(|e| anyhow::anyhow!("reloading the tokenizer: {e}"))?;
-    let ids = tk
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-        .get_ids()
-        .to_vec();
+    // training windows are plain text ids: no BOS
+    let files = abf::checkpoint::TokenizerFiles::load(&tok_dir)?;
+    let ids = abf::runtime::Encoder::from_files(files, None, &tok_dir).encode_plain(&text)?;
     let t_tok = t0.elapsed().as_secs_f64();
     // consecutive windows of `window + 1` tokens (inputs and their next tokens), all targets
     let n = s.window + 1;

@@ -14,9 +14,9 @@ use abf::checkpoint::Checkpoint;
 use abf::eval::passkey::{self, build_trial, prompt_text, score, Trial};
 use abf::eval::plot::{heatmap, line_plot, Heatmap, LinePlot, Series};
 use abf::eval::ppl::{band_edges, perplexity, token_nll, Bands};
-use abf::eval::{open_model, windows, EvalError};
+use abf::eval::{windows, EvalError};
 use abf::model::Llama;
-use abf::runtime::LogitsBackend;
+use abf::runtime::{open_model, LogitsBackend, RowFn, RuntimeError};
 use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
@@ -342,11 +342,7 @@ impl LogitsBackend for Oracle {
     fn vocab_size(&self) -> usize {
         self.vocab
     }
-    fn for_each_logits(
-        &mut self,
-        tokens: &[u32],
-        f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+    fn for_each_logits(&mut self, tokens: &[u32], f: &mut RowFn) -> Result<(), RuntimeError> {
         // The oracle is handed the sequence without its last token, so it needs the answer
         // from elsewhere: it peeks at the shared trial below.
         let full = TRIAL_TOKENS.with(|t| t.borrow().clone());
@@ -375,11 +371,7 @@ impl LogitsBackend for Uniform {
     fn vocab_size(&self) -> usize {
         self.0
     }
-    fn for_each_logits(
-        &mut self,
-        tokens: &[u32],
-        f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+    fn for_each_logits(&mut self, tokens: &[u32], f: &mut RowFn) -> Result<(), RuntimeError> {
         let row = vec![0f32; self.0];
         for i in 0..tokens.len() {
             f(i, &row)?;
@@ -392,8 +384,8 @@ thread_local! {
     static TRIAL_TOKENS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn encoder() -> abf::eval::Encoder {
-    abf::eval::Encoder {
+fn encoder() -> abf::runtime::Encoder {
+    abf::runtime::Encoder {
         tokenizer: tokenizer().clone(),
         bos: tokenizer().token_to_id("<s>"),
         source: PathBuf::from("test tokenizer"),

@@ -260,8 +260,14 @@ fn open_backend_reads_gguf_like_llama_cpp() {
     // tokenizing with the GGUF's vocabulary equals the directory's tokenizer
     let text = "hello there, the thing";
     assert_eq!(
-        abf::runtime::tokenize_for(&f.good, text).unwrap(),
-        abf::runtime::tokenize_for(&f.dir, text).unwrap()
+        abf::runtime::Encoder::open(&f.good)
+            .unwrap()
+            .encode(text)
+            .unwrap(),
+        abf::runtime::Encoder::open(&f.dir)
+            .unwrap()
+            .encode(text)
+            .unwrap()
     );
 }
 

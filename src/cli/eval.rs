@@ -15,8 +15,9 @@ use serde_json::json;
 
 use super::{print_json, run_main, Exit};
 use crate::checkpoint::Checkpoint;
-use crate::eval::{logits::tokens_for, model_logits, write_npy, LogitsInput};
+use crate::eval::{model_logits, write_npy};
 use crate::rope::{BaseRope, RecipeArgs};
+use crate::runtime::Encoder;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -151,31 +152,29 @@ fn logits(args: LogitsArgs) -> anyhow::Result<Exit> {
         .recipe
         .resolve(Some(&current), base)
         .context("recipe flags")?;
-    let text;
-    let input = match (&args.tokens, &args.text) {
+    let tokens = match (&args.tokens, &args.text) {
         (Some(path), _) => {
             let raw = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let ids: Vec<u32> = serde_json::from_str(&raw).with_context(|| {
                 format!("{}: expected a JSON list of token ids", path.display())
             })?;
-            LogitsInput::Tokens(ids)
+            ids
         }
         (None, Some(path)) => {
-            text = std::fs::read_to_string(path)
+            let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            LogitsInput::Text(&text)
+            Encoder::from_checkpoint(&ckpt)?.encode(&text)?
         }
         (None, None) => anyhow::bail!("give --tokens FILE.json or --text FILE"),
     };
-    let tokens = tokens_for(&ckpt, input)?;
     let dtype = if args.dtype == "bf16" {
         DType::BF16
     } else {
         DType::F32
     };
     let (data, vocab) = model_logits(
-        &args.model,
+        &ckpt,
         &recipe,
         &tokens,
         dtype,

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::eval::LogitsArgs;
 use super::{print_json, Exit};
 use crate::eval::write_npy;
-use crate::runtime::{open_backend, tokenize_for, BackendKind};
+use crate::runtime::{open_backend, BackendKind, Encoder};
 
 pub(super) fn logits_gguf(args: &LogitsArgs) -> anyhow::Result<Exit> {
     if !args.recipe.is_empty() {
@@ -35,7 +35,7 @@ pub(super) fn logits_gguf(args: &LogitsArgs) -> anyhow::Result<Exit> {
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            tokenize_for(&args.model, &text)?
+            Encoder::open(&args.model)?.encode(&text)?
         }
         (None, None) => anyhow::bail!("give --tokens FILE.json or --text FILE"),
     };

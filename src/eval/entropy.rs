@@ -29,21 +29,19 @@ pub fn attention_entropy(
     windows: &[Vec<u32>],
     positions: &[usize],
     tick: &mut dyn FnMut(),
-) -> anyhow::Result<EntropyReport> {
+) -> Result<EntropyReport, EvalError> {
     let length = windows.first().map_or(0, |w| w.len());
     if positions.is_empty() {
         return Err(EvalError::BadValue {
             what: "positions",
             message: "give at least one query position".into(),
-        }
-        .into());
+        });
     }
     if let Some(&p) = positions.iter().find(|&&p| p >= length) {
         return Err(EvalError::BadValue {
             what: "positions",
             message: format!("position {p} is past the window of {length} tokens"),
-        }
-        .into());
+        });
     }
     let layers = model.config().num_hidden_layers;
     let mut sums = vec![vec![0f64; positions.len()]; layers];

@@ -1,6 +1,9 @@
-//! Errors of the evaluation commands' own inputs (texts, lengths, positions, plot paths).
+//! Errors of the evaluations: their own inputs (texts, lengths, positions, plot paths) and the
+//! runtime's (opening a model, tokenizing, logits).
 
 use std::path::PathBuf;
+
+use crate::runtime::RuntimeError;
 
 /// Bad input to an evaluation: each names the file or the value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -10,12 +13,6 @@ pub enum EvalError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: is a GGUF file; this measurement needs a model directory (it reads inside the model)")]
-    GgufInput { path: PathBuf },
-    #[error("{path}: not a model directory (expected config.json and safetensors weights)")]
-    NotModelDir { path: PathBuf },
-    #[error("{path}: tokenizing: {message}")]
-    Tokenize { path: PathBuf, message: String },
     #[error("{path}: the text has {have} tokens, a window of {length} needs {need}")]
     TextTooShort {
         path: PathBuf,
@@ -31,4 +28,9 @@ pub enum EvalError {
     PasskeyTooShort { length: usize, need: usize },
     #[error("plot {path}: {message}")]
     Plot { path: PathBuf, message: String },
+    /// Opening the model, tokenizing, or its logits.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("attention entropy: {0}")]
+    Entropy(#[from] candle_core::Error),
 }

@@ -11,8 +11,7 @@
 use serde::Serialize;
 
 use super::error::EvalError;
-use super::open::Encoder;
-use crate::runtime::LogitsBackend;
+use crate::runtime::{Encoder, LogitsBackend};
 use crate::train::data::SplitMix64;
 
 pub const TASK: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.";
@@ -139,13 +138,15 @@ pub fn argmax(row: &[f32]) -> usize {
 }
 
 /// Score `trial` with the teacher-forced greedy rule of the module docs.
-pub fn score(backend: &mut dyn LogitsBackend, trial: &Trial) -> anyhow::Result<TrialScore> {
+pub fn score(backend: &mut dyn LogitsBackend, trial: &Trial) -> Result<TrialScore, EvalError> {
     let t = &trial.tokens;
     let first = trial.answer_start;
-    anyhow::ensure!(
-        first >= 1 && first < t.len(),
-        "passkey trial has no answer tokens"
-    );
+    if first == 0 || first >= t.len() {
+        return Err(EvalError::BadValue {
+            what: "passkey",
+            message: format!("the trial of key {} has no answer tokens", trial.key),
+        });
+    }
     let mut matched = 0;
     // The last token's row predicts nothing we score, so run everything but it.
     backend.for_each_logits(&t[..t.len() - 1], &mut |pos, row| {
@@ -191,7 +192,7 @@ pub fn evaluate(
     trials: usize,
     seed: u64,
     tick: &mut dyn FnMut(),
-) -> anyhow::Result<Vec<Cell>> {
+) -> Result<Vec<Cell>, EvalError> {
     let keys = keys(seed, trials);
     let mut cells = Vec::new();
     for &length in lengths {

@@ -29,7 +29,7 @@ enum Mark {
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     entries: &[(String, Mark)],
-) -> Result<(), String> {
+) -> Result<(), DrawError> {
     let left = |y: i32, text: &str, size: u32| {
         Text::new(
             text.to_string(),
@@ -122,8 +122,13 @@ impl Ranged for Ticked {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// plotters' drawing error, as text: its error type is generic over the drawing backend.
+#[derive(Debug, thiserror::Error)]
+#[error("drawing: {0}")]
+pub struct DrawError(pub String);
+
+fn err(e: impl std::fmt::Display) -> DrawError {
+    DrawError(e.to_string())
 }
 
 fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -138,7 +143,7 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// Render `plot` as an SVG document.
-pub fn line_plot(plot: &LinePlot) -> Result<String, String> {
+pub fn line_plot(plot: &LinePlot) -> Result<String, DrawError> {
     let tx = |x: f64| if plot.log2_x { x.max(1e-12).log2() } else { x };
     let points: Vec<Vec<(f64, f64)>> = plot
         .series
@@ -238,7 +243,7 @@ fn heat(v: f64) -> RGBColor {
 }
 
 /// Render `map` as an SVG document.
-pub fn heatmap(map: &Heatmap) -> Result<String, String> {
+pub fn heatmap(map: &Heatmap) -> Result<String, DrawError> {
     let (nc, nr) = (map.cols.len().max(1), map.rows.len().max(1));
     let mut svg = String::new();
     {
@@ -338,11 +343,11 @@ pub fn write_svg(path: &Path, svg: &str) -> Result<(), EvalError> {
 /// Render with `render` and write to `path`, naming the plot on error.
 pub fn render_to(
     path: &Path,
-    render: impl FnOnce() -> Result<String, String>,
+    render: impl FnOnce() -> Result<String, DrawError>,
 ) -> Result<(), EvalError> {
-    let svg = render().map_err(|message| EvalError::Plot {
+    let svg = render().map_err(|e| EvalError::Plot {
         path: path.to_path_buf(),
-        message,
+        message: e.to_string(),
     })?;
     write_svg(path, &svg)
 }

@@ -9,7 +9,7 @@
 use serde::Serialize;
 
 use super::error::EvalError;
-use crate::runtime::LogitsBackend;
+use crate::runtime::{LogitsBackend, RuntimeError};
 
 /// How to split a window's positions into bands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,16 +78,16 @@ pub fn perplexity(
     windows: &[Vec<u32>],
     edges: &[(usize, usize)],
     tick: &mut dyn FnMut(),
-) -> anyhow::Result<LengthPpl> {
+) -> Result<LengthPpl, EvalError> {
     let length = windows.first().map_or(0, |w| w.len());
     if windows.iter().any(|w| w.len() != length) || length < 2 {
         return Err(EvalError::BadValue {
             what: "windows",
             message: "every window must have the same length of at least 2 tokens".into(),
-        }
-        .into());
+        });
     }
     let vocab = backend.vocab_size();
+    let backend_name = backend.name().to_string();
     let mut sums = vec![(0usize, 0f64); edges.len()];
     for w in windows {
         backend.for_each_logits(w, &mut |pos, row| {
@@ -96,10 +96,14 @@ pub fn perplexity(
                 return Ok(());
             }
             let target = w[t];
-            anyhow::ensure!(
-                (target as usize) < vocab && row.len() == vocab,
-                "token {target} at position {t} is outside the vocabulary of {vocab}"
-            );
+            if (target as usize) >= vocab || row.len() != vocab {
+                return Err(RuntimeError::OutOfVocab {
+                    backend: backend_name.clone(),
+                    token: target,
+                    pos: t,
+                    n_vocab: vocab,
+                });
+            }
             let nll = token_nll(row, target);
             if let Some(b) = edges.iter().position(|&(a, e)| a <= t && t < e) {
                 sums[b].0 += 1;

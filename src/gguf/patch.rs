@@ -139,6 +139,25 @@ fn same_value(a: &Value, b: &Value) -> bool {
     a.value_type() == b.value_type() && x == y
 }
 
+/// Why a metadata change cannot be written in place (the header would change size or layout).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InPlaceError {
+    #[error("keys were added or removed")]
+    KeyCount,
+    #[error("key {0:?} was renamed or moved")]
+    Moved(String),
+    #[error("{key:?} changes from {from} ({from_len} bytes) to {to} ({to_len} bytes)")]
+    Resized {
+        key: String,
+        from: String,
+        from_len: u64,
+        to: String,
+        to_len: u64,
+    },
+    #[error("general.alignment changes the tensor offsets")]
+    Alignment,
+}
+
 /// One in-place write: the value of `key` at `offset`, `old` bytes replaced by `new` (same length).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InPlaceWrite {
@@ -152,14 +171,14 @@ pub struct InPlaceWrite {
 /// that is impossible. Allowed: same keys in the same order, each changed value of the same
 /// type and encoded length, and no change inside the structure of a value (a string's length, the
 /// count of an array, or the lengths of the strings of a string array).
-pub fn in_place_writes(file: &GgufFile, new: &Metadata) -> Result<Vec<InPlaceWrite>, String> {
+pub fn in_place_writes(file: &GgufFile, new: &Metadata) -> Result<Vec<InPlaceWrite>, InPlaceError> {
     if file.metadata.len() != new.len() {
-        return Err("keys were added or removed".to_string());
+        return Err(InPlaceError::KeyCount);
     }
     let mut writes = Vec::new();
     for (i, ((ok, ov), (nk, nv))) in file.metadata.iter().zip(new.iter()).enumerate() {
         if ok != nk {
-            return Err(format!("key {ok:?} was renamed or moved"));
+            return Err(InPlaceError::Moved(ok.to_string()));
         }
         if same_value(ov, nv) {
             continue;
@@ -173,16 +192,16 @@ pub fn in_place_writes(file: &GgufFile, new: &Metadata) -> Result<Vec<InPlaceWri
             (a, b) => a.value_type() == b.value_type(),
         };
         if !same_shape {
-            return Err(format!(
-                "{ok:?} changes from {} ({} bytes) to {} ({} bytes)",
-                ov.type_label(),
-                ov.encoded_len(),
-                nv.type_label(),
-                nv.encoded_len()
-            ));
+            return Err(InPlaceError::Resized {
+                key: ok.to_string(),
+                from: ov.type_label(),
+                from_len: ov.encoded_len(),
+                to: nv.type_label(),
+                to_len: nv.encoded_len(),
+            });
         }
         if ok == super::keys::GENERAL_ALIGNMENT {
-            return Err("general.alignment changes the tensor offsets".to_string());
+            return Err(InPlaceError::Alignment);
         }
         let span = file.spans[i];
         let (mut old, mut newb) = (Vec::new(), Vec::new());

@@ -289,31 +289,32 @@ impl Value {
     }
 
     /// Parse a scalar of type `ty` from text (`--set KEY=TYPE:VALUE`).
-    pub fn parse(ty: ValueType, text: &str) -> Result<Value, String> {
-        fn num<T: std::str::FromStr>(t: &str) -> Result<T, String>
-        where
-            T::Err: fmt::Display,
-        {
-            t.trim().parse::<T>().map_err(|e| e.to_string())
+    pub fn parse(ty: ValueType, text: &str) -> Result<Value, ValueParseError> {
+        let num = |t: &str| ValueParseError::Number {
+            text: t.to_string(),
+            ty: ty.name(),
+        };
+        fn n<T: std::str::FromStr>(t: &str) -> Option<T> {
+            t.trim().parse::<T>().ok()
         }
         Ok(match ty {
-            ValueType::U8 => Value::U8(num(text)?),
-            ValueType::I8 => Value::I8(num(text)?),
-            ValueType::U16 => Value::U16(num(text)?),
-            ValueType::I16 => Value::I16(num(text)?),
-            ValueType::U32 => Value::U32(num(text)?),
-            ValueType::I32 => Value::I32(num(text)?),
-            ValueType::F32 => Value::F32(num(text)?),
-            ValueType::U64 => Value::U64(num(text)?),
-            ValueType::I64 => Value::I64(num(text)?),
-            ValueType::F64 => Value::F64(num(text)?),
+            ValueType::U8 => Value::U8(n(text).ok_or_else(|| num(text))?),
+            ValueType::I8 => Value::I8(n(text).ok_or_else(|| num(text))?),
+            ValueType::U16 => Value::U16(n(text).ok_or_else(|| num(text))?),
+            ValueType::I16 => Value::I16(n(text).ok_or_else(|| num(text))?),
+            ValueType::U32 => Value::U32(n(text).ok_or_else(|| num(text))?),
+            ValueType::I32 => Value::I32(n(text).ok_or_else(|| num(text))?),
+            ValueType::F32 => Value::F32(n(text).ok_or_else(|| num(text))?),
+            ValueType::U64 => Value::U64(n(text).ok_or_else(|| num(text))?),
+            ValueType::I64 => Value::I64(n(text).ok_or_else(|| num(text))?),
+            ValueType::F64 => Value::F64(n(text).ok_or_else(|| num(text))?),
             ValueType::Bool => match text.trim() {
                 "true" | "1" => Value::Bool(true),
                 "false" | "0" => Value::Bool(false),
-                other => return Err(format!("{other:?} is not true or false")),
+                other => return Err(ValueParseError::Bool(other.to_string())),
             },
             ValueType::String => Value::string(text),
-            ValueType::Array => return Err("arrays cannot be set from the command line".into()),
+            ValueType::Array => return Err(ValueParseError::Array),
         })
     }
 
@@ -385,6 +386,17 @@ impl fmt::Display for Value {
             v => write!(f, "{}", v.as_u64().unwrap_or(0)),
         }
     }
+}
+
+/// Why `--set KEY=TYPE:VALUE` text is not a value of its type.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueParseError {
+    #[error("{text:?} is not a valid {ty}")]
+    Number { text: String, ty: &'static str },
+    #[error("{0:?} is not true or false")]
+    Bool(String),
+    #[error("arrays cannot be set from the command line")]
+    Array,
 }
 
 #[cfg(test)]

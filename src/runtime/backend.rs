@@ -4,7 +4,12 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::error::RuntimeError;
 use crate::model::{Llama, Path as ForwardPath};
+
+/// The row consumer of [`LogitsBackend::for_each_logits`]; its own errors travel as
+/// [`RuntimeError::Consumer`] (see [`RuntimeError::consumer`]).
+pub type RowFn<'a> = dyn FnMut(usize, &[f32]) -> Result<(), RuntimeError> + 'a;
 
 /// Something that computes next-token logits at every position of a token sequence that starts
 /// at position 0 (no cache between calls).
@@ -15,27 +20,19 @@ pub trait LogitsBackend {
     fn vocab_size(&self) -> usize;
     /// Hands the logits of each position (`vocab_size` f32 values) to `f`, in order of position.
     /// Rows are streamed so that a caller can keep summaries instead of `len x vocab` floats.
-    fn for_each_logits(
-        &mut self,
-        tokens: &[u32],
-        f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()>;
+    fn for_each_logits(&mut self, tokens: &[u32], f: &mut RowFn) -> Result<(), RuntimeError>;
 
     /// All logits, row-major `[tokens.len() * vocab_size]`.
-    fn logits(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+    fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
         let vocab = self.vocab_size();
-        let total = tokens
-            .len()
-            .checked_mul(vocab)
-            .ok_or_else(|| anyhow::anyhow!("{} x {vocab} logits overflow", tokens.len()))?;
+        let too_large = || RuntimeError::LogitsTooLarge {
+            backend: self.name().to_string(),
+            rows: tokens.len(),
+            n_vocab: vocab,
+        };
+        let total = tokens.len().checked_mul(vocab).ok_or_else(too_large)?;
         let mut out = Vec::new();
-        out.try_reserve_exact(total).map_err(|_| {
-            anyhow::anyhow!(
-                "{} x {vocab} f32 logits ({:.1} GB) do not fit in memory",
-                tokens.len(),
-                total as f64 * 4e-9
-            )
-        })?;
+        out.try_reserve_exact(total).map_err(|_| too_large())?;
         self.for_each_logits(tokens, &mut |_, row| {
             out.extend_from_slice(row);
             Ok(())
@@ -83,20 +80,50 @@ impl LogitsBackend for CandleBackend {
         self.model.config().vocab_size
     }
 
-    fn for_each_logits(
-        &mut self,
-        tokens: &[u32],
-        f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        anyhow::ensure!(!tokens.is_empty(), "no tokens to run");
+    fn for_each_logits(&mut self, tokens: &[u32], f: &mut RowFn) -> Result<(), RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::Empty {
+                backend: self.name.clone(),
+            });
+        }
         let vocab = self.vocab_size();
-        if let Some((pos, bad)) = tokens
+        if let Some((pos, &token)) = tokens
             .iter()
             .enumerate()
             .find(|(_, &t)| t as usize >= vocab)
         {
-            anyhow::bail!("token {bad} at position {pos} is outside the vocabulary of {vocab}");
+            return Err(RuntimeError::OutOfVocab {
+                backend: self.name.clone(),
+                token,
+                pos,
+                n_vocab: vocab,
+            });
         }
+        let forward = |source| RuntimeError::Forward {
+            backend: self.name.clone(),
+            source,
+        };
+        self.stream(tokens, f, vocab).map_err(|e| match e {
+            Streamed::Candle(e) => forward(e),
+            Streamed::Consumer(e) => e,
+        })
+    }
+}
+
+/// An error while streaming rows: candle's own, or the consumer's (passed through).
+enum Streamed {
+    Candle(candle_core::Error),
+    Consumer(RuntimeError),
+}
+
+impl From<candle_core::Error> for Streamed {
+    fn from(e: candle_core::Error) -> Self {
+        Streamed::Candle(e)
+    }
+}
+
+impl CandleBackend {
+    fn stream(&self, tokens: &[u32], f: &mut RowFn, vocab: usize) -> Result<(), Streamed> {
         let m = &self.model;
         let input = Tensor::new(tokens, m.device())?.unsqueeze(0)?;
         let mut x = m.embed(&input)?;
@@ -115,7 +142,7 @@ impl LogitsBackend for CandleBackend {
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             for (r, row) in logits.chunks_exact(vocab).enumerate() {
-                f(start + r, row)?;
+                f(start + r, row).map_err(Streamed::Consumer)?;
             }
             start += rows;
         }
@@ -125,8 +152,8 @@ impl LogitsBackend for CandleBackend {
 
 #[cfg(feature = "llamacpp")]
 mod llama_cpp_backend {
-    use super::LogitsBackend;
-    use crate::runtime::LlamaCpp;
+    use super::{LogitsBackend, RowFn};
+    use crate::runtime::{LlamaCpp, RuntimeError};
 
     /// Real llama.cpp with a fresh context of exactly the sequence's length.
     impl LogitsBackend for LlamaCpp {
@@ -138,11 +165,7 @@ mod llama_cpp_backend {
             self.n_vocab()
         }
 
-        fn for_each_logits(
-            &mut self,
-            tokens: &[u32],
-            f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
-        ) -> anyhow::Result<()> {
+        fn for_each_logits(&mut self, tokens: &[u32], f: &mut RowFn) -> Result<(), RuntimeError> {
             let mut err = None;
             LlamaCpp::for_each_logits(self, tokens, tokens.len().max(1), |i, row| {
                 if err.is_none() {

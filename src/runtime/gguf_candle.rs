@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::backend::{CandleBackend, LogitsBackend};
-use crate::checkpoint::{Checkpoint, ModelConfig, ModelType};
+use crate::checkpoint::{ModelConfig, ModelType};
 use crate::convert::tokenizer_gguf::GgufVocab;
 use crate::convert::{read_hf_tensors, read_hparams, GgufHparams};
 use crate::gguf::keys::ArchKey;
@@ -126,52 +125,6 @@ pub fn load_gguf_model(path: &Path, device: &Device) -> Result<GgufModel, GgufMo
     })
 }
 
-/// The tokenizer a GGUF carries (`tokenizer.ggml.*`), rebuilt as a `tokenizers` tokenizer the way
-/// `abf-convert from-gguf` rebuilds tokenizer.json.
-pub struct GgufTokenizer {
-    pub tokenizer: tokenizers::Tokenizer,
-    pub bos: Option<u32>,
-    pub add_bos: bool,
-}
-
-impl GgufTokenizer {
-    pub fn load(path: &Path) -> Result<GgufTokenizer, GgufModelError> {
-        let read = |reason: String| GgufModelError::Read {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mapped = open_mmap(path).map_err(|x| read(x.to_string()))?;
-        let vocab = GgufVocab::read(&mapped.file.metadata)
-            .map_err(|x| read(x.to_string()))?
-            .ok_or_else(|| {
-                read("no tokenizer.ggml.* keys: the file carries no tokenizer".into())
-            })?;
-        let (json, _, _) = vocab.to_hf().map_err(|x| read(x.to_string()))?;
-        let bytes = serde_json::to_vec(&json).map_err(|x| read(x.to_string()))?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|x| read(format!("rebuilt tokenizer: {x}")))?;
-        Ok(GgufTokenizer {
-            tokenizer,
-            bos: vocab.bos,
-            add_bos: vocab.add_bos.unwrap_or(false),
-        })
-    }
-
-    /// Token ids of `text`, with BOS first when the file says `add_bos_token`.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| format!("tokenizing: {e}"))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos {
-            ids.extend(self.bos);
-        }
-        ids.extend_from_slice(enc.get_ids());
-        Ok(ids)
-    }
-}
-
 /// Which engine runs a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -197,83 +150,12 @@ impl std::fmt::Display for BackendKind {
 }
 
 impl std::str::FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<BackendKind, String> {
+    type Err = super::RuntimeError;
+    fn from_str(s: &str) -> Result<BackendKind, super::RuntimeError> {
         match s {
             "candle" => Ok(BackendKind::Candle),
             "llama.cpp" | "llamacpp" | "llama-cpp" => Ok(BackendKind::LlamaCpp),
-            other => Err(format!(
-                "unknown backend {other:?} (expected candle or llama.cpp)"
-            )),
+            other => Err(super::RuntimeError::UnknownEngine(other.to_string())),
         }
-    }
-}
-
-/// Whether `path` is a GGUF file (by its magic), as opposed to a model directory.
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    if path.is_dir() {
-        return false;
-    }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
-}
-
-/// Open a model for logits: a model directory (candle, f32, the recipe of its config) or a GGUF
-/// (candle, read as llama.cpp reads it; or llama.cpp itself).
-pub fn open_backend(
-    path: &Path,
-    kind: BackendKind,
-    device: &Device,
-) -> anyhow::Result<Box<dyn LogitsBackend>> {
-    if !path.exists() {
-        anyhow::bail!("{}: no such file or directory", path.display());
-    }
-    let gguf = is_gguf(path);
-    match (kind, gguf) {
-        (BackendKind::Candle, false) => {
-            let ckpt = Checkpoint::open(path)?;
-            let model = Llama::load(ckpt.var_builder(DType::F32, device), &ckpt.config.model)
-                .map_err(|e| anyhow::anyhow!("{}: loading: {e}", path.display()))?;
-            Ok(Box::new(CandleBackend::new(model, "candle")))
-        }
-        (BackendKind::Candle, true) => {
-            let m = load_gguf_model(path, device)?;
-            Ok(Box::new(CandleBackend::new(m.model, "candle-gguf")))
-        }
-        (BackendKind::LlamaCpp, false) => anyhow::bail!(
-            "{}: llama.cpp runs GGUF files, not model directories",
-            path.display()
-        ),
-        (BackendKind::LlamaCpp, true) => open_llama_cpp(path),
-    }
-}
-
-#[cfg(feature = "llamacpp")]
-fn open_llama_cpp(path: &Path) -> anyhow::Result<Box<dyn LogitsBackend>> {
-    Ok(Box::new(super::LlamaCpp::load(path)?))
-}
-
-#[cfg(not(feature = "llamacpp"))]
-fn open_llama_cpp(path: &Path) -> anyhow::Result<Box<dyn LogitsBackend>> {
-    anyhow::bail!(
-        "{}: this build has no llama.cpp backend (rebuild with --features llamacpp)",
-        path.display()
-    )
-}
-
-/// Token ids of `text` for the model at `path`: a GGUF's embedded vocabulary, or a model
-/// directory's tokenizer files (BOS added when the tokenizer config says so, in both cases).
-pub fn tokenize_for(path: &Path, text: &str) -> anyhow::Result<Vec<u32>> {
-    if is_gguf(path) {
-        let t = GgufTokenizer::load(path)?;
-        Ok(t.encode(text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
-    } else {
-        let ckpt = Checkpoint::open(path)?;
-        crate::eval::logits::tokens_for(&ckpt, crate::eval::LogitsInput::Text(text))
     }
 }

@@ -22,7 +22,7 @@ const FLASH_ATTN_ENABLED: i32 = 1;
 
 /// llama.cpp's backend is process-wide and `LlamaBackend::init` fails on a second call, so every
 /// `LlamaCpp` in the process shares this one, initialised on first use.
-static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+static BACKEND: OnceLock<Result<LlamaBackend, llama_cpp_2::LlamaCppError>> = OnceLock::new();
 
 /// `llama_new_context_with_model` may write to the model (llama-cpp-2 notes it as unsound when
 /// concurrent), so contexts are created one at a time.
@@ -34,10 +34,10 @@ fn backend() -> Result<&'static LlamaBackend, RuntimeError> {
             // Route llama.cpp's and ggml's logging (very chatty at load) to `tracing`, under the
             // target `llama-cpp-2`; with no subscriber it is dropped.
             send_logs_to_tracing(LogOptions::default());
-            LlamaBackend::init().map_err(|e| e.to_string())
+            LlamaBackend::init()
         })
         .as_ref()
-        .map_err(|e| RuntimeError::Backend(e.clone()))
+        .map_err(|e| RuntimeError::Backend(e.to_string()))
 }
 
 /// How to run llama.cpp.

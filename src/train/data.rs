@@ -101,6 +101,37 @@ impl ParseReport {
     }
 }
 
+/// Why one data record was skipped (counted in [`ParseReport`]; a record is not fatal).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    #[error("line {line}: malformed JSON: {reason}")]
+    Json { line: usize, reason: String },
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("has neither \"conversations\" nor \"messages\"")]
+    NoMessageList,
+    #[error("the message list is not an array")]
+    NotArray,
+    #[error("message {index} has no \"{key}\" string")]
+    NoRole { index: usize, key: &'static str },
+    #[error("message {index} has unknown role {role:?}")]
+    UnknownRole { index: usize, role: String },
+    #[error("message {index} has no \"{key}\"")]
+    NoContent { index: usize, key: &'static str },
+    #[error("message {index}: {reason}")]
+    Content { index: usize, reason: &'static str },
+    #[error("no user or assistant messages")]
+    NoTurns,
+    #[error("message {index} is {got} where {expected} was expected (roles must alternate user/assistant)")]
+    Order {
+        index: usize,
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("no assistant message")]
+    NoAssistant,
+}
+
 /// Read a data file (JSON array, one JSON object, or JSONL) into conversations.
 pub fn load_conversations(path: &Path) -> Result<(Vec<Conversation>, ParseReport), TrainError> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
@@ -120,7 +151,7 @@ pub fn parse_conversations(
     let trimmed = text.trim_start_matches('\u{feff}').trim();
     let mut report = ParseReport::default();
     let mut out = Vec::new();
-    let mut take = |value: Result<Value, String>, n: usize, report: &mut ParseReport| {
+    let mut take = |value: Result<Value, RecordError>, n: usize, report: &mut ParseReport| {
         report.records += 1;
         match value.and_then(|v| record_to_conversation(&v, n)) {
             Ok(c) => out.push(c),
@@ -151,8 +182,10 @@ pub fn parse_conversations(
             if line.is_empty() {
                 continue;
             }
-            let parsed = serde_json::from_str::<Value>(line)
-                .map_err(|e| format!("line {}: malformed JSON: {e}", i + 1));
+            let parsed = serde_json::from_str::<Value>(line).map_err(|e| RecordError::Json {
+                line: i + 1,
+                reason: e.to_string(),
+            });
             take(parsed, report.records + 1, &mut report);
         }
         if report.records > 0 && report.skipped == report.records && out.is_empty() {
@@ -172,7 +205,8 @@ pub fn parse_conversations(
 }
 
 /// Content of an OpenAI message: a string, or a list of `{type: text, text}` parts.
-fn content_text(v: &Value) -> Result<String, String> {
+fn content_text(v: &Value, index: usize) -> Result<String, RecordError> {
+    let bad = |reason| Err(RecordError::Content { index, reason });
     match v {
         Value::String(s) => Ok(s.clone()),
         Value::Array(parts) => {
@@ -180,18 +214,18 @@ fn content_text(v: &Value) -> Result<String, String> {
             for p in parts {
                 match (p.get("type").and_then(Value::as_str), p.get("text")) {
                     (Some("text"), Some(Value::String(t))) => s.push_str(t),
-                    _ => return Err("content part is not {type: text, text}".to_string()),
+                    _ => return bad("content part is not {type: text, text}"),
                 }
             }
             Ok(s)
         }
-        Value::Null => Err("content is null".to_string()),
-        _ => Err("content is not a string".to_string()),
+        Value::Null => bad("content is null"),
+        _ => bad("content is not a string"),
     }
 }
 
-fn record_to_conversation(v: &Value, n: usize) -> Result<Conversation, String> {
-    let obj = v.as_object().ok_or("not a JSON object")?;
+fn record_to_conversation(v: &Value, n: usize) -> Result<Conversation, RecordError> {
+    let obj = v.as_object().ok_or(RecordError::NotObject)?;
     let id = match obj.get("id") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(x)) => x.to_string(),
@@ -202,21 +236,29 @@ fn record_to_conversation(v: &Value, n: usize) -> Result<Conversation, String> {
     } else if let Some(m) = obj.get("messages") {
         (m, "role", "content")
     } else {
-        return Err("has neither \"conversations\" nor \"messages\"".to_string());
+        return Err(RecordError::NoMessageList);
     };
-    let list = list.as_array().ok_or("the message list is not an array")?;
+    let list = list.as_array().ok_or(RecordError::NotArray)?;
     let mut messages = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let role = m
             .get(role_key)
             .and_then(Value::as_str)
-            .ok_or_else(|| format!("message {i} has no \"{role_key}\" string"))?;
-        let role =
-            Role::parse(role).ok_or_else(|| format!("message {i} has unknown role {role:?}"))?;
+            .ok_or(RecordError::NoRole {
+                index: i,
+                key: role_key,
+            })?;
+        let role = Role::parse(role).ok_or_else(|| RecordError::UnknownRole {
+            index: i,
+            role: role.to_string(),
+        })?;
         let content = m
             .get(text_key)
-            .ok_or_else(|| format!("message {i} has no \"{text_key}\""))
-            .and_then(|c| content_text(c).map_err(|e| format!("message {i}: {e}")))?;
+            .ok_or(RecordError::NoContent {
+                index: i,
+                key: text_key,
+            })
+            .and_then(|c| content_text(c, i))?;
         messages.push(Message { role, content });
     }
     validate(messages).map(|messages| Conversation { id, messages })
@@ -224,13 +266,13 @@ fn record_to_conversation(v: &Value, n: usize) -> Result<Conversation, String> {
 
 /// Normalize and check the turn structure. ShareGPT dumps often open with the assistant's
 /// greeting; like FastChat's preprocessing, leading assistant messages are dropped.
-pub fn validate(mut messages: Vec<Message>) -> Result<Vec<Message>, String> {
+pub fn validate(mut messages: Vec<Message>) -> Result<Vec<Message>, RecordError> {
     let sys = usize::from(messages.first().map(|m| m.role) == Some(Role::System));
     while messages.get(sys).map(|m| m.role) == Some(Role::Assistant) {
         messages.remove(sys);
     }
     if messages.len() <= sys {
-        return Err("no user or assistant messages".to_string());
+        return Err(RecordError::NoTurns);
     }
     for (i, m) in messages.iter().enumerate().skip(sys) {
         let expected = if (i - sys) % 2 == 0 {
@@ -239,15 +281,15 @@ pub fn validate(mut messages: Vec<Message>) -> Result<Vec<Message>, String> {
             Role::Assistant
         };
         if m.role != expected {
-            return Err(format!(
-                "message {i} is {} where {} was expected (roles must alternate user/assistant)",
-                m.role.name(),
-                expected.name()
-            ));
+            return Err(RecordError::Order {
+                index: i,
+                got: m.role.name(),
+                expected: expected.name(),
+            });
         }
     }
     if !messages.iter().any(|m| m.role == Role::Assistant) {
-        return Err("no assistant message".to_string());
+        return Err(RecordError::NoAssistant);
     }
     Ok(messages)
 }

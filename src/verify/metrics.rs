@@ -52,6 +52,21 @@ pub fn bands(c: usize, len: usize, cuts: &[usize]) -> Vec<Band> {
     out
 }
 
+/// A candidate that does not line up with the reference, or a reference too large to hold.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("the reference logits of {rows} positions x {vocab} do not fit in memory ({:.1} GB)", *rows as f64 * *vocab as f64 * 4e-9)]
+    ReferenceTooLarge { rows: usize, vocab: usize },
+    #[error("candidate row {pos} has {got} logits; the reference has {vocab}")]
+    RowWidth {
+        pos: usize,
+        got: usize,
+        vocab: usize,
+    },
+    #[error("candidate position {pos} beyond the reference")]
+    BeyondReference { pos: usize },
+}
+
 /// The reference: raw logits (row-major) and each row's log-sum-exp, for one sequence.
 pub struct Reference {
     pub vocab: usize,
@@ -61,17 +76,11 @@ pub struct Reference {
 
 impl Reference {
     /// Room for `rows` rows of `vocab` logits, or an error saying how much memory that needs.
-    pub fn with_capacity(rows: usize, vocab: usize) -> Result<Reference, String> {
-        let n = rows
-            .checked_mul(vocab)
-            .ok_or_else(|| format!("{rows} x {vocab} logits overflow"))?;
+    pub fn with_capacity(rows: usize, vocab: usize) -> Result<Reference, MetricsError> {
+        let too_large = || MetricsError::ReferenceTooLarge { rows, vocab };
+        let n = rows.checked_mul(vocab).ok_or_else(too_large)?;
         let mut logits = Vec::new();
-        logits.try_reserve_exact(n).map_err(|_| {
-            format!(
-                "the reference logits of {rows} positions need {:.1} GB",
-                n as f64 * 4e-9
-            )
-        })?;
+        logits.try_reserve_exact(n).map_err(|_| too_large())?;
         Ok(Reference {
             vocab,
             logits,
@@ -168,16 +177,17 @@ impl<'a> Comparison<'a> {
     }
 
     /// Add the candidate's logits at position `pos`.
-    pub fn push(&mut self, pos: usize, row: &[f32]) -> Result<(), String> {
+    pub fn push(&mut self, pos: usize, row: &[f32]) -> Result<(), MetricsError> {
         let v = self.reference.vocab;
         if row.len() != v {
-            return Err(format!(
-                "candidate row {pos} has {} logits; the reference has {v}",
-                row.len()
-            ));
+            return Err(MetricsError::RowWidth {
+                pos,
+                got: row.len(),
+                vocab: v,
+            });
         }
         if pos >= self.reference.rows() {
-            return Err(format!("candidate position {pos} beyond the reference"));
+            return Err(MetricsError::BeyondReference { pos });
         }
         let Some(b) = self
             .bands

@@ -12,7 +12,7 @@ pub mod run;
 
 pub use lines::{Check, LongContextRule, PassLines, TypeClass, SMALL_MODEL_PARAMS};
 pub use metadata::Issue;
-pub use metrics::{bands, Band, BandMetrics, Comparison, Reference};
+pub use metrics::{bands, Band, BandMetrics, Comparison, MetricsError, Reference};
 pub use report::render;
 pub use run::{
     parameter_count, verify, verify_many, BackendResult, BandResult, TokenSource, VerifyError,

@@ -8,24 +8,44 @@ use serde::Serialize;
 
 use super::lines::{fidelity, long_context, Check, LongContextRule, PassLines};
 use super::metadata::{check, Issue};
-use super::metrics::{bands, BandMetrics, Comparison, Reference};
-use crate::checkpoint::{Checkpoint, ModelConfig};
-use crate::gguf::{open_mmap, GgmlType};
-use crate::model::Llama;
+use super::metrics::{bands, BandMetrics, Comparison, MetricsError, Reference};
+use crate::checkpoint::{Checkpoint, CheckpointError, ModelConfig};
+use crate::gguf::{open_mmap, GgmlType, GgufError};
 use crate::rope::{runtime_form, Target};
 use crate::runtime::{
-    open_backend, runtime_recipe, BackendKind, CandleBackend, GgufTokenizer, LogitsBackend,
+    load_llama, open_backend, runtime_recipe, BackendKind, CandleBackend, Encoder, LogitsBackend,
+    RuntimeError,
 };
 
 /// Why the verifier could not run (exit code 2). A failed check is a report, not an error.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("{}: {reason}", path.display())]
-    Input { path: PathBuf, reason: String },
-    #[error("{backend}: {reason}")]
-    Backend { backend: String, reason: String },
-    #[error("{0}")]
-    Other(String),
+    #[error("{}: {source}", path.display())]
+    Gguf { path: PathBuf, source: GgufError },
+    #[error("{}: no 2-D tensors", path.display())]
+    NoMatrices { path: PathBuf },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Opening the reference or a candidate, or tokenizing the text.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{backend}: {source}")]
+    Backend {
+        backend: String,
+        source: Box<RuntimeError>,
+    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("no tokens to run")]
+    NoTokens,
+    #[error("token {token} at position {pos} is outside the vocabulary of {n_vocab}")]
+    OutOfVocab {
+        token: u32,
+        pos: usize,
+        n_vocab: usize,
+    },
+    #[error("no GGUF to verify")]
+    NoGguf,
 }
 
 /// Where the tokens come from.
@@ -128,10 +148,10 @@ pub struct VerifyReport {
     pub pass: bool,
 }
 
-fn input_err(path: &Path, reason: impl std::fmt::Display) -> VerifyError {
-    VerifyError::Input {
+fn gguf_err(path: &Path, source: GgufError) -> VerifyError {
+    VerifyError::Gguf {
         path: path.to_path_buf(),
-        reason: reason.to_string(),
+        source,
     }
 }
 
@@ -146,7 +166,7 @@ pub fn parameter_count(c: &ModelConfig) -> u64 {
 
 /// The type that carries most weight elements of the 2-D tensors.
 fn dominant_type(path: &Path) -> Result<GgmlType, VerifyError> {
-    let m = open_mmap(path).map_err(|e| input_err(path, e))?;
+    let m = open_mmap(path).map_err(|e| gguf_err(path, e))?;
     let mut counts: Vec<(GgmlType, u64)> = Vec::new();
     for t in m.file.tensors.iter().filter(|t| t.dims.len() >= 2) {
         match counts.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
@@ -158,7 +178,9 @@ fn dominant_type(path: &Path) -> Result<GgmlType, VerifyError> {
         .into_iter()
         .max_by_key(|(_, n)| *n)
         .map(|(t, _)| t)
-        .ok_or_else(|| input_err(path, "no 2-D tensors"))
+        .ok_or_else(|| VerifyError::NoMatrices {
+            path: path.to_path_buf(),
+        })
 }
 
 fn mem_available() -> Option<u64> {
@@ -194,19 +216,20 @@ fn tokens_for(
             (t, format!("random tokens, seed {seed}"))
         }
         TokenSource::Text(text) => {
-            let ids = crate::eval::logits::tokens_for(ckpt, crate::eval::LogitsInput::Text(text))
-                .map_err(|e| input_err(&opts.reference, format!("{e:#}")))?;
+            let ids = Encoder::from_checkpoint(ckpt)?.encode(text)?;
             let n = ids.len();
             (ids, format!("text, {n} tokens"))
         }
     };
     if ids.is_empty() {
-        return Err(VerifyError::Other("no tokens to run".into()));
+        return Err(VerifyError::NoTokens);
     }
-    if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-        return Err(VerifyError::Other(format!(
-            "token {t} at position {i} is outside the vocabulary of {vocab}"
-        )));
+    if let Some((pos, &token)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(VerifyError::OutOfVocab {
+            token,
+            pos,
+            n_vocab: vocab,
+        });
     }
     if ids.len() < len {
         if matches!(opts.source, TokenSource::Tokens(_)) {
@@ -236,9 +259,8 @@ fn tokenizer_issue(
     text: &str,
     reference: &[u32],
     len: usize,
-) -> Result<Option<Issue>, String> {
-    let t = GgufTokenizer::load(gguf).map_err(|e| e.to_string())?;
-    let g = t.encode(text)?;
+) -> Result<Option<Issue>, RuntimeError> {
+    let g = Encoder::open(gguf)?.encode(text)?;
     let n = len.min(reference.len());
     Ok((0..n)
         .find(|&i| reference.get(i) != g.get(i))
@@ -256,22 +278,21 @@ fn tokenizer_issue(
 fn run_backend(
     backend: &mut dyn LogitsBackend,
     tokens: &[u32],
-    f: &mut dyn FnMut(usize, &[f32]) -> anyhow::Result<()>,
+    f: &mut crate::runtime::RowFn,
 ) -> Result<(), VerifyError> {
     let name = backend.name().to_string();
     backend
         .for_each_logits(tokens, f)
-        .map_err(|e| VerifyError::Backend {
+        .map_err(|source| VerifyError::Backend {
             backend: name,
-            reason: format!("{e:#}"),
+            source: Box::new(source),
         })
 }
 
 /// Run the verifier. Metadata is checked first; every backend is then compared band by band.
 pub fn verify(opts: &VerifyOptions, progress: Progress) -> Result<VerifyReport, VerifyError> {
     let mut all = verify_many(opts, std::slice::from_ref(&opts.gguf), progress)?;
-    all.pop()
-        .ok_or_else(|| VerifyError::Other("no report".into()))
+    all.pop().ok_or(VerifyError::NoGguf)
 }
 
 /// [`verify`] for several GGUFs of the same reference: the reference is computed once.
@@ -281,7 +302,7 @@ pub fn verify_many(
     progress: Progress,
 ) -> Result<Vec<VerifyReport>, VerifyError> {
     let device = Device::Cpu;
-    let ckpt = Checkpoint::open(&opts.reference).map_err(|e| input_err(&opts.reference, e))?;
+    let ckpt = Checkpoint::open(&opts.reference)?;
     let cfg = ckpt.config.model.clone();
     let exact = cfg.recipe.clone();
     let form = runtime_form(&exact, Target::LlamaCpp, cfg.head_dim);
@@ -294,7 +315,7 @@ pub fn verify_many(
     // metadata, before any compute
     let mut checked = Vec::with_capacity(ggufs.len());
     for gguf in ggufs {
-        let mapped = open_mmap(gguf).map_err(|e| input_err(gguf, e))?;
+        let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
         let got = runtime_recipe(&mapped.file.metadata, cfg.head_dim);
         let issues = check(&mapped.file.metadata, got.as_ref(), &cfg, &want);
         let runtime_text = got
@@ -355,7 +376,7 @@ pub fn verify_many(
         let exact_ref = reference_logits(&ckpt, &cfg, &device, &tokens, "exact recipe", progress)?;
         let mut cmp = Comparison::new(&reference, &tokens, band_list.clone());
         for p in 0..exact_ref.rows() {
-            cmp.push(p, exact_ref.row(p)).map_err(VerifyError::Other)?;
+            cmp.push(p, exact_ref.row(p))?;
         }
         notes.push(
             "the candidates are compared with the runtime form of the recipe; \
@@ -379,15 +400,15 @@ pub fn verify_many(
         for &kind in &opts.backends {
             let start = std::time::Instant::now();
             let mut backend =
-                open_backend(gguf, kind, &device).map_err(|e| VerifyError::Backend {
+                open_backend(gguf, kind, &device).map_err(|source| VerifyError::Backend {
                     backend: kind.name().into(),
-                    reason: format!("{e:#}"),
+                    source: Box::new(source),
                 })?;
             let name = backend.name().to_string();
             let mut cmp = Comparison::new(&reference, &tokens, band_list.clone());
             let total = tokens.len();
             run_backend(backend.as_mut(), &tokens, &mut |pos, row| {
-                cmp.push(pos, row).map_err(anyhow::Error::msg)?;
+                cmp.push(pos, row).map_err(RuntimeError::consumer)?;
                 if pos % 64 == 0 || pos + 1 == total {
                     progress(&name, pos + 1, total);
                 }
@@ -447,11 +468,9 @@ fn reference_logits(
     stage: &str,
     progress: Progress,
 ) -> Result<Reference, VerifyError> {
-    let model = Llama::load(ckpt.var_builder(DType::F32, device), cfg)
-        .map_err(|e| input_err(&ckpt.dir, format!("loading: {e}")))?;
+    let model = load_llama(ckpt, cfg, DType::F32, device)?;
     let mut backend = CandleBackend::new(model, "reference");
-    let mut reference =
-        Reference::with_capacity(tokens.len(), cfg.vocab_size).map_err(VerifyError::Other)?;
+    let mut reference = Reference::with_capacity(tokens.len(), cfg.vocab_size)?;
     let total = tokens.len();
     run_backend(&mut backend, tokens, &mut |pos, row| {
         reference.push(row);

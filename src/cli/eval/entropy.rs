@@ -9,7 +9,8 @@ use super::parse_dtype;
 use crate::cli::{print_json, progress, Exit};
 use crate::eval::entropy::attention_entropy;
 use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
-use crate::eval::{open_dir, read_text, windows, EvalError};
+use crate::eval::{read_text, windows, EvalError};
+use crate::runtime::open_dir;
 
 #[derive(Args, Debug)]
 pub struct EntropyArgs {

@@ -12,7 +12,8 @@ use crate::eval::passkey::{evaluate, Cell};
 use crate::eval::plot::{
     check_plot_path, heatmap, line_plot, render_to, Heatmap, LinePlot, Series,
 };
-use crate::eval::{open_model, EvalError};
+use crate::eval::EvalError;
+use crate::runtime::open_model;
 
 /// How trials are built and scored (shown after `abf-eval passkey --help`).
 pub const PROTOCOL: &str = r#"Protocol (LongLoRA passkey_retrieval.py): the task line, whole filler units

@@ -9,7 +9,8 @@ use super::{model_labels, parse_dtype};
 use crate::cli::{print_json, progress, Exit};
 use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
 use crate::eval::ppl::{band_edges, perplexity, Bands, LengthPpl};
-use crate::eval::{open_model, read_text, windows, EvalError};
+use crate::eval::{read_text, windows, EvalError};
+use crate::runtime::open_model;
 
 #[derive(Args, Debug)]
 pub struct PplArgs {
