@@ -1,7 +1,8 @@
 //! The recipe's numbers against values derived independently (method.md, and transformers'
 //! formulas evaluated by hand in Python's f64), plus the flags / config-block round trips.
 
-use abf::rope::{BaseRope, Recipe, RecipeArgs, RopeMethod, ScaleLaw};
+use abf::cli::RecipeArgs;
+use abf::rope::{BaseRope, Recipe, RopeMethod, ScaleLaw};
 
 const LLAMA2: BaseRope = BaseRope {
     base: 10_000.0,

@@ -1,11 +1,17 @@
-//! What the binaries share: exit codes, error printing, progress bars, JSON output.
-//! Each binary's `main` calls one `main` here; the argument structs live beside it.
+//! What the binaries share: exit codes, error printing, progress bars, JSON output, and the
+//! typed flags (`args`, `recipe_args`). Each binary's `main` calls one `main` here; its own
+//! argument structs live beside it. A binary's module uses only these shared modules, never
+//! another binary's.
 
+pub mod args;
 pub mod convert;
 pub mod eval;
-mod eval_gguf;
+pub mod recipe_args;
 pub mod tune;
 pub mod verify;
+
+pub use args::{ComputeArgs, Device, DeviceArgs, EngineArgs, JsonFlag};
+pub use recipe_args::{RecipeArgs, ScaleLawArg};
 
 use std::process::ExitCode;
 

@@ -16,17 +16,15 @@ use super::tokenizer_gguf::vocab_from_dir;
 use crate::checkpoint::{Checkpoint, TensorDtype};
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{apply_recipe, GgmlType, GgufWriter, Metadata, Runtime, TensorSpec, Value};
-use crate::rope::{
-    base_inv_freq, BaseRope, FieldValue, Recipe, RecipeArgs, RopeMethod, GGUF_PREFIX,
-};
+use crate::rope::{base_inv_freq, FieldValue, Recipe, RopeMethod, GGUF_PREFIX};
 
 /// What to convert to.
 #[derive(Debug, Clone)]
 pub struct ToGgufOptions {
     pub outtype: OutType,
     pub runtime: Runtime,
-    /// Flags laid over the checkpoint's own recipe.
-    pub recipe: RecipeArgs,
+    /// The recipe to write (None: the checkpoint's own).
+    pub recipe: Option<Recipe>,
     pub allow_approximate: bool,
     /// `tokenizer.ggml.pre` to write instead of the recognised one.
     pub tokenizer_pre: Option<String>,
@@ -39,7 +37,7 @@ impl Default for ToGgufOptions {
         ToGgufOptions {
             outtype: OutType::F16,
             runtime: Runtime::LlamaCpp,
-            recipe: RecipeArgs::default(),
+            recipe: None,
             allow_approximate: false,
             tokenizer_pre: None,
             name: None,
@@ -202,17 +200,12 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
             cfg.head_dim, cfg.num_attention_heads, cfg.hidden_size
         )));
     }
-    let current = cfg.recipe.clone();
-    let recipe = if opts.recipe.is_empty() {
-        current
-    } else {
-        opts.recipe.resolve(
-            Some(&current),
-            BaseRope {
-                base: current.rope_base,
-                context: current.original_context,
-            },
-        )?
+    let recipe = match &opts.recipe {
+        Some(r) => {
+            r.validate()?;
+            r.clone()
+        }
+        None => cfg.recipe.clone(),
     };
 
     let mut meta = Metadata::new();

@@ -7,8 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::checkpoint::{patch_config, write_patched, HfConfig, PatchOutput, Runtime};
-use crate::cli::{print_json, Exit};
-use crate::rope::{BaseRope, RecipeArgs};
+use crate::cli::{print_json, Exit, JsonFlag, RecipeArgs};
 
 #[derive(Args, Debug)]
 pub struct PatchConfigArgs {
@@ -28,9 +27,8 @@ pub struct PatchConfigArgs {
     /// Write the nearest runtime form of a recipe the runtime cannot run exactly.
     #[arg(long)]
     pub allow_approximate: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
@@ -40,18 +38,13 @@ pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
         _ => anyhow::bail!("give -o OUT_DIR or --in-place"),
     };
     let input = HfConfig::load(&args.model_dir)?;
-    let current = input.model.recipe.clone();
-    let model = BaseRope {
-        base: current.rope_base,
-        context: current.original_context,
-    };
     let recipe = args
         .recipe
-        .resolve(Some(&current), model)
+        .resolve_over(&input.model.recipe)
         .context("recipe flags")?;
     let patched = patch_config(&input, &recipe, args.runtime, args.allow_approximate)?;
     let files = write_patched(&args.model_dir, &patched, &output)?;
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "input": args.model_dir,
             "config": files.config_path,

@@ -4,8 +4,8 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::{print_json, Exit};
-use crate::rope::{BaseRope, RecipeArgs};
+use crate::cli::{print_json, Exit, JsonFlag, RecipeArgs};
+use crate::rope::BaseRope;
 
 /// The model assumed when no checkpoint is given: LLaMA-2 (base 10000, window 4096).
 const LLAMA2: BaseRope = BaseRope {
@@ -29,9 +29,8 @@ pub struct RopeArgs {
     /// Layer whose logit scale to print (default: the first non-exempt layer).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
@@ -61,7 +60,7 @@ pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
         .iter()
         .map(|&p| (p, recipe.logit_scale(layer, p)))
         .collect();
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "recipe": recipe.to_json_block(),
             "effective_base": recipe.effective_base(args.head_dim, args.seq_len),
