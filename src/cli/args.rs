@@ -91,7 +91,7 @@ pub struct DeviceArgs {
 }
 
 /// A compute dtype: `f32` or `bf16`.
-pub fn compute_dtype() -> impl TypedValueParser<Value = DType> + Clone + Send + Sync + 'static {
+pub fn compute_dtype() -> impl TypedValueParser<Value = DType> {
     PossibleValuesParser::new(["f32", "bf16"]).map(|s| {
         if s == "bf16" {
             DType::BF16
@@ -112,8 +112,7 @@ pub struct ComputeArgs {
 }
 
 /// The element type of written safetensors: `f32`, `f16` or `bf16`.
-pub fn weight_dtype() -> impl TypedValueParser<Value = TensorDtype> + Clone + Send + Sync + 'static
-{
+pub fn weight_dtype() -> impl TypedValueParser<Value = TensorDtype> {
     PossibleValuesParser::new(["f32", "f16", "bf16"]).map(|s| match s.as_str() {
         "f16" => TensorDtype::F16,
         "bf16" => TensorDtype::BF16,
@@ -122,7 +121,7 @@ pub fn weight_dtype() -> impl TypedValueParser<Value = TensorDtype> + Clone + Se
 }
 
 /// One backend: `candle` or `llama.cpp`.
-pub fn backend() -> impl TypedValueParser<Value = BackendKind> + Clone + Send + Sync + 'static {
+pub fn backend() -> impl TypedValueParser<Value = BackendKind> {
     PossibleValuesParser::new(["candle", "llama.cpp"]).try_map(|s| s.parse::<BackendKind>())
 }
 
@@ -166,7 +165,7 @@ impl Backends {
 }
 
 /// The runtime GGUF keys are written for: `llama.cpp` or `exact`.
-pub fn gguf_runtime() -> impl TypedValueParser<Value = Runtime> + Clone + Send + Sync + 'static {
+pub fn gguf_runtime() -> impl TypedValueParser<Value = Runtime> {
     PossibleValuesParser::new(["llama.cpp", "exact"]).try_map(|s| s.parse::<Runtime>())
 }
 
@@ -182,12 +181,12 @@ pub struct GgufTarget {
 }
 
 /// A GGUF out type (`f32` ... `q5_k_m`, any case).
-pub fn out_type() -> impl TypedValueParser<Value = OutType> + Clone + Send + Sync + 'static {
+pub fn out_type() -> impl TypedValueParser<Value = OutType> {
     PossibleValuesParser::new(OUT_TYPES.iter().map(|r| r.1)).try_map(|s| s.parse::<OutType>())
 }
 
 /// A learning-rate schedule: `cosine` or `constant`.
-pub fn schedule() -> impl TypedValueParser<Value = ScheduleKind> + Clone + Send + Sync + 'static {
+pub fn schedule() -> impl TypedValueParser<Value = ScheduleKind> {
     PossibleValuesParser::new(["cosine", "constant"]).try_map(|s| s.parse::<ScheduleKind>())
 }
 
