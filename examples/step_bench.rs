@@ -19,10 +19,10 @@ struct Args {
     lora: Option<usize>,
     #[arg(long, default_value_t = 3)]
     steps: usize,
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, default_value = "bf16", value_parser = abf::cli::args::compute_dtype())]
+    dtype: candle_core::DType,
+    #[command(flatten)]
+    device: abf::cli::DeviceArgs,
     /// A forward-only logits pass instead of training steps.
     #[arg(long)]
     forward: bool,
@@ -35,8 +35,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let device = abf::cli::tune::device(&a.device)?;
-    let dtype = abf::train::run::parse_dtype(&a.dtype)?;
+    let device = a.device.device.open()?;
+    let dtype = a.dtype;
     let shape = Shape::by_name(&a.shape)?;
     if a.seq_len == 0 || a.steps == 0 {
         bail!("--seq-len and --steps must be positive");

@@ -71,7 +71,7 @@ run_method() {
       --json > "$out/$m.convert.json"
     echo "-- $m: verify the GGUF against its checkpoint (our candle reading of the file, and llama.cpp)"
     "$bin/abf-verify" --reference "$dir" --gguf "$out/$m.gguf" --backend both --lengths $((4 * c)),$((8 * c)) \
-      --text "$text" --json "$out/$m.verify.json" --quiet || echo "(abf-verify exit code $?: see $out/$m.verify.json)"
+      --text "$text" --report "$out/$m.verify.json" --quiet || echo "(abf-verify exit code $?: see $out/$m.verify.json)"
     echo "-- $m: perplexity at $lengths"
     ppl "$dir" "$m"
   } > "$log" 2>&1

@@ -5,7 +5,7 @@
 
 Reads OUT_DIR/NAME.ppl.json (`abf-eval ppl --json`), for
 fine-tuned names OUT_DIR/NAME.tune.json (`abf-tune --json`) and OUT_DIR/NAME.verify.json
-(`abf-verify --json`); prints a Markdown table (method x evaluation length, verdicts)
+(`abf-verify --report`); prints a Markdown table (method x evaluation length, verdicts)
 and writes OUT_DIR/plots/ppl-by-length.svg and OUT_DIR/plots/ppl-by-band.svg (plain SVG, no
 plotting library needed).
 """

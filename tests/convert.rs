@@ -8,13 +8,14 @@ mod convert_support;
 use std::path::Path;
 
 use abf::checkpoint::{Checkpoint, SafetensorStore, TensorDtype};
+use abf::cli::{RecipeArgs, ScaleLawArg};
 use abf::convert::quant_plan::OutType;
 use abf::convert::tokenizer_gguf::{vocab_from_dir, GgufVocab};
 use abf::convert::{
     from_gguf, permute_qk, plan_to_gguf, unpermute_qk, write_gguf, FromGgufOptions, ToGgufOptions,
 };
 use abf::gguf::{open_mmap, GgufFile, Value, ValueType};
-use abf::rope::{Recipe, RecipeArgs, RopeMethod};
+use abf::rope::{Recipe, RopeMethod};
 use candle_core::{Device, Tensor};
 use convert_support::{write_tiny, Tiny};
 use serde_json::json;
@@ -200,6 +201,12 @@ fn args(method: &str) -> RecipeArgs {
     }
 }
 
+/// The recipe the command line resolves from `flags` over the checkpoint's own.
+fn over(dir: &Path, flags: &RecipeArgs) -> Option<Recipe> {
+    let current = Checkpoint::open(dir).unwrap().config.model.recipe;
+    Some(flags.resolve_over(&current).unwrap())
+}
+
 fn convert_recipe(src: &Path, tmp: &Path, opts: &ToGgufOptions) -> (Recipe, Recipe) {
     let gguf = tmp.join("r.gguf");
     let plan = to_gguf(src, &gguf, opts);
@@ -227,14 +234,14 @@ fn every_method_round_trips_exactly_with_exact_keys() {
     let mut methods: Vec<RecipeArgs> = RopeMethod::ALL.iter().map(|m| args(m.name())).collect();
     methods.push(RecipeArgs {
         method: Some(RopeMethod::Abf),
-        scale_law: Some("step".into()),
+        scale_law: Some(ScaleLawArg::Step),
         ..RecipeArgs::default()
     });
     for a in methods {
         let opts = ToGgufOptions {
             outtype: OutType::F32,
             runtime: abf::rope::Target::Exact,
-            recipe: a.clone(),
+            recipe: over(&src, &a),
             allow_approximate: true,
             ..ToGgufOptions::default()
         };
@@ -252,7 +259,7 @@ fn llama_cpp_keys_carry_what_llama_cpp_runs() {
     let d = 16;
     let step = RecipeArgs {
         method: Some(RopeMethod::Abf),
-        scale_law: Some("step".into()),
+        scale_law: Some(ScaleLawArg::Step),
         ..RecipeArgs::default()
     };
     for a in [
@@ -266,7 +273,7 @@ fn llama_cpp_keys_carry_what_llama_cpp_runs() {
     ] {
         let opts = ToGgufOptions {
             outtype: OutType::F32,
-            recipe: a.clone(),
+            recipe: over(&src, &a),
             ..ToGgufOptions::default()
         };
         let (w, r) = convert_recipe(&src, tmp.path(), &opts);
@@ -291,7 +298,7 @@ fn llama_cpp_keys_carry_what_llama_cpp_runs() {
     for a in [args("eabf"), args("dynamic")] {
         let ckpt = Checkpoint::open(&src).unwrap();
         let opts = ToGgufOptions {
-            recipe: a,
+            recipe: over(&src, &a),
             ..ToGgufOptions::default()
         };
         assert!(plan_to_gguf(&ckpt, &opts).is_err());
@@ -305,11 +312,14 @@ fn step_law_relabels_to_mistral3_and_llama3_writes_rope_freqs() {
     write_tiny(&src, Tiny::default(), 5, &[]);
     let ckpt = Checkpoint::open(&src).unwrap();
     let opts = ToGgufOptions {
-        recipe: RecipeArgs {
-            method: Some(RopeMethod::Abf),
-            scale_law: Some("step".into()),
-            ..RecipeArgs::default()
-        },
+        recipe: over(
+            &src,
+            &RecipeArgs {
+                method: Some(RopeMethod::Abf),
+                scale_law: Some(ScaleLawArg::Step),
+                ..RecipeArgs::default()
+            },
+        ),
         ..ToGgufOptions::default()
     };
     let plan = plan_to_gguf(&ckpt, &opts).unwrap();
@@ -327,7 +337,7 @@ fn step_law_relabels_to_mistral3_and_llama3_writes_rope_freqs() {
     assert!(m.keys().all(|k| !k.starts_with("llama.")));
 
     let opts = ToGgufOptions {
-        recipe: args("llama3"),
+        recipe: over(&src, &args("llama3")),
         ..ToGgufOptions::default()
     };
     let plan = plan_to_gguf(&ckpt, &opts).unwrap();

@@ -9,11 +9,12 @@ mod convert_support;
 use std::path::{Path, PathBuf};
 
 use abf::checkpoint::Checkpoint;
+use abf::cli::{RecipeArgs, ScaleLawArg};
 use abf::convert::quant_plan::OutType;
 use abf::convert::{from_gguf, plan_to_gguf, write_gguf, FromGgufOptions, ToGgufOptions};
 use abf::gguf::{open_mmap, rewrite};
 use abf::model::Llama;
-use abf::rope::{RecipeArgs, RopeMethod};
+use abf::rope::RopeMethod;
 use abf::runtime::{LlamaCpp, LlamaCppOptions};
 use candle_core::{DType, Device, Tensor};
 use convert_support::{write_tiny, Rng, Tiny};
@@ -222,17 +223,18 @@ fn recipes_reach_llama_cpp() {
         (
             RecipeArgs {
                 method: Some(RopeMethod::Abf),
-                scale_law: Some("step".into()),
+                scale_law: Some(ScaleLawArg::Step),
                 ..RecipeArgs::default()
             },
             "mistral3.attention.temperature_scale",
         ),
     ];
+    let current = Checkpoint::open(&src).unwrap().config.model.recipe;
     for (args, key) in cases {
         let gguf = tmp.path().join("r.gguf");
         let opts = ToGgufOptions {
             outtype: OutType::F32,
-            recipe: args.clone(),
+            recipe: Some(args.resolve_over(&current).unwrap()),
             ..ToGgufOptions::default()
         };
         let plan = to_gguf(&src, &gguf, &opts);

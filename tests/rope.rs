@@ -1,7 +1,8 @@
 //! The recipe's numbers against values derived independently (method.md, and transformers'
 //! formulas evaluated by hand in Python's f64), plus the flags / config-block round trips.
 
-use abf::rope::{runtime_form, BaseRope, Gap, Recipe, RecipeArgs, RopeMethod, ScaleLaw, Target};
+use abf::cli::RecipeArgs;
+use abf::rope::{runtime_form, BaseRope, Gap, Recipe, RopeMethod, ScaleLaw, Target};
 
 const LLAMA2: BaseRope = BaseRope {
     base: 10_000.0,

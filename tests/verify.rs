@@ -344,7 +344,7 @@ fn cli_exit_codes_json_and_eval_logits_on_gguf() {
             .output()
             .unwrap()
     };
-    let out = verify(&f.good, &["--json", json.to_str().unwrap()]);
+    let out = verify(&f.good, &["--report", json.to_str().unwrap()]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -372,8 +372,12 @@ fn cli_exit_codes_json_and_eval_logits_on_gguf() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("temperature_scale is 0.5"));
     // a line loosened far enough cannot hide the metadata mismatch
-    let out = verify(&bad, &["--max-nmse", "1", "--max-kld", "1"]);
+    // (--json: the same report as JSON on stdout)
+    let out = verify(&bad, &["--max-nmse", "1", "--max-kld", "1", "--json"]);
     assert_eq!(out.status.code(), Some(1));
+    let stdout: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stdout["pass"], false);
+    assert_eq!(stdout["length"], 256);
     let out = verify(&f.root.join("missing.gguf"), &[]);
     assert_eq!(out.status.code(), Some(2));
 

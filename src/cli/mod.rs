@@ -1,11 +1,17 @@
-//! What the binaries share: exit codes, error printing, progress bars, JSON output.
-//! Each binary's `main` calls one `main` here; the argument structs live beside it.
+//! What the binaries share: exit codes, error printing, progress bars, JSON output, and the
+//! typed flags (`args`, `recipe_args`). Each binary's `main` calls one `main` here; its own
+//! argument structs live beside it. A binary's module uses only these shared modules, never
+//! another binary's.
 
+pub mod args;
 pub mod convert;
 pub mod eval;
-mod eval_gguf;
+pub mod recipe_args;
 pub mod tune;
 pub mod verify;
+
+pub use args::{ComputeArgs, Device, DeviceArgs, EngineArgs, JsonFlag};
+pub use recipe_args::{RecipeArgs, ScaleLawArg};
 
 use std::process::ExitCode;
 
@@ -77,34 +83,4 @@ pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
-}
-
-/// `--runtime` of a GGUF writer: llama.cpp (its keys) or exact (also our record).
-pub fn parse_gguf_target(s: &str) -> Result<crate::rope::Target, String> {
-    parse_target(
-        s,
-        &[crate::rope::Target::LlamaCpp, crate::rope::Target::Exact],
-    )
-}
-
-/// `--runtime` of a config.json writer: transformers (its fields) or exact (also our block).
-pub fn parse_config_target(s: &str) -> Result<crate::rope::Target, String> {
-    parse_target(
-        s,
-        &[
-            crate::rope::Target::Transformers,
-            crate::rope::Target::Exact,
-        ],
-    )
-}
-
-fn parse_target(s: &str, allowed: &[crate::rope::Target]) -> Result<crate::rope::Target, String> {
-    let t: crate::rope::Target = s
-        .parse()
-        .map_err(|e: crate::rope::RecipeError| e.to_string())?;
-    if allowed.contains(&t) {
-        return Ok(t);
-    }
-    let names: Vec<&str> = allowed.iter().map(|t| t.name()).collect();
-    Err(format!("runtime {t} is not one of {}", names.join(", ")))
 }

@@ -4,15 +4,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use candle_core::DType;
 use clap::Parser;
 use serde_json::json;
 
-use super::{print_json, progress, run_main, Exit};
+use super::args::{compute_dtype, schedule};
+use super::{print_json, progress, run_main, DeviceArgs, Exit, JsonFlag, RecipeArgs};
 use crate::checkpoint::HfConfig;
-use crate::rope::{BaseRope, RecipeArgs, RopeMethod};
+use crate::rope::RopeMethod;
 use crate::train::lora::LoraConfig;
 use crate::train::optim::AdamWConfig;
-use crate::train::run::{spec_from_checkpoint, tune, Event, TuneSpec};
+use crate::train::run::{spec_from_checkpoint, tune, Event, TuneSpec, TuneSummary};
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::TrainConfig;
 
@@ -80,8 +82,8 @@ pub struct Cli {
     #[arg(long, default_value_t = 1e-8)]
     pub adam_eps: f64,
     /// Learning-rate schedule after warm-up.
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant"])]
-    pub schedule: String,
+    #[arg(long, default_value = "cosine", value_parser = schedule())]
+    pub schedule: ScheduleKind,
     /// Global gradient-norm clip (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f64,
@@ -92,13 +94,12 @@ pub struct Cli {
     /// LoRA scale numerator (update = alpha / rank * B A; default 2 x rank).
     #[arg(long, requires = "lora")]
     pub lora_alpha: Option<f64>,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Compute dtype (master weights and optimizer state are f32 either way; default: f32 on
     /// CPU, bf16 on CUDA).
-    #[arg(long, value_parser = ["f32", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_parser = compute_dtype())]
+    pub dtype: Option<DType>,
     /// Seed of data order, sampling and LoRA initialization.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -120,9 +121,8 @@ pub struct Cli {
     /// Replace an existing, non-empty output directory.
     #[arg(long)]
     pub force: bool,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 fn parse_betas(s: &str) -> Result<(f64, f64), String> {
@@ -133,51 +133,24 @@ fn parse_betas(s: &str) -> Result<(f64, f64), String> {
     Ok((p(a)?, p(b)?))
 }
 
-/// The device named by `--device`; `cuda:N` needs a build with the `cuda` feature.
-pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
-    if name == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let Some(n) = name.strip_prefix("cuda") else {
-        bail!("unknown device {name:?} (expected cpu or cuda:N)")
-    };
-    let ordinal: usize = match n.strip_prefix(':') {
-        Some(i) => i.parse().with_context(|| format!("device {name:?}"))?,
-        None if n.is_empty() => 0,
-        None => bail!("unknown device {name:?} (expected cpu or cuda:N)"),
-    };
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "device {name}: this abf-tune was built without CUDA (rebuild with --features cuda, \
-             see scripts/build-cuda.sh)"
-        )
-    }
-    candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening {name}"))
-}
-
 fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
     let (Some(model), Some(data), Some(out)) = (&cli.model, &cli.data, &cli.out) else {
         bail!("--model, --data and -o are required (or --resume OUT_DIR)")
     };
     let hf = HfConfig::load(model)?;
-    let current = hf.model.recipe.clone();
+    let current = &hf.model.recipe;
     let mut args = cli.recipe.clone();
     // The default method is eabf, unless the model already carries an extension recipe.
     if args.method.is_none() && current.method == RopeMethod::Default {
         args.method = Some(RopeMethod::Eabf);
     }
-    let base = BaseRope {
-        base: current.rope_base,
-        context: current.original_context,
-    };
     let recipe = args
-        .resolve(Some(&current), base)
+        .resolve_over(current)
         .with_context(|| format!("recipe for {}", model.display()))?;
-    let on_cuda = cli.device.starts_with("cuda");
+    let on_cuda = cli.device.device.is_cuda();
     let dtype = cli
         .dtype
-        .clone()
-        .unwrap_or_else(|| if on_cuda { "bf16" } else { "f32" }.to_string());
+        .unwrap_or(if on_cuda { DType::BF16 } else { DType::F32 });
     let train = TrainConfig {
         batch_size: cli.batch_size,
         micro_batch: cli.micro_batch,
@@ -185,10 +158,7 @@ fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
         steps: cli.steps,
         lr: cli.lr,
         warmup: cli.warmup,
-        schedule: cli
-            .schedule
-            .parse::<ScheduleKind>()
-            .map_err(anyhow::Error::msg)?,
+        schedule: cli.schedule,
         adam: AdamWConfig {
             beta1: cli.adam_betas.0,
             beta2: cli.adam_betas.1,
@@ -219,7 +189,7 @@ fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
         min_tokens: cli.min_tokens,
         samples: Some(cli.samples),
         train,
-        dtype,
+        dtype: dtype.as_str().to_string(),
     };
     Ok((spec, out.clone()))
 }
@@ -230,7 +200,7 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<Exit> {
-    let device = device(&cli.device)?;
+    let device = cli.device.device.open()?;
     let (spec, out, resume) = match &cli.resume {
         Some(dir) => {
             let spec =
@@ -252,7 +222,7 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     if spec.dtype == "bf16" && device.is_cpu() {
         eprintln!("note: bf16 on CPU is slow; f32 is the CPU default");
     }
-    let bar = progress(0, "abf-tune", cli.json);
+    let bar = progress(0, "abf-tune", cli.print.json);
     let mut on = |e: Event| match e {
         Event::Prepared {
             examples,
@@ -269,7 +239,7 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
                 "loss {:.4} lr {:.2e} {:.0} tok/s",
                 s.loss, s.lr, s.tokens_per_s
             ));
-            if !cli.json && bar.is_hidden() {
+            if !cli.print.json && bar.is_hidden() {
                 eprintln!(
                     "step {}/{} loss {:.4} lr {:.3e} grad norm {:.3} {:.0} tok/s",
                     s.step,
@@ -287,40 +257,44 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     };
     let summary = tune(&spec, &out, &device, resume, cli.stop_after, &mut on)?;
     bar.finish_and_clear();
-    if cli.json {
+    if cli.print.json {
         print_json(&json!(summary))?;
     } else {
-        if summary.skipped_records > 0 {
-            eprintln!(
-                "skipped {} of {} records: {}",
-                summary.skipped_records,
-                summary.records,
-                summary.skip_reasons.join("; ")
-            );
-        }
-        println!(
-            "{} {} of {} steps, loss {} -> {}, {} examples ({} tokens), {} trainable of {} parameters, {:.1} s",
-            if summary.finished { "trained" } else { "stopped after" },
-            summary.steps_done,
-            summary.total_steps,
-            summary.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
-            summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
-            summary.data.kept,
-            summary.data.tokens,
-            summary.trainable_parameters,
-            summary.parameters,
-            summary.seconds
-        );
-        println!("recipe: {}", summary.recipe);
-        println!(
-            "{}: {}",
-            if summary.finished {
-                "model"
-            } else {
-                "checkpoint"
-            },
-            summary.out.display()
-        );
+        print_summary(&summary);
     }
     Ok(Exit::Ok)
+}
+
+fn print_summary(summary: &TuneSummary) {
+    if summary.skipped_records > 0 {
+        eprintln!(
+            "skipped {} of {} records: {}",
+            summary.skipped_records,
+            summary.records,
+            summary.skip_reasons.join("; ")
+        );
+    }
+    println!(
+        "{} {} of {} steps, loss {} -> {}, {} examples ({} tokens), {} trainable of {} parameters, {:.1} s",
+        if summary.finished { "trained" } else { "stopped after" },
+        summary.steps_done,
+        summary.total_steps,
+        summary.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+        summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+        summary.data.kept,
+        summary.data.tokens,
+        summary.trainable_parameters,
+        summary.parameters,
+        summary.seconds
+    );
+    println!("recipe: {}", summary.recipe);
+    println!(
+        "{}: {}",
+        if summary.finished {
+            "model"
+        } else {
+            "checkpoint"
+        },
+        summary.out.display()
+    );
 }

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use super::{progress, run_main, Exit};
+use super::args::{read_text_file, read_token_ids, Backends};
+use super::{print_json, progress, run_main, Exit, JsonFlag};
 use crate::fsutil::write_atomic;
-use crate::runtime::BackendKind;
-use crate::verify::{render, verify, TokenSource, VerifyOptions};
+use crate::verify::{render, verify, TokenSource, VerifyOptions, VerifyReport};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,8 +26,8 @@ pub struct Cli {
     #[arg(long)]
     pub gguf: PathBuf,
     /// Candidate backend: our candle reading of the GGUF, real llama.cpp, or both.
-    #[arg(long, value_parser = ["candle", "llama.cpp", "both"], default_value = default_backend())]
-    pub backend: String,
+    #[arg(long, value_enum, default_value_t = Backends::default_for_build())]
+    pub backend: Backends,
     /// Lengths to cover, comma-separated (the longest is run; each ends a band). Default: the
     /// recipe's target window, at least 4 x the original window.
     #[arg(long, value_delimiter = ',')]
@@ -44,9 +44,9 @@ pub struct Cli {
     /// Seed of --random-tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Write the JSON report to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    /// Also write the JSON report to this file (--json prints it on stdout instead of the text).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// Override the NMSE pass line.
     #[arg(long)]
     pub max_nmse: Option<f64>,
@@ -59,14 +59,8 @@ pub struct Cli {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
-}
-
-const fn default_backend() -> &'static str {
-    if cfg!(feature = "llamacpp") {
-        "both"
-    } else {
-        "candle"
-    }
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn main() -> ExitCode {
@@ -75,33 +69,42 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Exit> {
-    let backends = match cli.backend.as_str() {
-        "both" => vec![BackendKind::Candle, BackendKind::LlamaCpp],
-        other => vec![other.parse::<BackendKind>().map_err(anyhow::Error::msg)?],
-    };
     let source = if let Some(p) = &cli.text {
-        TokenSource::Text(
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )
+        TokenSource::Text(read_text_file(p)?)
     } else if let Some(p) = &cli.tokens {
-        let raw = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        TokenSource::Tokens(
-            serde_json::from_str(&raw)
-                .with_context(|| format!("{}: expected a JSON list of token ids", p.display()))?,
-        )
+        TokenSource::Tokens(read_token_ids(p)?)
     } else {
         TokenSource::Random { seed: cli.seed }
     };
     let mut opts = VerifyOptions::new(&cli.reference, &cli.gguf);
-    opts.backends = backends;
+    opts.backends = cli.backend.kinds();
     opts.lengths = cli.lengths.clone();
     opts.source = source;
     opts.max_nmse = cli.max_nmse;
     opts.max_kld = cli.max_kld;
     opts.min_top1 = cli.min_top1;
+    let report = run_with_progress(&opts, cli.quiet || cli.print.json)?;
+    if cli.print.json {
+        print_json(&serde_json::to_value(&report)?)?;
+    } else {
+        print!("{}", render(&report));
+    }
+    if let Some(path) = &cli.report {
+        let text = serde_json::to_string_pretty(&report)?;
+        write_atomic(path, text.as_bytes(), true)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.pass {
+        Exit::Ok
+    } else {
+        Exit::CheckFailed
+    })
+}
+
+/// Verify with one progress bar per stage on stderr.
+fn run_with_progress(opts: &VerifyOptions, quiet: bool) -> anyhow::Result<VerifyReport> {
     let mut bar: Option<(String, indicatif::ProgressBar)> = None;
-    let quiet = cli.quiet;
-    let report = verify(&opts, &mut |stage, done, total| {
+    let report = verify(opts, &mut |stage, done, total| {
         if bar.as_ref().is_none_or(|(s, _)| s != stage) {
             if let Some((_, b)) = bar.take() {
                 b.finish_and_clear();
@@ -115,15 +118,5 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
     if let Some((_, b)) = bar.take() {
         b.finish_and_clear();
     }
-    print!("{}", render(&report));
-    if let Some(path) = &cli.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        write_atomic(path, text.as_bytes(), true)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(if report.pass {
-        Exit::Ok
-    } else {
-        Exit::CheckFailed
-    })
+    Ok(report)
 }

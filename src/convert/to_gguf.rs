@@ -18,7 +18,7 @@ use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{
     apply_recipe_with_freq_factors, GgmlType, GgufWriter, Metadata, TensorSpec, Value,
 };
-use crate::rope::{base_inv_freq, BaseRope, Recipe, RecipeArgs, RopeMethod, Target};
+use crate::rope::{base_inv_freq, Recipe, RopeMethod, Target};
 
 /// What to convert to.
 #[derive(Debug, Clone)]
@@ -26,8 +26,8 @@ pub struct ToGgufOptions {
     pub outtype: OutType,
     /// llama.cpp (its keys only) or exact (its keys plus our `abf.recipe.*` record).
     pub runtime: Target,
-    /// Flags laid over the checkpoint's own recipe.
-    pub recipe: RecipeArgs,
+    /// The recipe to write (None: the checkpoint's own).
+    pub recipe: Option<Recipe>,
     pub allow_approximate: bool,
     /// `tokenizer.ggml.pre` to write instead of the recognised one.
     pub tokenizer_pre: Option<String>,
@@ -40,7 +40,7 @@ impl Default for ToGgufOptions {
         ToGgufOptions {
             outtype: OutType::F16,
             runtime: Target::LlamaCpp,
-            recipe: RecipeArgs::default(),
+            recipe: None,
             allow_approximate: false,
             tokenizer_pre: None,
             name: None,
@@ -155,17 +155,12 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
             cfg.head_dim, cfg.num_attention_heads, cfg.hidden_size
         )));
     }
-    let current = cfg.recipe.clone();
-    let recipe = if opts.recipe.is_empty() {
-        current
-    } else {
-        opts.recipe.resolve(
-            Some(&current),
-            BaseRope {
-                base: current.rope_base,
-                context: current.original_context,
-            },
-        )?
+    let recipe = match &opts.recipe {
+        Some(r) => {
+            r.validate()?;
+            r.clone()
+        }
+        None => cfg.recipe.clone(),
     };
 
     let mut meta = Metadata::new();

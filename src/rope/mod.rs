@@ -1,8 +1,7 @@
 //! The context-extension recipe: its type, its frequencies and scale laws (pure f64, no
-//! tensors), and its conversions to flags, the config.json block and flat fields.
+//! tensors), and its conversions to the config.json block and flat fields.
 
 mod fields;
-mod flags;
 mod freqs;
 mod recipe;
 mod runtime;
@@ -10,7 +9,6 @@ mod runtime;
 pub use fields::{
     field_kind, FieldKind, FieldValue, CONFIG_BLOCK, FIELDS, FORMAT_VERSION, GGUF_PREFIX,
 };
-pub use flags::RecipeArgs;
 pub use freqs::{base_inv_freq, dynamic_base, ntk_base, yarn_mscale, yarn_range};
 pub use recipe::{defaults, BaseRope, Recipe, RopeMethod, ScaleLaw};
 pub use runtime::{runtime_form, Approximation, Gap, RuntimeForm, Target};

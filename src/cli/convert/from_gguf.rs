@@ -6,7 +6,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::checkpoint::TensorDtype;
-use crate::cli::{print_json, Exit};
+use crate::cli::args::weight_dtype;
+use crate::cli::{print_json, Exit, JsonFlag};
 use crate::convert::{from_gguf, FromGgufOptions};
 
 #[derive(Args, Debug)]
@@ -17,23 +18,13 @@ pub struct FromGgufArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Element type of the safetensors: f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    #[arg(long, default_value = "f32", value_parser = weight_dtype())]
     pub dtype: TensorDtype,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
     /// Replace an existing non-empty output directory.
     #[arg(long)]
     pub force: bool,
-}
-
-fn parse_dtype(s: &str) -> Result<TensorDtype, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" => Ok(TensorDtype::F32),
-        "f16" => Ok(TensorDtype::F16),
-        "bf16" => Ok(TensorDtype::BF16),
-        other => Err(format!("unknown dtype {other:?} (f32, f16 or bf16)")),
-    }
 }
 
 pub fn run(args: FromGgufArgs) -> anyhow::Result<Exit> {
@@ -42,7 +33,7 @@ pub fn run(args: FromGgufArgs) -> anyhow::Result<Exit> {
         force: args.force,
     };
     let r = from_gguf(&args.input, &args.output, &opts)?;
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "output": r.dir, "tensors": r.tensors, "dtype": args.dtype.name(),
             "input_bytes": r.input_bytes, "output_bytes": r.output_bytes, "seconds": r.seconds,

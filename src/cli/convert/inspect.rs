@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::{print_json, Exit};
+use crate::cli::{print_json, Exit, JsonFlag};
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{open_mmap, read_recipe, GgufFile, Value};
 
@@ -17,9 +17,8 @@ const SHOWN_ITEMS: usize = 8;
 pub struct InspectArgs {
     /// The GGUF file.
     pub file: PathBuf,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
     /// Print long arrays in full.
     #[arg(long)]
     pub full: bool,
@@ -79,7 +78,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
         crate::rope::runtime_form(r, crate::rope::Target::LlamaCpp, dim).reasons()
     };
     let summary = summary(file);
-    if args.json {
+    if args.print.json {
         let keys: Vec<_> = file
             .metadata
             .iter()

@@ -7,8 +7,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::checkpoint::{patch_config, write_patched, HfConfig, PatchOutput};
-use crate::cli::{print_json, Exit};
-use crate::rope::{BaseRope, RecipeArgs};
+use crate::cli::{print_json, Exit, JsonFlag, RecipeArgs};
+use crate::rope::Target;
 
 #[derive(Args, Debug)]
 pub struct PatchConfigArgs {
@@ -24,14 +24,13 @@ pub struct PatchConfigArgs {
     pub recipe: RecipeArgs,
     /// transformers: the Hugging Face fields transformers runs natively; exact: those fields plus
     /// our abf_recipe block with what they cannot express (warned about, never refused).
-    #[arg(long, default_value = "transformers", value_parser = crate::cli::parse_config_target)]
-    pub runtime: crate::rope::Target,
+    #[arg(long, default_value = "transformers", value_parser = crate::cli::args::config_runtime())]
+    pub runtime: Target,
     /// Write the nearest runtime form of a recipe the runtime cannot run exactly.
     #[arg(long)]
     pub allow_approximate: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
@@ -41,18 +40,13 @@ pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
         _ => anyhow::bail!("give -o OUT_DIR or --in-place"),
     };
     let input = HfConfig::load(&args.model_dir)?;
-    let current = input.model.recipe.clone();
-    let model = BaseRope {
-        base: current.rope_base,
-        context: current.original_context,
-    };
     let recipe = args
         .recipe
-        .resolve(Some(&current), model)
+        .resolve_over(&input.model.recipe)
         .context("recipe flags")?;
     let patched = patch_config(&input, &recipe, args.runtime, args.allow_approximate)?;
     let files = write_patched(&args.model_dir, &patched, &output)?;
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "input": args.model_dir,
             "config": files.config_path,
@@ -61,7 +55,6 @@ pub fn run(args: PatchConfigArgs) -> anyhow::Result<Exit> {
             "recipe": patched.recipe.to_json_block(),
             "runtime_recipe": patched.runtime_recipe.to_json_block(),
             "exact": patched.approximations.is_empty(),
-            "transformers_exact": patched.approximations.is_empty(),
             "approximations": patched.approximations,
             "linked": files.linked,
             "copied": files.copied,

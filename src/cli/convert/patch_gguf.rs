@@ -7,13 +7,14 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::{print_json, Exit};
+use crate::cli::args::GgufTarget;
+use crate::cli::{print_json, Exit, JsonFlag, RecipeArgs};
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{
-    apply_recipe, diff, in_place_writes, open_mmap, read_recipe, rewrite, write_in_place, Metadata,
-    Value, ValueType,
+    apply_recipe, diff, in_place_writes, open_mmap, read_recipe, rewrite, write_in_place, Change,
+    InPlaceWrite, Metadata, Value, ValueType,
 };
-use crate::rope::{BaseRope, RecipeArgs};
+use crate::rope::BaseRope;
 
 #[derive(Args, Debug)]
 pub struct PatchArgs {
@@ -26,8 +27,8 @@ pub struct PatchArgs {
     #[arg(long)]
     pub in_place: bool,
     /// Set a key: KEY=TYPE:VALUE with TYPE one of u8 i8 u16 i16 u32 i32 f32 bool string u64 i64 f64.
-    #[arg(long = "set", value_name = "KEY=TYPE:VALUE")]
-    pub set: Vec<String>,
+    #[arg(long = "set", value_name = "KEY=TYPE:VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, Value)>,
     /// Delete a key.
     #[arg(long = "delete", value_name = "KEY")]
     pub delete: Vec<String>,
@@ -36,12 +37,8 @@ pub struct PatchArgs {
     pub rename_arch: Option<String>,
     #[command(flatten)]
     pub recipe: RecipeArgs,
-    /// Which runtime the recipe keys are for: llama.cpp (its native keys) or exact (also abf.recipe.*).
-    #[arg(long, default_value = "llama.cpp", value_parser = crate::cli::parse_gguf_target)]
-    pub runtime: crate::rope::Target,
-    /// Write the nearest runtime form of a recipe llama.cpp cannot run exactly.
-    #[arg(long)]
-    pub allow_approximate: bool,
+    #[command(flatten)]
+    pub target: GgufTarget,
     /// With --in-place, allow an edit that changes the header's size (temp file + rename over the input).
     #[arg(long)]
     pub allow_rewrite: bool,
@@ -51,9 +48,8 @@ pub struct PatchArgs {
     /// Print the metadata diff and write nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 /// Parse `KEY=TYPE:VALUE`.
@@ -105,8 +101,8 @@ fn edit(args: &PatchArgs, meta: &mut Metadata) -> anyhow::Result<Vec<String>> {
         notes.extend(apply_recipe(
             meta,
             &recipe,
-            args.runtime,
-            args.allow_approximate,
+            args.target.runtime,
+            args.target.allow_approximate,
         )?);
     }
     for k in &args.delete {
@@ -115,23 +111,22 @@ fn edit(args: &PatchArgs, meta: &mut Metadata) -> anyhow::Result<Vec<String>> {
         }
     }
     let arch = meta.architecture().ok().flatten().map(str::to_string);
-    for spec in &args.set {
-        let (key, value) = parse_set(spec)?;
-        if let Some(want) = keys::required_type(arch.as_deref(), &key) {
+    for (key, value) in &args.set {
+        if let Some(want) = keys::required_type(arch.as_deref(), key) {
             if want != value.value_type() {
                 bail!(
-                    "--set {spec:?}: llama.cpp requires {key} to be {want}, not {}",
+                    "--set {key}: llama.cpp requires {key} to be {want}, not {}",
                     value.value_type()
                 );
             }
         }
         if key == keys::GENERAL_ALIGNMENT {
             if let Value::U32(a) = value {
-                meta.set_alignment(a)?;
+                meta.set_alignment(*a)?;
                 continue;
             }
         }
-        meta.set(key, value);
+        meta.set(key.clone(), value.clone());
     }
     Ok(notes)
 }
@@ -156,36 +151,10 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
         open_mmap(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let old = &mapped.file;
     let mut meta = old.metadata.clone();
-    let notes = edit(&args, &mut meta)?;
+    let mut notes = edit(&args, &mut meta)?;
     let changes = diff(&old.metadata, &meta);
     let in_place = in_place_writes(old, &meta);
-    let mut notes = notes;
-    let mode = if args.in_place {
-        match &in_place {
-            Ok(w) if w.is_empty() => "none",
-            Ok(_) => "in-place",
-            Err(_) if args.allow_rewrite => "rewrite",
-            Err(reason) => {
-                let msg = format!(
-                    "--in-place: {reason}, which changes the header's size; add --allow-rewrite \
-                     to rewrite the file (temporary file renamed over the input)"
-                );
-                if !args.dry_run {
-                    bail!("{msg}");
-                }
-                notes.push(format!("refused without --allow-rewrite: {msg}"));
-                "refused"
-            }
-        }
-    } else if args.output.is_some() {
-        "rewrite"
-    } else {
-        match &in_place {
-            Ok(w) if w.is_empty() => "none",
-            Ok(_) => "in-place",
-            Err(_) => "rewrite",
-        }
-    };
+    let mode = choose_mode(&args, &in_place, &mut notes)?;
     let target = args.output.clone().unwrap_or_else(|| args.input.clone());
     let mut bytes_written = 0u64;
     if !args.dry_run {
@@ -207,7 +176,7 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
             _ => {}
         }
     }
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "input": args.input.display().to_string(),
             "output": target.display().to_string(),
@@ -218,28 +187,66 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
             "bytes_written": bytes_written,
         }))?;
     } else {
-        for c in &changes {
-            println!("{c}");
-        }
-        if changes.is_empty() {
-            println!("no metadata changes");
-        }
-        for n in &notes {
-            println!("note: {n}");
-        }
-        let verb = if args.dry_run { "would write" } else { "wrote" };
-        match mode {
-            "in-place" => println!(
-                "{verb} {} in place ({} changed value(s), no byte moved)",
-                args.input.display(),
-                changes.len()
-            ),
-            "rewrite" => println!(
-                "{verb} {} (header rewritten, tensor data copied verbatim)",
-                target.display()
-            ),
-            _ => println!("nothing to write"),
-        }
+        print_text(&args, &target, mode, &changes, &notes);
     }
     Ok(Exit::Ok)
+}
+
+/// How the edit is written: "none", "in-place", "rewrite", or (dry run only) "refused".
+fn choose_mode(
+    args: &PatchArgs,
+    in_place: &Result<Vec<InPlaceWrite>, crate::gguf::patch::InPlaceError>,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<&'static str> {
+    Ok(if args.in_place {
+        match in_place {
+            Ok(w) if w.is_empty() => "none",
+            Ok(_) => "in-place",
+            Err(_) if args.allow_rewrite => "rewrite",
+            Err(reason) => {
+                let msg = format!(
+                    "--in-place: {reason}, which changes the header's size; add --allow-rewrite \
+                     to rewrite the file (temporary file renamed over the input)"
+                );
+                if !args.dry_run {
+                    bail!("{msg}");
+                }
+                notes.push(format!("refused without --allow-rewrite: {msg}"));
+                "refused"
+            }
+        }
+    } else if args.output.is_some() {
+        "rewrite"
+    } else {
+        match in_place {
+            Ok(w) if w.is_empty() => "none",
+            Ok(_) => "in-place",
+            Err(_) => "rewrite",
+        }
+    })
+}
+
+fn print_text(args: &PatchArgs, target: &Path, mode: &str, changes: &[Change], notes: &[String]) {
+    for c in changes {
+        println!("{c}");
+    }
+    if changes.is_empty() {
+        println!("no metadata changes");
+    }
+    for n in notes {
+        println!("note: {n}");
+    }
+    let verb = if args.dry_run { "would write" } else { "wrote" };
+    match mode {
+        "in-place" => println!(
+            "{verb} {} in place ({} changed value(s), no byte moved)",
+            args.input.display(),
+            changes.len()
+        ),
+        "rewrite" => println!(
+            "{verb} {} (header rewritten, tensor data copied verbatim)",
+            target.display()
+        ),
+        _ => println!("nothing to write"),
+    }
 }

@@ -4,8 +4,8 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::{print_json, Exit};
-use crate::rope::{runtime_form, BaseRope, RecipeArgs, Target};
+use crate::cli::{print_json, Exit, JsonFlag, RecipeArgs};
+use crate::rope::{runtime_form, BaseRope, Target};
 
 /// The model assumed when no checkpoint is given: LLaMA-2 (base 10000, window 4096).
 const LLAMA2: BaseRope = BaseRope {
@@ -29,9 +29,8 @@ pub struct RopeArgs {
     /// Layer whose logit scale to print (default: the first non-exempt layer).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
@@ -65,7 +64,7 @@ pub fn run(args: RopeArgs) -> anyhow::Result<Exit> {
         .iter()
         .map(|&t| runtime_form(&recipe, t, args.head_dim))
         .collect();
-    if args.json {
+    if args.print.json {
         let runtimes: serde_json::Map<String, serde_json::Value> = forms
             .iter()
             .map(|f| {

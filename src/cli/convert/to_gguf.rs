@@ -7,9 +7,9 @@ use clap::Args;
 use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{print_json, progress, Exit};
-use crate::convert::{plan_to_gguf, write_gguf, OutType, ToGgufOptions};
-use crate::rope::RecipeArgs;
+use crate::cli::args::{out_type, GgufTarget};
+use crate::cli::{print_json, progress, Exit, JsonFlag, RecipeArgs};
+use crate::convert::{plan_to_gguf, write_gguf, OutType, Plan, ToGgufOptions};
 
 #[derive(Args, Debug)]
 pub struct ToGgufArgs {
@@ -19,16 +19,12 @@ pub struct ToGgufArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m.
-    #[arg(long, default_value = "f16", value_parser = parse_outtype)]
+    #[arg(long, default_value = "f16", value_parser = out_type(), ignore_case = true)]
     pub outtype: OutType,
-    /// llama.cpp (its native keys) or exact (also our abf.recipe.* keys).
-    #[arg(long, default_value = "llama.cpp", value_parser = crate::cli::parse_gguf_target)]
-    pub runtime: crate::rope::Target,
+    #[command(flatten)]
+    pub target: GgufTarget,
     #[command(flatten)]
     pub recipe: RecipeArgs,
-    /// Write the nearest runtime form of a recipe llama.cpp cannot run exactly.
-    #[arg(long)]
-    pub allow_approximate: bool,
     /// tokenizer.ggml.pre to write instead of the recognised one (byte-level BPE tokenizers).
     #[arg(long, value_name = "NAME")]
     pub tokenizer_pre: Option<String>,
@@ -38,16 +34,11 @@ pub struct ToGgufArgs {
     /// Print the plan (tensors, types, bytes, metadata) and write nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub print: JsonFlag,
     /// Replace an existing output file.
     #[arg(long)]
     pub force: bool,
-}
-
-fn parse_outtype(s: &str) -> Result<OutType, String> {
-    s.parse()
 }
 
 pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
@@ -64,76 +55,32 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         );
     }
     let ckpt = Checkpoint::open(&args.model_dir)?;
+    let recipe = if args.recipe.is_empty() {
+        None
+    } else {
+        let current = &ckpt.config.model.recipe;
+        Some(args.recipe.resolve_over(current).context("recipe flags")?)
+    };
     let opts = ToGgufOptions {
         outtype: args.outtype,
-        runtime: args.runtime,
-        recipe: args.recipe.clone(),
-        allow_approximate: args.allow_approximate,
+        runtime: args.target.runtime,
+        recipe,
+        allow_approximate: args.target.allow_approximate,
         tokenizer_pre: args.tokenizer_pre.clone(),
         name: None,
     };
     let plan = plan_to_gguf(&ckpt, &opts).context("planning the conversion")?;
-    let tensors_json: Vec<_> = plan
-        .tensors
-        .iter()
-        .map(|t| {
-            json!({"name": t.name, "source": t.source, "dims": t.dims,
-                   "type": t.ggml_type.to_string(), "bytes": t.bytes, "note": t.note})
-        })
-        .collect();
     if args.dry_run {
-        if args.json {
-            let meta: serde_json::Map<_, _> = plan
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_json(Some(8))))
-                .collect();
-            print_json(&json!({
-                "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
-                "input_bytes": plan.input_bytes, "output_tensor_bytes": plan.output_tensor_bytes(),
-                "tensors": tensors_json, "metadata": meta,
-            }))?;
-        } else {
-            println!("recipe: {}", plan.recipe);
-            for n in &plan.notes {
-                println!("note: {n}");
-            }
-            println!("metadata:");
-            for (k, v) in plan.metadata.iter() {
-                let text = v.to_json(Some(4)).to_string();
-                let text: String = text.chars().take(100).collect();
-                println!("  {k} = {text}");
-            }
-            println!("tensors:");
-            for t in &plan.tensors {
-                println!(
-                    "  {:<28} {:>18} {:>6} {:>12}{}",
-                    t.name,
-                    format!("{:?}", t.dims),
-                    t.ggml_type.to_string(),
-                    t.bytes,
-                    t.note
-                        .as_deref()
-                        .map(|n| format!("  ({n})"))
-                        .unwrap_or_default()
-                );
-            }
-            println!(
-                "{} tensors, {} input bytes -> {} tensor bytes",
-                plan.tensors.len(),
-                plan.input_bytes,
-                plan.output_tensor_bytes()
-            );
-        }
+        print_plan(&plan, args.print.json)?;
         return Ok(Exit::Ok);
     }
-    let bar = progress(plan.input_bytes, "to-gguf", args.json);
+    let bar = progress(plan.input_bytes, "to-gguf", args.print.json);
     let report = write_gguf(&ckpt, &plan, &args.output, args.force, &|_, n| bar.inc(n))?;
     bar.finish_and_clear();
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "output": args.output, "outtype": args.outtype.name(),
-            "runtime": format!("{:?}", args.runtime),
+            "runtime": format!("{:?}", args.target.runtime),
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
             "tensors": report.tensors, "input_bytes": report.input_bytes,
             "output_bytes": report.output_bytes, "seconds": report.seconds,
@@ -155,4 +102,59 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         );
     }
     Ok(Exit::Ok)
+}
+
+/// `--dry-run`: the recipe, notes, metadata and tensors that would be written.
+fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
+    if json {
+        let tensors: Vec<_> = plan
+            .tensors
+            .iter()
+            .map(|t| {
+                json!({"name": t.name, "source": t.source, "dims": t.dims,
+                       "type": t.ggml_type.to_string(), "bytes": t.bytes, "note": t.note})
+            })
+            .collect();
+        let meta: serde_json::Map<_, _> = plan
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_json(Some(8))))
+            .collect();
+        return print_json(&json!({
+            "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
+            "input_bytes": plan.input_bytes, "output_tensor_bytes": plan.output_tensor_bytes(),
+            "tensors": tensors, "metadata": meta,
+        }));
+    }
+    println!("recipe: {}", plan.recipe);
+    for n in &plan.notes {
+        println!("note: {n}");
+    }
+    println!("metadata:");
+    for (k, v) in plan.metadata.iter() {
+        let text = v.to_json(Some(4)).to_string();
+        let text: String = text.chars().take(100).collect();
+        println!("  {k} = {text}");
+    }
+    println!("tensors:");
+    for t in &plan.tensors {
+        println!(
+            "  {:<28} {:>18} {:>6} {:>12}{}",
+            t.name,
+            format!("{:?}", t.dims),
+            t.ggml_type.to_string(),
+            t.bytes,
+            t.note
+                .as_deref()
+                .map(|n| format!("  ({n})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "{} tensors, {} input bytes -> {} tensor bytes",
+        plan.tensors.len(),
+        plan.input_bytes,
+        plan.output_tensor_bytes()
+    );
+    Ok(())
 }

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::parse_dtype;
-use crate::cli::{print_json, progress, Exit};
-use crate::eval::entropy::attention_entropy;
+use crate::cli::{print_json, progress, ComputeArgs, Exit, JsonFlag};
+use crate::eval::entropy::{attention_entropy, EntropyReport};
 use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
 use crate::eval::{read_text, windows, EvalError};
 use crate::runtime::open_dir;
@@ -32,15 +31,10 @@ pub struct EntropyArgs {
     /// Write the entropy plot here (.svg).
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Compute dtype.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
-    /// cpu or cuda:N (CUDA needs a build with the `cuda` feature, scripts/build-cuda.sh).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: EntropyArgs) -> anyhow::Result<Exit> {
@@ -69,46 +63,18 @@ pub fn run(args: EntropyArgs) -> anyhow::Result<Exit> {
     let text = read_text(&args.text)?;
     let m = open_dir(
         &args.model,
-        parse_dtype(&args.dtype),
-        &crate::cli::tune::device(&args.device)?,
+        args.compute.dtype,
+        &args.compute.device.device.open()?,
     )?;
     let ids = m.encoder.encode_plain(&text)?;
     let w = windows(&ids, length, args.windows, m.encoder.bos, &args.text)?;
-    let bar = progress(w.len() as u64, "entropy", args.json);
+    let bar = progress(w.len() as u64, "entropy", args.print.json);
     let report = attention_entropy(&m.model, &w, &positions, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     if let Some(plot) = &args.plot {
-        let n = |k: usize| (positions[k] + 1) as f64;
-        let mut series: Vec<Series> = report
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, row)| Series {
-                label: format!("layer {l}"),
-                points: row.iter().enumerate().map(|(k, &h)| (n(k), h)).collect(),
-                dashed: false,
-            })
-            .collect();
-        series.push(Series {
-            label: "uniform ln n".into(),
-            points: report
-                .uniform
-                .iter()
-                .enumerate()
-                .map(|(k, &h)| (n(k), h))
-                .collect(),
-            dashed: true,
-        });
-        let p = LinePlot {
-            title: "Attention entropy by layer against uniform attention".into(),
-            x_label: "visible keys n = position + 1".into(),
-            y_label: "attention entropy (nats)".into(),
-            log2_x: true,
-            series,
-        };
-        render_to(plot, || line_plot(&p))?;
+        plot_entropy(plot, &positions, &report)?;
     }
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "model": args.model,
             "text": args.text,
@@ -116,32 +82,73 @@ pub fn run(args: EntropyArgs) -> anyhow::Result<Exit> {
             "entropy": report,
         }))?;
     } else {
-        println!(
-            "attention entropy (nats, mean over heads and {} windows of {} tokens) of {}",
-            report.windows,
-            report.length,
-            args.model.display()
-        );
-        print!("{:>9}", "position");
-        for p in &positions {
-            print!(" {p:>8}");
-        }
-        println!();
-        for (l, row) in report.layers.iter().enumerate() {
-            print!("{:>9}", format!("layer {l}"));
-            for h in row {
-                print!(" {h:>8.4}");
-            }
-            println!();
-        }
-        print!("{:>9}", "ln n");
-        for h in &report.uniform {
+        print_table(&args, &positions, &report);
+    }
+    Ok(Exit::Ok)
+}
+
+fn plot_entropy(
+    plot: &std::path::Path,
+    positions: &[usize],
+    report: &EntropyReport,
+) -> anyhow::Result<()> {
+    let n = |k: usize| (positions[k] + 1) as f64;
+    let mut series: Vec<Series> = report
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, row)| Series {
+            label: format!("layer {l}"),
+            points: row.iter().enumerate().map(|(k, &h)| (n(k), h)).collect(),
+            dashed: false,
+        })
+        .collect();
+    series.push(Series {
+        label: "uniform ln n".into(),
+        points: report
+            .uniform
+            .iter()
+            .enumerate()
+            .map(|(k, &h)| (n(k), h))
+            .collect(),
+        dashed: true,
+    });
+    let p = LinePlot {
+        title: "Attention entropy by layer against uniform attention".into(),
+        x_label: "visible keys n = position + 1".into(),
+        y_label: "attention entropy (nats)".into(),
+        log2_x: true,
+        series,
+    };
+    render_to(plot, || line_plot(&p))?;
+    Ok(())
+}
+
+fn print_table(args: &EntropyArgs, positions: &[usize], report: &EntropyReport) {
+    println!(
+        "attention entropy (nats, mean over heads and {} windows of {} tokens) of {}",
+        report.windows,
+        report.length,
+        args.model.display()
+    );
+    print!("{:>9}", "position");
+    for p in positions {
+        print!(" {p:>8}");
+    }
+    println!();
+    for (l, row) in report.layers.iter().enumerate() {
+        print!("{:>9}", format!("layer {l}"));
+        for h in row {
             print!(" {h:>8.4}");
         }
         println!();
-        if let Some(plot) = &args.plot {
-            println!("plot: {}", plot.display());
-        }
     }
-    Ok(Exit::Ok)
+    print!("{:>9}", "ln n");
+    for h in &report.uniform {
+        print!(" {h:>8.4}");
+    }
+    println!();
+    if let Some(plot) = &args.plot {
+        println!("plot: {}", plot.display());
+    }
 }

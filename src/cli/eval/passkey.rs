@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
+use super::model_labels;
 use super::ppl::check_list;
-use super::{model_labels, parse_dtype};
-use crate::cli::{print_json, progress, Exit};
+use crate::cli::{print_json, progress, EngineArgs, Exit, JsonFlag};
 use crate::eval::passkey::{evaluate, Cell};
 use crate::eval::plot::{
     check_plot_path, heatmap, line_plot, render_to, Heatmap, LinePlot, Series,
@@ -52,10 +52,9 @@ pub struct PasskeyArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     #[command(flatten)]
-    pub engine: super::EngineArgs,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
@@ -78,13 +77,13 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
         }
         .into());
     }
-    let dtype = parse_dtype(&args.engine.dtype);
-    let device = crate::cli::tune::device(&args.engine.device)?;
+    let dtype = args.engine.compute.dtype;
+    let device = args.engine.compute.device.device.open()?;
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
         let mut m = open_model(path, args.engine.backend, dtype, &device)?;
         let total = args.lengths.len() * args.depths.len() * args.trials;
-        let bar = progress(total as u64, &format!("passkey {label}"), args.json);
+        let bar = progress(total as u64, &format!("passkey {label}"), args.print.json);
         let cells = evaluate(
             m.backend.as_mut(),
             &m.encoder,
@@ -100,7 +99,7 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
     if let Some(plot) = &args.plot {
         plot_results(plot, &args, &results)?;
     }
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "trials": args.trials,
             "seed": args.seed,
@@ -111,31 +110,35 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<Exit> {
             })).collect::<Vec<_>>(),
         }))?;
     } else {
-        for (label, _, cells) in &results {
-            println!(
-                "{label}: passkey accuracy over {} trials (rows: depth, columns: length), mean {:.3}",
-                args.trials,
-                mean(cells.iter().map(|c| c.accuracy))
-            );
-            print!("{:>6}", "depth");
-            for l in &args.lengths {
-                print!(" {l:>8}");
-            }
-            println!();
-            for &d in &args.depths {
-                print!("{d:>6.2}");
-                for &l in &args.lengths {
-                    let c = cell(cells, l, d).map_or(f64::NAN, |c| c.accuracy);
-                    print!(" {c:>8.2}");
-                }
-                println!();
-            }
-        }
+        print_table(&args, &results);
         if let Some(plot) = &args.plot {
             println!("plot: {}", plot.display());
         }
     }
     Ok(Exit::Ok)
+}
+
+fn print_table(args: &PasskeyArgs, results: &[(String, PathBuf, Vec<Cell>)]) {
+    for (label, _, cells) in results {
+        println!(
+            "{label}: passkey accuracy over {} trials (rows: depth, columns: length), mean {:.3}",
+            args.trials,
+            mean(cells.iter().map(|c| c.accuracy))
+        );
+        print!("{:>6}", "depth");
+        for l in &args.lengths {
+            print!(" {l:>8}");
+        }
+        println!();
+        for &d in &args.depths {
+            print!("{d:>6.2}");
+            for &l in &args.lengths {
+                let c = cell(cells, l, d).map_or(f64::NAN, |c| c.accuracy);
+                print!(" {c:>8.2}");
+            }
+            println!();
+        }
+    }
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {

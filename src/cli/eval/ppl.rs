@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::{model_labels, parse_dtype};
-use crate::cli::{print_json, progress, Exit};
+use super::model_labels;
+use crate::cli::{print_json, progress, EngineArgs, Exit, JsonFlag};
 use crate::eval::plot::{check_plot_path, line_plot, render_to, LinePlot, Series};
 use crate::eval::ppl::{band_edges, perplexity, Bands, LengthPpl};
 use crate::eval::{read_text, windows, EvalError};
@@ -44,10 +44,9 @@ pub struct PplArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     #[command(flatten)]
-    pub engine: super::EngineArgs,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub print: JsonFlag,
 }
 
 pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
@@ -64,8 +63,8 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
         .into());
     }
     let text = read_text(&args.text)?;
-    let dtype = parse_dtype(&args.engine.dtype);
-    let device = crate::cli::tune::device(&args.engine.device)?;
+    let dtype = args.engine.compute.dtype;
+    let device = args.engine.compute.device.device.open()?;
     let mut results = Vec::new();
     for (path, label) in args.model.iter().zip(&labels) {
         let mut m = open_model(path, args.engine.backend, dtype, &device)?;
@@ -87,7 +86,7 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
             .map(|&l| windows(&ids, l, args.windows, m.encoder.bos, &args.text))
             .collect::<Result<Vec<_>, _>>()?;
         let total: usize = cut.iter().map(Vec::len).sum();
-        let bar = progress(total as u64, &format!("ppl {label}"), args.json);
+        let bar = progress(total as u64, &format!("ppl {label}"), args.print.json);
         let mut per_length = Vec::new();
         for (w, &length) in cut.iter().zip(&args.lengths) {
             let edges = band_edges(length, bands);
@@ -99,24 +98,9 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
         results.push((label.clone(), path.clone(), bands, per_length));
     }
     if let Some(plot) = &args.plot {
-        let series = results
-            .iter()
-            .map(|(label, _, _, r)| Series {
-                label: label.clone(),
-                points: r.iter().map(|l| (l.length as f64, l.ppl)).collect(),
-                dashed: false,
-            })
-            .collect();
-        let p = LinePlot {
-            title: "Perplexity against context length".into(),
-            x_label: "context length (tokens)".into(),
-            y_label: "perplexity".into(),
-            log2_x: true,
-            series,
-        };
-        render_to(plot, || line_plot(&p))?;
+        plot_results(plot, &results)?;
     }
-    if args.json {
+    if args.print.json {
         print_json(&json!({
             "text": args.text,
             "plot": args.plot,
@@ -131,6 +115,26 @@ pub fn run(args: PplArgs) -> anyhow::Result<Exit> {
         }
     }
     Ok(Exit::Ok)
+}
+
+fn plot_results(plot: &std::path::Path, results: &[ModelResult]) -> anyhow::Result<()> {
+    let series = results
+        .iter()
+        .map(|(label, _, _, r)| Series {
+            label: label.clone(),
+            points: r.iter().map(|l| (l.length as f64, l.ppl)).collect(),
+            dashed: false,
+        })
+        .collect();
+    let p = LinePlot {
+        title: "Perplexity against context length".into(),
+        x_label: "context length (tokens)".into(),
+        y_label: "perplexity".into(),
+        log2_x: true,
+        series,
+    };
+    render_to(plot, || line_plot(&p))?;
+    Ok(())
 }
 
 /// Every value at least `min`, and at least one value.

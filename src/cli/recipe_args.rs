@@ -1,9 +1,20 @@
 //! The recipe flags shared by every binary, and how they combine with a model's own recipe.
+//! The library takes the resolved `Recipe`; resolving flags is the command line's business.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
-use super::recipe::{BaseRope, Recipe, RopeMethod, ScaleLaw};
-use super::RecipeError;
+use crate::rope::{defaults, BaseRope, Recipe, RecipeError, RopeMethod, ScaleLaw};
+
+/// `--scale-law`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScaleLawArg {
+    /// No attention-logit scaling.
+    None,
+    /// max(1, ln(p+1)/ln c), the paper's law.
+    Log,
+    /// 1 + beta ln(1 + floor(p/L)), the law runtimes apply.
+    Step,
+}
 
 /// Recipe flags: every binary flattens this one set.
 #[derive(Args, Debug, Clone, Default, PartialEq)]
@@ -39,8 +50,8 @@ pub struct RecipeArgs {
     #[arg(long, help_heading = "Recipe")]
     pub attention_factor: Option<f64>,
     /// Attention-logit scale law: none, log (max(1, ln(p+1)/ln c)), step (1 + beta ln(1 + floor(p/L))).
-    #[arg(long, value_parser = ["none", "log", "step"], help_heading = "Recipe")]
-    pub scale_law: Option<String>,
+    #[arg(long, value_enum, help_heading = "Recipe")]
+    pub scale_law: Option<ScaleLawArg>,
     /// Step law beta (default 1 / ln c).
     #[arg(long, help_heading = "Recipe")]
     pub beta: Option<f64>,
@@ -60,6 +71,16 @@ impl RecipeArgs {
     /// True when no recipe flag was given.
     pub fn is_empty(&self) -> bool {
         *self == RecipeArgs::default()
+    }
+
+    /// Lay the flags over `current`, the recipe a checkpoint already has (its base and window
+    /// are the model's).
+    pub fn resolve_over(&self, current: &Recipe) -> Result<Recipe, RecipeError> {
+        let model = BaseRope {
+            base: current.rope_base,
+            context: current.original_context,
+        };
+        self.resolve(Some(current), model)
     }
 
     /// Apply the flags. `current` is the recipe a model or file already has (None: plain rope of
@@ -129,20 +150,19 @@ impl RecipeArgs {
             r.yarn_attention_factor = Some(v);
         }
         let law_changed = self.scale_law.is_some();
-        match self.scale_law.as_deref() {
-            Some("none") => {
+        match self.scale_law {
+            Some(ScaleLawArg::None) => {
                 r.scale_law = ScaleLaw::None;
                 r.skip_layers = 0;
             }
-            Some("log") => {
+            Some(ScaleLawArg::Log) => {
                 r.scale_law = ScaleLaw::Log;
-                r.skip_layers = super::recipe::defaults::EABF_SKIP_LAYERS;
+                r.skip_layers = defaults::EABF_SKIP_LAYERS;
             }
-            Some("step") => {
+            Some(ScaleLawArg::Step) => {
                 r.scale_law = Recipe::default_step(c);
                 r.skip_layers = 0;
             }
-            Some(other) => return Err(RecipeError::UnknownScaleLaw(other.to_string())),
             None => {}
         }
         if self.beta.is_some() || self.scale_length.is_some() {
