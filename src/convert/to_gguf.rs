@@ -229,7 +229,7 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
     };
     let mut tensors = Vec::with_capacity(names.len() + 1);
     if let Some(f) = &rope_freqs {
-        let ty = GgmlType::from_code(0);
+        let ty = crate::gguf::types::F32.ty();
         tensors.push(PlannedTensor {
             name: ROPE_FREQS.to_string(),
             source: None,
