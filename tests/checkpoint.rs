@@ -3,9 +3,10 @@
 //! checkpoint writer read back by the `safetensors` crate, tokenizer files, and patch-config
 //! (library and binary).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use abf::checkpoint::{
@@ -1085,15 +1086,7 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 // ---------- the binary ----------
 
 fn convert(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_abf-convert"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::bin::run(common::bin::Bin::Convert, args).parts()
 }
 
 #[test]

@@ -3,7 +3,6 @@
 //! and the CLI.
 
 mod common;
-mod convert_support;
 
 use std::path::Path;
 
@@ -17,7 +16,8 @@ use abf::convert::{
 use abf::gguf::{open_mmap, GgufFile, Value, ValueType};
 use abf::rope::{Recipe, RopeMethod};
 use candle_core::{Device, Tensor};
-use convert_support::{write_tiny, Tiny};
+use common::bin::{self, Bin};
+use common::model::TinyModel;
 use serde_json::json;
 
 fn to_gguf(dir: &Path, out: &Path, opts: &ToGgufOptions) -> abf::convert::Plan {
@@ -92,15 +92,7 @@ fn f32_round_trip_is_identical_tied_and_untied() {
     for tied in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
-        write_tiny(
-            &src,
-            Tiny {
-                tied,
-                ..Tiny::default()
-            },
-            7,
-            &[],
-        );
+        TinyModel::new().tied(tied).seed(7).write(&src);
         let gguf = tmp.path().join("m.gguf");
         let plan = to_gguf(&src, &gguf, &f32_opts());
         // the GGUF as llama.cpp expects it
@@ -162,7 +154,7 @@ fn f32_round_trip_is_identical_tied_and_untied() {
 fn f16_output_rounds_like_half() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tiny(&src, Tiny::default(), 3, &[]);
+    TinyModel::new().seed(3).write(&src);
     let gguf = tmp.path().join("m.gguf");
     to_gguf(&src, &gguf, &ToGgufOptions::default());
     let back = tmp.path().join("back");
@@ -230,7 +222,7 @@ fn convert_recipe(src: &Path, tmp: &Path, opts: &ToGgufOptions) -> (Recipe, Reci
 fn every_method_round_trips_exactly_with_exact_keys() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tiny(&src, Tiny::default(), 11, &[]);
+    TinyModel::new().seed(11).write(&src);
     let mut methods: Vec<RecipeArgs> = RopeMethod::ALL.iter().map(|m| args(m.name())).collect();
     methods.push(RecipeArgs {
         method: Some(RopeMethod::Abf),
@@ -255,7 +247,7 @@ fn every_method_round_trips_exactly_with_exact_keys() {
 fn llama_cpp_keys_carry_what_llama_cpp_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tiny(&src, Tiny::default(), 13, &[]);
+    TinyModel::new().seed(13).write(&src);
     let d = 16;
     let step = RecipeArgs {
         method: Some(RopeMethod::Abf),
@@ -309,7 +301,7 @@ fn llama_cpp_keys_carry_what_llama_cpp_runs() {
 fn step_law_relabels_to_mistral3_and_llama3_writes_rope_freqs() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tiny(&src, Tiny::default(), 5, &[]);
+    TinyModel::new().seed(5).write(&src);
     let ckpt = Checkpoint::open(&src).unwrap();
     let opts = ToGgufOptions {
         recipe: over(
@@ -370,16 +362,14 @@ fn quant_plan_for_q4_k_m_follows_llama_cpp() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     // rows of 256 so k-quants apply; 8 layers so use_more_bits picks 0, 7 and (i-1)%3==2: 3, 6
-    let t = Tiny {
-        hidden: 256,
-        inter: 512,
-        layers: 8,
-        heads: 4,
-        kv_heads: 1,
-        vocab: 272,
-        ..Tiny::default()
-    };
-    write_tiny(&src, t, 1, &[]);
+    TinyModel::new()
+        .hidden(256)
+        .inter(512)
+        .layers(8)
+        .heads(4)
+        .kv_heads(1)
+        .seed(1)
+        .write(&src);
     let ckpt = Checkpoint::open(&src).unwrap();
     let opts = ToGgufOptions {
         outtype: OutType::Q4KM,
@@ -504,12 +494,11 @@ fn smollm_tokenizer_round_trip() {
 
 #[test]
 fn cli_dry_run_force_and_errors() {
-    let exe = env!("CARGO_BIN_EXE_abf-convert");
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tiny(&src, Tiny::default(), 2, &[]);
+    TinyModel::new().seed(2).write(&src);
     let out = tmp.path().join("m.gguf");
-    let run = |args: &[&str]| std::process::Command::new(exe).args(args).output().unwrap();
+    let run = |args: &[&str]| bin::run(Bin::Convert, args);
     let o = run(&[
         "to-gguf",
         src.to_str().unwrap(),
@@ -520,8 +509,8 @@ fn cli_dry_run_force_and_errors() {
         "--outtype",
         "q8_0",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    o.expect_code(0);
+    let j = o.json();
     assert_eq!(j["tensors"].as_array().unwrap().len(), 2 * 9 + 3);
     assert!(!out.exists(), "dry run wrote nothing");
     let o = run(&[
@@ -533,8 +522,8 @@ fn cli_dry_run_force_and_errors() {
         "f32",
         "--json",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    o.expect_code(0);
+    let j = o.json();
     assert_eq!(j["tensors"], json!(21));
     let before = std::fs::read(&out).unwrap();
     let o = run(&[
@@ -545,7 +534,7 @@ fn cli_dry_run_force_and_errors() {
         "--outtype",
         "f16",
     ]);
-    assert_eq!(o.status.code(), Some(2), "existing output refused");
+    assert_eq!(o.code, 2, "existing output refused");
     assert_eq!(std::fs::read(&out).unwrap(), before, "existing output kept");
     let o = run(&[
         "to-gguf",
@@ -556,7 +545,7 @@ fn cli_dry_run_force_and_errors() {
         "f16",
         "--force",
     ]);
-    assert!(o.status.success());
+    o.expect_code(0);
     assert!(GgufFile::parse(&std::fs::read(&out).unwrap()).is_ok());
     let back = tmp.path().join("back");
     let o = run(&[
@@ -566,14 +555,14 @@ fn cli_dry_run_force_and_errors() {
         back.to_str().unwrap(),
         "--json",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.expect_code(0);
     let o = run(&[
         "from-gguf",
         out.to_str().unwrap(),
         "-o",
         back.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(2), "non-empty output refused");
+    assert_eq!(o.code, 2, "non-empty output refused");
     let o = run(&[
         "from-gguf",
         out.to_str().unwrap(),
@@ -583,7 +572,7 @@ fn cli_dry_run_force_and_errors() {
         "--dtype",
         "bf16",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.expect_code(0);
     assert_eq!(
         SafetensorStore::open(&back)
             .unwrap()
@@ -598,16 +587,14 @@ fn cli_dry_run_force_and_errors() {
 fn quantized_outputs_round_trip_within_their_noise() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    let t = Tiny {
-        hidden: 256,
-        inter: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        vocab: 272,
-        ..Tiny::default()
-    };
-    write_tiny(&src, t, 9, &[]);
+    TinyModel::new()
+        .hidden(256)
+        .inter(512)
+        .layers(2)
+        .heads(4)
+        .kv_heads(2)
+        .seed(9)
+        .write(&src);
     let a = SafetensorStore::open(&src).unwrap();
     // relative RMS error bounds per type: 8-bit ~0.4%, 4-bit k-quants ~10%
     for (out, bound) in [
@@ -672,7 +659,7 @@ fn unsupported_type_names_the_tensor() {
     use abf::gguf::{GgmlType, GgufWriter, TensorSpec};
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tiny(&src, Tiny::default(), 4, &[]);
+    TinyModel::new().seed(4).write(&src);
     let good = tmp.path().join("g.gguf");
     to_gguf(&src, &good, &f32_opts());
     // the same file with one tensor stored as IQ2_XXS (code 16), which nothing here decodes

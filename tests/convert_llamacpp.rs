@@ -4,7 +4,6 @@
 #![cfg(feature = "llamacpp")]
 
 mod common;
-mod convert_support;
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +16,8 @@ use abf::model::Llama;
 use abf::rope::RopeMethod;
 use abf::runtime::{LlamaCpp, LlamaCppOptions};
 use candle_core::{DType, Device, Tensor};
-use convert_support::{write_tiny, Rng, Tiny};
+use common::model::TinyModel;
+use common::rng::Rng;
 
 fn to_gguf(dir: &Path, out: &Path, opts: &ToGgufOptions) -> abf::convert::Plan {
     let ckpt = Checkpoint::open(dir).unwrap();
@@ -207,10 +207,10 @@ fn drop_key(src: &Path, key: &str, out: &Path) {
 fn recipes_reach_llama_cpp() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("tiny");
-    let t = Tiny::default();
-    write_tiny(&src, t, 21, &[]);
+    let t = TinyModel::new().seed(21);
+    t.write(&src);
     let c = t.context as usize;
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let tokens: Vec<u32> = (0..4 * c).map(|_| (rng.next_u64() % 260) as u32).collect();
     let cases = [
         (
@@ -240,7 +240,7 @@ fn recipes_reach_llama_cpp() {
         let plan = to_gguf(&src, &gguf, &opts);
         let reference = candle_logits(&src, Some(plan.recipe.clone()), &tokens);
         let ll = llama_logits(&gguf, &tokens);
-        let e = worst_position_nmse(&ll, &reference, t.vocab);
+        let e = worst_position_nmse(&ll, &reference, t.vocab_size());
         eprintln!(
             "{}: llama.cpp vs candle up to 4c: worst-position NMSE {e:.3e}",
             plan.recipe
@@ -250,7 +250,7 @@ fn recipes_reach_llama_cpp() {
         let broken = tmp.path().join("broken.gguf");
         drop_key(&gguf, key, &broken);
         let lb = llama_logits(&broken, &tokens);
-        let eb = worst_position_nmse(&lb, &reference, t.vocab);
+        let eb = worst_position_nmse(&lb, &reference, t.vocab_size());
         eprintln!("  without {key}: {eb:.3e}");
         assert!(
             eb > 1e-6,

@@ -1,74 +1,40 @@
 //! `abf-eval logits`: the .npy it writes is read by NumPy itself (an independent parser) with the
 //! shape and values of the forward, and its errors exit 2.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use abf::checkpoint::Checkpoint;
 use abf::model::Llama;
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, TensorView};
-use serde_json::json;
+use common::bin::{self, Bin};
+use common::model::{Init, TinyModel, Vocab};
 
+/// Vocabulary 40, hidden 16, intermediate 24, 2 layers, 4 heads (2 KV), context 16, tied
+/// embeddings, every weight (norm gains too) uniform in +-0.125; no tokenizer files.
 fn write_tiny(dir: &Path) {
-    let (v, h, f, layers) = (40usize, 16usize, 24usize, 2usize);
-    let config = json!({
-        "model_type": "llama", "vocab_size": v, "hidden_size": h, "intermediate_size": f,
-        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 16, "rope_theta": 10000.0,
-        "tie_word_embeddings": true
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let mut seed = 12345u64;
-    let mut next = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
-    };
-    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("input_layernorm.weight", vec![h]),
-            ("self_attn.q_proj.weight", vec![h, h]),
-            ("self_attn.k_proj.weight", vec![h / 2, h]),
-            ("self_attn.v_proj.weight", vec![h / 2, h]),
-            ("self_attn.o_proj.weight", vec![h, h]),
-            ("post_attention_layernorm.weight", vec![h]),
-            ("mlp.gate_proj.weight", vec![f, h]),
-            ("mlp.up_proj.weight", vec![f, h]),
-            ("mlp.down_proj.weight", vec![h, f]),
-        ] {
-            shapes.push((format!("{p}.{n}"), s));
-        }
-    }
-    shapes.push(("model.norm.weight".to_string(), vec![h]));
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
-        .into_iter()
-        .map(|(n, s)| {
-            let count: usize = s.iter().product();
-            let bytes = (0..count).flat_map(|_| next().to_le_bytes()).collect();
-            (n, s, bytes)
+    TinyModel::new()
+        .vocab(Vocab::Ids(40))
+        .hidden(16)
+        .inter(24)
+        .layers(2)
+        .heads(4)
+        .kv_heads(2)
+        .context(16)
+        .tied(true)
+        .init(Init::Rough {
+            embed: 0.125,
+            proj: 0.125,
+            head: 0.125,
         })
-        .collect();
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+        .seed(12345)
+        .write(dir);
 }
 
 fn numpy_available() -> bool {
-    Command::new("python3")
-        .args(["-c", "import numpy"])
-        .status()
-        .is_ok_and(|s| s.success())
+    common::data::python_has("numpy")
 }
 
 #[test]
@@ -81,22 +47,18 @@ fn logits_npy_is_read_by_numpy_with_the_forward_values() {
     let tok_file = tmp.path().join("t.json");
     std::fs::write(&tok_file, serde_json::to_string(&tokens).unwrap()).unwrap();
     let out = tmp.path().join("l.npy");
-    let st = Command::new(env!("CARGO_BIN_EXE_abf-eval"))
-        .args(["logits", "--model"])
-        .arg(&model)
-        .arg("--tokens")
-        .arg(&tok_file)
-        .arg("--out")
-        .arg(&out)
-        .args(["--method", "eabf", "--skip-layers", "0", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
+    let st = bin::output(
+        Bin::Eval
+            .command()
+            .args(["logits", "--model"])
+            .arg(&model)
+            .arg("--tokens")
+            .arg(&tok_file)
+            .arg("--out")
+            .arg(&out)
+            .args(["--method", "eabf", "--skip-layers", "0", "--json"]),
     );
-    let report: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let report = st.expect_code(0).json();
     assert_eq!(report["tokens"], 48);
     assert_eq!(report["recipe"]["method"], "eabf");
 
@@ -166,28 +128,30 @@ fn logits_errors_exit_2_and_keep_no_output() {
     let tok_file = tmp.path().join("t.json");
     std::fs::write(&tok_file, "[1, 2, 999]").unwrap();
     let out = tmp.path().join("l.npy");
-    let st = Command::new(env!("CARGO_BIN_EXE_abf-eval"))
-        .args(["logits", "--model"])
-        .arg(&model)
-        .arg("--tokens")
-        .arg(&tok_file)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(st.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&st.stderr);
+    let st = bin::output(
+        Bin::Eval
+            .command()
+            .args(["logits", "--model"])
+            .arg(&model)
+            .arg("--tokens")
+            .arg(&tok_file)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert_eq!(st.code, 2);
+    let err = &st.stderr;
     assert!(err.contains("999") && err.contains("vocabulary"), "{err}");
     assert!(!out.exists());
-    let st = Command::new(env!("CARGO_BIN_EXE_abf-eval"))
-        .args(["logits", "--model"])
-        .arg(tmp.path().join("missing"))
-        .arg("--tokens")
-        .arg(&tok_file)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(st.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&st.stderr).contains("missing"));
+    let st = bin::output(
+        Bin::Eval
+            .command()
+            .args(["logits", "--model"])
+            .arg(tmp.path().join("missing"))
+            .arg("--tokens")
+            .arg(&tok_file)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert_eq!(st.code, 2);
+    assert!(st.stderr.contains("missing"));
 }

@@ -11,15 +11,7 @@ use abf::gguf::{open_mmap, GgmlType, GgufFile, GgufWriter, Metadata, TensorSpec,
 use serde_json::Value as Json;
 
 fn abf_convert(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_abf-convert"))
-        .args(args)
-        .output()
-        .expect("run abf-convert");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::bin::run(common::bin::Bin::Convert, args).parts()
 }
 
 fn tiny(path: &Path) {
@@ -229,10 +221,9 @@ fn smollm2_reads_as_gguf_py_reads_it() {
     let py = match py {
         Ok(o) if o.status.success() => o,
         other => {
-            if std::env::var("ABF_REQUIRE_DATA").is_ok_and(|v| v == "1") {
-                panic!("gguf_py_dump.py failed: {other:?}");
-            }
-            eprintln!("note: python3 with the gguf package is unavailable; skipping");
+            common::data::skip_or_fail::<()>(format_args!(
+                "python3 with the gguf package (gguf_py_dump.py: {other:?})"
+            ));
             return;
         }
     };

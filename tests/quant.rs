@@ -14,32 +14,14 @@ fn ty(name: &str) -> GgmlType {
     GgmlType::from_name(name).unwrap()
 }
 
-/// splitmix64: a tiny deterministic generator so the tests need no extra crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Box-Muller.
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    }
-}
+use common::rng::Rng;
 
 /// Gaussian weights with a few outliers and some all-zero blocks, like real tensors.
 fn weights(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng(seed);
-    let mut v: Vec<f32> = (0..n).map(|_| 0.02 * rng.normal()).collect();
+    let mut rng = Rng::new(seed);
+    let mut v: Vec<f32> = (0..n)
+        .map(|_| 0.02 * rng.normal_box_muller() as f32)
+        .collect();
     for i in (0..n).step_by(997) {
         v[i] *= 40.0;
     }
@@ -297,15 +279,9 @@ fn errors_name_the_type() {
 // ---- gguf-py, an independent implementation (numpy) ----
 
 fn python_with_gguf() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import gguf, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = common::data::python_has("gguf, numpy");
     if !ok {
-        if std::env::var("ABF_REQUIRE_DATA").is_ok_and(|v| v == "1") {
-            panic!("python3 with the gguf package is required (pip install gguf)");
-        }
-        eprintln!("note: python3 with the gguf package is missing; skipping");
+        common::data::skip_or_fail::<()>("python3 with the gguf package (pip install gguf)");
     }
     ok
 }

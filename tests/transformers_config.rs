@@ -7,6 +7,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::bin::{output, Bin};
+use common::data::skip_or_fail;
 use serde_json::Value;
 
 const KJV: &str = "fixtures/kjv-tiny";
@@ -30,26 +32,17 @@ fn transformers_reads(dir: &Path) -> Option<Value> {
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
             if err.contains("No module named 'transformers'") {
-                common::missing("Python's transformers (make fetch installs it)")
+                skip_or_fail("Python's transformers (make fetch installs it)")
             } else {
                 panic!("transformers could not read {}: {err}", dir.display())
             }
         }
-        Err(e) => common::missing(&format!("python3 ({e})")),
+        Err(e) => skip_or_fail(format!("python3 ({e})")),
     }
 }
 
-fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(bin)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+fn run(bin: Bin, args: &[&str]) -> (i32, String, String) {
+    output(bin.command().args(args).current_dir(common::root())).parts()
 }
 
 #[test]
@@ -58,7 +51,7 @@ fn transformers_reads_the_recipe_base_from_an_exact_config() {
     // the command on the base-10000 fixture
     let abf = dir.path().join("abf");
     let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_abf-convert"),
+        Bin::Convert,
         &[
             "patch-config",
             KJV,
@@ -88,7 +81,7 @@ fn transformers_reads_the_recipe_base_from_an_exact_config() {
     // warning for what it cannot (the log law, the exempt layers)
     let eabf = dir.path().join("eabf");
     let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_abf-convert"),
+        Bin::Convert,
         &[
             "patch-config",
             KJV,
@@ -126,7 +119,7 @@ fn transformers_reads_the_recipe_base_from_an_abf_tune_output() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tuned");
     let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_abf-tune"),
+        Bin::Tune,
         &[
             "--model",
             KJV,

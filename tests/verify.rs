@@ -4,7 +4,6 @@
 //! f16 and q8_0 passes at 4096 tokens (the q8_0 file fails under the f16 lines).
 
 mod common;
-mod convert_support;
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +15,8 @@ use abf::rope::{BaseRope, Recipe, RopeMethod};
 use abf::runtime::{open_backend, BackendKind};
 use abf::verify::{verify, PassLines, TokenSource, TypeClass, VerifyOptions, VerifyReport};
 use candle_core::Device;
-use convert_support::{write_tiny, Tiny};
+use common::bin::{self, Bin};
+use common::model::TinyModel;
 
 fn backends() -> Vec<BackendKind> {
     if cfg!(feature = "llamacpp") {
@@ -50,9 +50,9 @@ fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let dir = root.join("tiny");
-    let t = Tiny::default();
+    let t = TinyModel::new();
     let recipe = abf_recipe(t.context);
-    write_tiny(&dir, t, 7, &[("abf_recipe", recipe.to_json_block())]);
+    t.seed(7).recipe(recipe.clone()).write(&dir);
     let ckpt = Checkpoint::open(&dir).unwrap();
     assert_eq!(ckpt.config.model.recipe, recipe);
     let good = root.join("good.gguf");
@@ -209,7 +209,7 @@ fn planted_faults_are_caught_at_their_band() {
     caught(&r, 1, "beyond");
 
     // q/k rows left in Hugging Face order: metadata is right, position 0 is right
-    let t = Tiny::default();
+    let t = TinyModel::new();
     let p = retensored(&f, "noperm.gguf", |name, data, _| {
         let heads = if name.ends_with("attn_q.weight") {
             t.heads
@@ -323,35 +323,30 @@ fn smollm_f16_and_q8_0_pass_at_4096() {
 
 #[test]
 fn cli_exit_codes_json_and_eval_logits_on_gguf() {
-    use std::process::Command;
     let f = fixture();
     let json = f.root.join("report.json");
     let verify = |gguf: &Path, extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_abf-verify"))
-            .arg("--reference")
-            .arg(&f.dir)
-            .arg("--gguf")
-            .arg(gguf)
-            .args([
-                "--backend",
-                "candle",
-                "--random-tokens",
-                "--seed",
-                "1",
-                "--quiet",
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
+        bin::output(
+            Bin::Verify
+                .command()
+                .arg("--reference")
+                .arg(&f.dir)
+                .arg("--gguf")
+                .arg(gguf)
+                .args([
+                    "--backend",
+                    "candle",
+                    "--random-tokens",
+                    "--seed",
+                    "1",
+                    "--quiet",
+                ])
+                .args(extra),
+        )
     };
     let out = verify(&f.good, &["--report", json.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    out.expect_code(0);
+    let stdout = &out.stdout;
     assert!(
         stdout.contains("0-64") && stdout.contains("128-256"),
         "{stdout}"
@@ -369,33 +364,34 @@ fn cli_exit_codes_json_and_eval_logits_on_gguf() {
         );
     });
     let out = verify(&bad, &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("temperature_scale is 0.5"));
+    assert_eq!(out.code, 1);
+    assert!(out.stdout.contains("temperature_scale is 0.5"));
     // a line loosened far enough cannot hide the metadata mismatch
     // (--json: the same report as JSON on stdout)
     let out = verify(&bad, &["--max-nmse", "1", "--max-kld", "1", "--json"]);
-    assert_eq!(out.status.code(), Some(1));
-    let stdout: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.code, 1);
+    let stdout: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(stdout["pass"], false);
     assert_eq!(stdout["length"], 256);
     let out = verify(&f.root.join("missing.gguf"), &[]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.code, 2);
 
     // abf-eval logits on the GGUF equals the directory's logits
     let toks = f.root.join("t.json");
     std::fs::write(&toks, "[1, 2, 3, 200, 100]").unwrap();
     let npy = |model: &Path, name: &str| {
         let out = f.root.join(name);
-        let st = Command::new(env!("CARGO_BIN_EXE_abf-eval"))
-            .args(["logits", "--model"])
-            .arg(model)
-            .arg("--tokens")
-            .arg(&toks)
-            .arg("--out")
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        bin::output(
+            Bin::Eval
+                .command()
+                .args(["logits", "--model"])
+                .arg(model)
+                .arg("--tokens")
+                .arg(&toks)
+                .arg("--out")
+                .arg(&out),
+        )
+        .expect_code(0);
         std::fs::read(out).unwrap()
     };
     let a = npy(&f.dir, "a.npy");
@@ -420,7 +416,7 @@ fn approximate_recipe_is_reported_with_its_effect() {
     // eabf: the log law with two exempt layers, which llama.cpp runs as the step law everywhere
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("eabf");
-    let t = Tiny::default();
+    let t = TinyModel::new();
     let recipe = Recipe::for_method(
         RopeMethod::Eabf,
         BaseRope {
@@ -428,7 +424,7 @@ fn approximate_recipe_is_reported_with_its_effect() {
             context: t.context,
         },
     );
-    write_tiny(&dir, t, 9, &[("abf_recipe", recipe.to_json_block())]);
+    t.seed(9).recipe(recipe.clone()).write(&dir);
     let ckpt = Checkpoint::open(&dir).unwrap();
     let gguf = tmp.path().join("eabf.gguf");
     let opts = ToGgufOptions {
@@ -458,21 +454,14 @@ fn tune_output_converts_and_verifies_with_its_recipe() {
     use abf::checkpoint::Checkpoint;
     use abf::gguf::open_mmap;
     use abf::gguf::recipe::read_recipe;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = common::root();
     let tmp = tempfile::tempdir().unwrap();
     let tuned = tmp.path().join("tuned");
-    let run = |bin: &str, args: &[&str]| {
-        let out = std::process::Command::new(bin).args(args).output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |bin: Bin, args: &[&str]| bin::run(bin, args).parts();
     let model = root.join("fixtures/kjv-tiny");
     let data = root.join("fixtures/conversations/kjv_long.jsonl");
     let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_abf-tune"),
+        Bin::Tune,
         &[
             "--model",
             model.to_str().unwrap(),
@@ -497,14 +486,14 @@ fn tune_output_converts_and_verifies_with_its_recipe() {
             "--json",
         ],
     );
-    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(code, 0, "{err}");
     let recipe = Checkpoint::open(&tuned).unwrap().config.model.recipe;
     assert_eq!(recipe.rope_base, 500_000.0);
     assert_eq!((recipe.original_context, recipe.context), (128, 512));
     for runtime in ["llama.cpp", "exact"] {
         let gguf = tmp.path().join(format!("tuned-{runtime}.gguf"));
         let (code, _, err) = run(
-            env!("CARGO_BIN_EXE_abf-convert"),
+            Bin::Convert,
             &[
                 "to-gguf",
                 tuned.to_str().unwrap(),
@@ -516,7 +505,7 @@ fn tune_output_converts_and_verifies_with_its_recipe() {
                 runtime,
             ],
         );
-        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(code, 0, "{err}");
         let mapped = open_mmap(&gguf).unwrap();
         let meta = &mapped.file.metadata;
         if runtime == "exact" {
@@ -533,7 +522,7 @@ fn tune_output_converts_and_verifies_with_its_recipe() {
             "candle"
         };
         let (code, out, err) = run(
-            env!("CARGO_BIN_EXE_abf-verify"),
+            Bin::Verify,
             &[
                 "--reference",
                 tuned.to_str().unwrap(),
@@ -547,6 +536,6 @@ fn tune_output_converts_and_verifies_with_its_recipe() {
                 "--quiet",
             ],
         );
-        assert_eq!(code, Some(0), "{runtime}: {out}\n{err}");
+        assert_eq!(code, 0, "{runtime}: {out}\n{err}");
     }
 }
