@@ -29,7 +29,7 @@ pub enum Vocab {
     /// `<|endoftext|>` = 260) with `rows` embedding rows (>= 261).
     ByteBpe { rows: usize },
     /// A given tokenizer (e.g. `tokenizer::train_tokenizer`); rows = its size with added tokens.
-    Bpe(Tokenizer),
+    Bpe(Box<Tokenizer>),
     /// No tokenizer files: token ids only.
     Ids(usize),
 }
@@ -176,7 +176,7 @@ impl TinyModel {
             inter: 64,
             layers: 3,
             context: 32,
-            vocab: Vocab::Bpe(tok),
+            vocab: Vocab::Bpe(Box::new(tok)),
             init: Init::Scaled(None),
             tokenizer_config: Some(json!({
                 "bos_token": "<s>",
@@ -196,7 +196,7 @@ impl TinyModel {
             inter: 64,
             layers: 2,
             context: 16,
-            vocab: Vocab::Bpe(tok.clone()),
+            vocab: Vocab::Bpe(Box::new(tok.clone())),
             init: Init::Scaled(Some(Scales::uniform(1.0, 0.5, 0.4))),
             tokenizer_config: Some(
                 json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}),
