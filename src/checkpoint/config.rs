@@ -172,56 +172,7 @@ impl HfConfig {
                 found: model_type_name.to_string(),
             }
         })?;
-        let need = |key: &str| -> Result<usize, CheckpointError> {
-            let v = f
-                .u64(key)?
-                .ok_or_else(|| CheckpointError::invalid(path, key, "missing"))?;
-            if v == 0 {
-                return Err(CheckpointError::invalid(path, key, "must be at least 1"));
-            }
-            usize::try_from(v).map_err(|_| CheckpointError::invalid(path, key, "too large"))
-        };
-        let vocab_size = need(keys::VOCAB_SIZE)?;
-        let hidden_size = need(keys::HIDDEN_SIZE)?;
-        let intermediate_size = need(keys::INTERMEDIATE_SIZE)?;
-        let num_hidden_layers = need(keys::NUM_HIDDEN_LAYERS)?;
-        let num_attention_heads = need(keys::NUM_ATTENTION_HEADS)?;
-        let num_key_value_heads = match f.u64(keys::NUM_KEY_VALUE_HEADS)? {
-            None => num_attention_heads,
-            Some(_) => need(keys::NUM_KEY_VALUE_HEADS)?,
-        };
-        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
-            return Err(CheckpointError::invalid(
-                path,
-                keys::NUM_KEY_VALUE_HEADS,
-                format!(
-                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
-                ),
-            ));
-        }
-        let head_dim = match f.u64(keys::HEAD_DIM)? {
-            Some(_) => need(keys::HEAD_DIM)?,
-            None => {
-                if !hidden_size.is_multiple_of(num_attention_heads) {
-                    return Err(CheckpointError::invalid(
-                        path,
-                        keys::HIDDEN_SIZE,
-                        format!(
-                            "{hidden_size} is not a multiple of num_attention_heads \
-                             {num_attention_heads} (and head_dim is not given)"
-                        ),
-                    ));
-                }
-                hidden_size / num_attention_heads
-            }
-        };
-        if !head_dim.is_multiple_of(2) {
-            return Err(CheckpointError::invalid(
-                path,
-                keys::HEAD_DIM,
-                format!("rotary dimension {head_dim} must be even"),
-            ));
-        }
+        let shape = read_shape(&f)?;
         let rms_norm_eps = f.f64(keys::RMS_NORM_EPS)?.unwrap_or(DEFAULT_RMS_NORM_EPS);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(CheckpointError::invalid(
@@ -243,32 +194,17 @@ impl HfConfig {
             RopeForm::Legacy
         };
 
-        let (recipe, recipe_source) = match raw.get(CONFIG_BLOCK) {
-            Some(block) if !block.is_null() => {
-                let origin = format!("{} {CONFIG_BLOCK}", path.display());
-                let recipe = Recipe::from_json_block(&origin, block).map_err(|source| {
-                    CheckpointError::Recipe {
-                        path: path.to_path_buf(),
-                        source,
-                    }
-                })?;
-                (recipe, RecipeSource::Block)
-            }
-            _ => (
-                hf_recipe(&f, model_type, max_position_embeddings)?,
-                RecipeSource::Hf,
-            ),
-        };
+        let (recipe, recipe_source) = config_recipe(&f, model_type, max_position_embeddings)?;
 
         let model = ModelConfig {
             model_type,
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
+            vocab_size: shape.vocab_size,
+            hidden_size: shape.hidden_size,
+            intermediate_size: shape.intermediate_size,
+            num_hidden_layers: shape.num_hidden_layers,
+            num_attention_heads: shape.num_attention_heads,
+            num_key_value_heads: shape.num_key_value_heads,
+            head_dim: shape.head_dim,
             rms_norm_eps,
             tie_word_embeddings,
             max_position_embeddings,
@@ -299,6 +235,103 @@ impl HfConfig {
             self.model.model_type,
             self.model.max_position_embeddings,
         )
+    }
+}
+
+/// The model's sizes, each at least 1, heads dividing evenly, an even rotary dimension.
+struct Shape {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+}
+
+fn read_shape(f: &Fields<'_>) -> Result<Shape, CheckpointError> {
+    let path = f.path;
+    let need = |key: &str| -> Result<usize, CheckpointError> {
+        let v = f
+            .u64(key)?
+            .ok_or_else(|| CheckpointError::invalid(path, key, "missing"))?;
+        if v == 0 {
+            return Err(CheckpointError::invalid(path, key, "must be at least 1"));
+        }
+        usize::try_from(v).map_err(|_| CheckpointError::invalid(path, key, "too large"))
+    };
+    // in the order the keys were always checked, so the first error is the same
+    let vocab_size = need(keys::VOCAB_SIZE)?;
+    let hidden_size = need(keys::HIDDEN_SIZE)?;
+    let intermediate_size = need(keys::INTERMEDIATE_SIZE)?;
+    let num_hidden_layers = need(keys::NUM_HIDDEN_LAYERS)?;
+    let num_attention_heads = need(keys::NUM_ATTENTION_HEADS)?;
+    let num_key_value_heads = match f.u64(keys::NUM_KEY_VALUE_HEADS)? {
+        None => num_attention_heads,
+        Some(_) => need(keys::NUM_KEY_VALUE_HEADS)?,
+    };
+    if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+        return Err(CheckpointError::invalid(
+            path,
+            keys::NUM_KEY_VALUE_HEADS,
+            format!(
+                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+            ),
+        ));
+    }
+    let head_dim = match f.u64(keys::HEAD_DIM)? {
+        Some(_) => need(keys::HEAD_DIM)?,
+        None => {
+            if !hidden_size.is_multiple_of(num_attention_heads) {
+                return Err(CheckpointError::invalid(
+                    path,
+                    keys::HIDDEN_SIZE,
+                    format!(
+                        "{hidden_size} is not a multiple of num_attention_heads \
+                         {num_attention_heads} (and head_dim is not given)"
+                    ),
+                ));
+            }
+            hidden_size / num_attention_heads
+        }
+    };
+    if !head_dim.is_multiple_of(2) {
+        return Err(CheckpointError::invalid(
+            path,
+            keys::HEAD_DIM,
+            format!("rotary dimension {head_dim} must be even"),
+        ));
+    }
+    Ok(Shape {
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+    })
+}
+
+/// The recipe: our block when present (it wins), else the Hugging Face rope fields.
+fn config_recipe(
+    f: &Fields<'_>,
+    model_type: ModelType,
+    max_positions: u64,
+) -> Result<(Recipe, RecipeSource), CheckpointError> {
+    let path = f.path;
+    match f.obj.get(CONFIG_BLOCK) {
+        Some(block) if !block.is_null() => {
+            let origin = format!("{} {CONFIG_BLOCK}", path.display());
+            let recipe = Recipe::from_json_block(&origin, block).map_err(|source| {
+                CheckpointError::Recipe {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            Ok((recipe, RecipeSource::Block))
+        }
+        _ => Ok((hf_recipe(f, model_type, max_positions)?, RecipeSource::Hf)),
     }
 }
 

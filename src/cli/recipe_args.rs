@@ -149,6 +149,17 @@ impl RecipeArgs {
         if let Some(v) = self.attention_factor {
             r.yarn_attention_factor = Some(v);
         }
+        self.apply_scale_law(&mut r, current.original_context, c)?;
+        if let Some(k) = self.skip_layers {
+            r.skip_layers = k;
+        }
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// `--scale-law`, `--beta`, `--scale-length` over `r`; `c` is the window after the flags,
+    /// `old_c` the current recipe's.
+    fn apply_scale_law(&self, r: &mut Recipe, old_c: u64, c: u64) -> Result<(), RecipeError> {
         let law_changed = self.scale_law.is_some();
         match self.scale_law {
             Some(ScaleLawArg::None) => {
@@ -179,7 +190,7 @@ impl RecipeArgs {
                     return Err(RecipeError::Invalid {
                         field: "beta",
                         reason: "--beta and --scale-length apply to the step scale law only \
-                                 (add --scale-law step)"
+                             (add --scale-law step)"
                             .to_string(),
                     })
                 }
@@ -187,15 +198,11 @@ impl RecipeArgs {
         } else if !law_changed && self.original_context.is_some() {
             // a new c moves the step law's defaults with it
             if let ScaleLaw::Step { .. } = r.scale_law {
-                if self.method.is_some() || current.original_context != c {
+                if self.method.is_some() || old_c != c {
                     r.scale_law = Recipe::default_step(c);
                 }
             }
         }
-        if let Some(k) = self.skip_layers {
-            r.skip_layers = k;
-        }
-        r.validate()?;
-        Ok(r)
+        Ok(())
     }
 }

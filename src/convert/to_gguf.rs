@@ -147,7 +147,6 @@ fn write_recipe(
 /// Decide the output: metadata, tensor list and types.
 pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, ConvertError> {
     let cfg = &ckpt.config.model;
-    let arch = keys::ARCH_LLAMA;
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
         return Err(ConvertError::Model(format!(
             "head_dim {} x {} heads != hidden_size {}: llama.cpp would need attention.key_length, \
@@ -162,13 +161,24 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
         }
         None => cfg.recipe.clone(),
     };
+    let (meta, mut notes, rope_freqs) = plan_metadata(ckpt, &recipe, opts)?;
+    let (tensors, input_bytes) = plan_tensors(ckpt, opts, rope_freqs.as_deref(), &mut notes)?;
+    Ok(Plan {
+        metadata: meta,
+        tensors,
+        recipe,
+        notes,
+        input_bytes,
+        rope_freqs,
+    })
+}
 
-    let mut meta = Metadata::new();
-    meta.set_architecture(arch);
-    let name = opts.name.clone().unwrap_or_else(|| {
+/// `general.name`: the flag, else config `_name_or_path`, else the directory name.
+fn model_name(ckpt: &Checkpoint, opts: &ToGgufOptions) -> String {
+    opts.name.clone().unwrap_or_else(|| {
         ckpt.config
             .raw
-            .get("_name_or_path")
+            .get(crate::checkpoint::keys::NAME_OR_PATH)
             .and_then(|v| v.as_str())
             .filter(|s| !s.is_empty())
             .map(str::to_string)
@@ -178,8 +188,20 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "model".into())
             })
-    });
-    meta.set(keys::GENERAL_NAME, Value::string(name));
+    })
+}
+
+/// The metadata: hyperparameters, tokenizer, recipe keys; with the notes and Llama 3's factors.
+fn plan_metadata(
+    ckpt: &Checkpoint,
+    recipe: &Recipe,
+    opts: &ToGgufOptions,
+) -> Result<(Metadata, Vec<String>, Option<Vec<f32>>), ConvertError> {
+    let cfg = &ckpt.config.model;
+    let arch = keys::ARCH_LLAMA;
+    let mut meta = Metadata::new();
+    meta.set_architecture(arch);
+    meta.set(keys::GENERAL_NAME, Value::string(model_name(ckpt, opts)));
     let u32s = [
         (ArchKey::EmbeddingLength, cfg.hidden_size),
         (ArchKey::BlockCount, cfg.num_hidden_layers),
@@ -203,7 +225,7 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
     )?;
     meta.set_arch_u32(arch, ArchKey::VocabSize, vocab.tokens.len() as u64)?;
     meta.set_rope_freq_base(arch, recipe.rope_base)?;
-    let (rnotes, rope_freqs) = write_recipe(&mut meta, &recipe, cfg.head_dim, opts)?;
+    let (rnotes, rope_freqs) = write_recipe(&mut meta, recipe, cfg.head_dim, opts)?;
     notes.extend(rnotes);
     meta.set(
         keys::GENERAL_FILE_TYPE,
@@ -212,8 +234,17 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
     meta.set(keys::GENERAL_QUANTIZATION_VERSION, Value::U32(2));
     meta.set_alignment(keys::DEFAULT_ALIGNMENT as u32)?;
     vocab.write(&mut meta);
+    Ok((meta, notes, rope_freqs))
+}
 
-    // tensors
+/// The tensors in llama.cpp's order with their types and sizes; the input bytes they read.
+fn plan_tensors(
+    ckpt: &Checkpoint,
+    opts: &ToGgufOptions,
+    rope_freqs: Option<&[f32]>,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<PlannedTensor>, u64), ConvertError> {
+    let cfg = &ckpt.config.model;
     let store = &ckpt.weights;
     let mut names: Vec<&str> = store.names().filter(|n| !skipped(n)).collect();
     let has_lm_head = names.contains(&"lm_head.weight");
@@ -228,13 +259,12 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
         has_output: has_lm_head && !cfg.tie_word_embeddings,
     };
     let mut tensors = Vec::with_capacity(names.len() + 1);
-    if let Some(f) = &rope_freqs {
-        let ty = crate::gguf::types::F32.ty();
+    if let Some(f) = rope_freqs {
         tensors.push(PlannedTensor {
             name: ROPE_FREQS.to_string(),
             source: None,
             dims: vec![f.len() as u64],
-            ggml_type: ty,
+            ggml_type: crate::gguf::types::F32.ty(),
             bytes: 4 * f.len() as u64,
             permute_heads: None,
             note: None,
@@ -246,8 +276,7 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
             tensor: n.to_string(),
         })?;
         let shape = store.shape(n)?;
-        let view = store.tensor_view(n)?;
-        input_bytes += view.data.len() as u64;
+        input_bytes += store.tensor_view(n)?.data.len() as u64;
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let row_len = dims.first().copied().unwrap_or(1);
         let (ty, note) = choose_type(opts.outtype, role, dims.len(), row_len, layer, &ctx);
@@ -270,14 +299,7 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
             note,
         });
     }
-    Ok(Plan {
-        metadata: meta,
-        tensors,
-        recipe,
-        notes,
-        input_bytes,
-        rope_freqs,
-    })
+    Ok((tensors, input_bytes))
 }
 
 /// The bytes of one planned tensor, ready to write.

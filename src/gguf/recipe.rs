@@ -302,60 +302,14 @@ pub fn runtime_recipe(meta: &Metadata, head_dim: usize) -> Result<RuntimeRecipe,
         base,
         context: orig.min(ctx).max(2),
     });
-    match ty.as_str() {
-        keys::SCALING_NONE => {}
-        keys::SCALING_LINEAR if factor == 1.0 => {}
-        keys::SCALING_LINEAR => {
-            r.method = RopeMethod::Linear;
-            r.factor = factor;
-            // linear does not read c: without the key, the window before the factor
-            r.original_context = orig_key
-                .unwrap_or_else(|| (ctx as f64 / factor).round() as u64)
-                .max(2);
-        }
-        keys::SCALING_YARN => {
-            r.method = RopeMethod::Yarn;
-            r.factor = factor;
-            r.original_context = orig.max(2);
-            if let Some(a) = meta.arch_f32(&arch, ArchKey::RopeScalingAttnFactor)? {
-                let total = f64::from(a) * yarn_mscale(factor);
-                if (total - 1.0).abs() < 1e-6 && factor > 1.0 {
-                    r.method = RopeMethod::NtkByParts;
-                } else if a != 1.0 {
-                    r.yarn_attention_factor = Some(total);
-                }
-            }
-            for (k, slot, default) in [
-                (
-                    ArchKey::RopeScalingYarnBetaFast,
-                    &mut r.beta_fast,
-                    defaults::BETA_FAST,
-                ),
-                (
-                    ArchKey::RopeScalingYarnBetaSlow,
-                    &mut r.beta_slow,
-                    defaults::BETA_SLOW,
-                ),
-            ] {
-                let v = meta.arch_f32(&arch, k)?.map(f64::from);
-                if v.is_some() && !mistral3 {
-                    ignored.push(k.key(&arch));
-                }
-                *slot = if mistral3 {
-                    v.unwrap_or(default)
-                } else {
-                    default
-                };
-            }
-        }
-        other => {
-            return Err(GgufError::BadValue {
-                key: ArchKey::RopeScalingType.key(&arch),
-                value: other.to_string(),
-                reason: "llama.cpp reads none, linear and yarn".into(),
-            })
-        }
-    }
+    let scaling = Scaling {
+        ty: &ty,
+        factor,
+        orig_key,
+        ctx,
+        mistral3,
+    };
+    read_scaling(meta, &arch, &scaling, &mut r, &mut ignored)?;
     r.context = ctx.max(r.original_context);
     let temp = meta
         .arch_f32(&arch, ArchKey::AttentionTemperatureScale)?
@@ -378,4 +332,80 @@ pub fn runtime_recipe(meta: &Metadata, head_dim: usize) -> Result<RuntimeRecipe,
         rope_dim,
         ignored,
     })
+}
+
+/// The scaling keys as read, for [`read_scaling`].
+struct Scaling<'a> {
+    ty: &'a str,
+    factor: f64,
+    orig_key: Option<u64>,
+    ctx: u64,
+    mistral3: bool,
+}
+
+/// `rope.scaling.type` and its keys as llama.cpp reads them, into `r`.
+fn read_scaling(
+    meta: &Metadata,
+    arch: &str,
+    sc: &Scaling<'_>,
+    r: &mut Recipe,
+    ignored: &mut Vec<String>,
+) -> Result<(), GgufError> {
+    let (factor, orig_key, ctx, mistral3) = (sc.factor, sc.orig_key, sc.ctx, sc.mistral3);
+    let orig = orig_key.unwrap_or(ctx);
+    match sc.ty {
+        keys::SCALING_NONE => {}
+        keys::SCALING_LINEAR if factor == 1.0 => {}
+        keys::SCALING_LINEAR => {
+            r.method = RopeMethod::Linear;
+            r.factor = factor;
+            // linear does not read c: without the key, the window before the factor
+            r.original_context = orig_key
+                .unwrap_or_else(|| (ctx as f64 / factor).round() as u64)
+                .max(2);
+        }
+        keys::SCALING_YARN => {
+            r.method = RopeMethod::Yarn;
+            r.factor = factor;
+            r.original_context = orig.max(2);
+            if let Some(a) = meta.arch_f32(arch, ArchKey::RopeScalingAttnFactor)? {
+                let total = f64::from(a) * yarn_mscale(factor);
+                if (total - 1.0).abs() < 1e-6 && factor > 1.0 {
+                    r.method = RopeMethod::NtkByParts;
+                } else if a != 1.0 {
+                    r.yarn_attention_factor = Some(total);
+                }
+            }
+            for (k, slot, default) in [
+                (
+                    ArchKey::RopeScalingYarnBetaFast,
+                    &mut r.beta_fast,
+                    defaults::BETA_FAST,
+                ),
+                (
+                    ArchKey::RopeScalingYarnBetaSlow,
+                    &mut r.beta_slow,
+                    defaults::BETA_SLOW,
+                ),
+            ] {
+                let v = meta.arch_f32(arch, k)?.map(f64::from);
+                if v.is_some() && !mistral3 {
+                    ignored.push(k.key(arch));
+                }
+                *slot = if mistral3 {
+                    v.unwrap_or(default)
+                } else {
+                    default
+                };
+            }
+        }
+        other => {
+            return Err(GgufError::BadValue {
+                key: ArchKey::RopeScalingType.key(arch),
+                value: other.to_string(),
+                reason: "llama.cpp reads none, linear and yarn".into(),
+            })
+        }
+    }
+    Ok(())
 }

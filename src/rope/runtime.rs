@@ -240,43 +240,8 @@ pub fn runtime_form(recipe: &Recipe, target: Target, rotary_dim: usize) -> Runti
         }
     }
     if matches!(r.method, RopeMethod::Yarn | RopeMethod::NtkByParts) {
-        match target {
-            Target::Transformers => {
-                let implied = r.context as f64 / c as f64;
-                if (r.factor - implied).abs() > 1e-12 * r.factor.abs().max(implied.abs()) {
-                    gap(
-                        Gap::YarnFactor,
-                        format!(
-                            "transformers derives yarn's factor from max_position_embeddings / \
-                             original_max_position_embeddings = {} / {c}, not {}",
-                            r.context, r.factor
-                        ),
-                    );
-                    r.context = (r.factor * c as f64).round() as u64;
-                }
-            }
-            Target::LlamaCpp => {
-                // only llama.cpp's mistral3 graph (the step law's) reads rope.scaling.yarn_beta_*
-                let default_betas =
-                    r.beta_fast == defaults::BETA_FAST && r.beta_slow == defaults::BETA_SLOW;
-                let step = matches!(r.scale_law, ScaleLaw::Step { .. });
-                if !default_betas && !step {
-                    gap(
-                        Gap::YarnBetas,
-                        format!(
-                            "llama.cpp's llama graph ignores rope.scaling.yarn_beta_*: it runs \
-                             betas {}/{}, not {}/{}",
-                            defaults::BETA_FAST,
-                            defaults::BETA_SLOW,
-                            r.beta_fast,
-                            r.beta_slow
-                        ),
-                    );
-                    r.beta_fast = defaults::BETA_FAST;
-                    r.beta_slow = defaults::BETA_SLOW;
-                }
-            }
-            Target::Exact => {}
+        if let Some(a) = yarn_form(target, &mut r) {
+            gaps.push(a);
         }
     }
     RuntimeForm {
@@ -284,4 +249,51 @@ pub fn runtime_form(recipe: &Recipe, target: Target, rotary_dim: usize) -> Runti
         recipe: r,
         approximations: gaps,
     }
+}
+
+/// YaRN's details each runtime reads its own way: transformers derives the factor from the
+/// windows, llama.cpp's llama graph ignores non-default betas.
+fn yarn_form(target: Target, r: &mut Recipe) -> Option<Approximation> {
+    let c = r.original_context;
+    let mut out = None;
+    let mut gap = |gap: Gap, reason: String| out = Some(Approximation { gap, reason });
+    match target {
+        Target::Transformers => {
+            let implied = r.context as f64 / c as f64;
+            if (r.factor - implied).abs() > 1e-12 * r.factor.abs().max(implied.abs()) {
+                gap(
+                    Gap::YarnFactor,
+                    format!(
+                        "transformers derives yarn's factor from max_position_embeddings / \
+                         original_max_position_embeddings = {} / {c}, not {}",
+                        r.context, r.factor
+                    ),
+                );
+                r.context = (r.factor * c as f64).round() as u64;
+            }
+        }
+        Target::LlamaCpp => {
+            // only llama.cpp's mistral3 graph (the step law's) reads rope.scaling.yarn_beta_*
+            let default_betas =
+                r.beta_fast == defaults::BETA_FAST && r.beta_slow == defaults::BETA_SLOW;
+            let step = matches!(r.scale_law, ScaleLaw::Step { .. });
+            if !default_betas && !step {
+                gap(
+                    Gap::YarnBetas,
+                    format!(
+                        "llama.cpp's llama graph ignores rope.scaling.yarn_beta_*: it runs \
+                         betas {}/{}, not {}/{}",
+                        defaults::BETA_FAST,
+                        defaults::BETA_SLOW,
+                        r.beta_fast,
+                        r.beta_slow
+                    ),
+                );
+                r.beta_fast = defaults::BETA_FAST;
+                r.beta_slow = defaults::BETA_SLOW;
+            }
+        }
+        Target::Exact => {}
+    }
+    out
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::data::ParseReport;
-use super::examples::{load_examples, PrepConfig, PrepReport};
+use super::examples::{load_examples, Example, PrepConfig, PrepReport};
 use super::hf::{ckpt, export, llama_factory, load_weights};
 use super::template::ChatTemplate;
 use super::trainer::{checkpoint_dir, read_state, StepStats, TrainConfig, Trainer};
@@ -150,30 +150,14 @@ pub fn tune(
         seed: spec.train.seed,
     };
     let (examples, parse, report) = load_examples(&spec.data, &files.tokenizer, &template, &prep)?;
-    if let Some(bad) = examples
-        .iter()
-        .flat_map(|e| e.tokens.iter())
-        .find(|&&t| t as usize >= cfg.vocab_size)
-    {
-        return Err(TrainError::Config(format!(
-            "token id {bad} of the tokenizer is outside the model's vocab_size {}",
-            cfg.vocab_size
-        )));
-    }
+    check_token_ids(&examples, cfg.vocab_size)?;
     let weights = load_weights(&spec.model_dir, &cfg, device)?;
     let mut trainer = Trainer::new(spec.train.clone(), weights, examples, dtype, device.clone())?;
     let (trainable, parameters) = trainer.set.counts();
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let ck = checkpoint_dir(out);
     let log_path = out.join(LOG_FILE);
-    let mut resumed_from = None;
-    if resume {
-        let state = trainer.load_checkpoint(&ck)?;
-        resumed_from = Some(state.step);
-        truncate_log(&log_path, state.step)?;
-    } else if log_path.exists() {
-        std::fs::remove_file(&log_path).map_err(|e| TrainError::io(&log_path, e))?;
-    }
+    let resumed_from = start_log(&mut trainer, &ck, &log_path, resume)?;
     let extra = serde_json::to_value(spec).map_err(|e| TrainError::Internal(e.to_string()))?;
     on(Event::Prepared {
         examples: trainer.examples.len(),
@@ -181,11 +165,7 @@ pub fn tune(
         start_step: trainer.step(),
     });
     let factory = llama_factory(cfg);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| TrainError::io(&log_path, e))?;
+    let mut log = open_log(&log_path)?;
     let (mut first, mut last) = (None, None);
     let (mut tokens, mut train_s) = (0usize, 0f64);
     let end = stop_after
@@ -243,6 +223,47 @@ pub fn tune(
         tokens_per_s: tokens as f64 / train_s.max(1e-9),
         files,
     })
+}
+
+/// Every token id must index the model's embedding.
+fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<(), TrainError> {
+    match examples
+        .iter()
+        .flat_map(|e| e.tokens.iter())
+        .find(|&&t| t as usize >= vocab_size)
+    {
+        Some(bad) => Err(TrainError::Config(format!(
+            "token id {bad} of the tokenizer is outside the model's vocab_size {vocab_size}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A resume loads the checkpoint and keeps the log up to its step; a fresh run starts a new
+/// log. Returns the step resumed from.
+fn start_log(
+    trainer: &mut Trainer,
+    ck: &Path,
+    log_path: &Path,
+    resume: bool,
+) -> Result<Option<u64>, TrainError> {
+    if resume {
+        let state = trainer.load_checkpoint(ck)?;
+        truncate_log(log_path, state.step)?;
+        return Ok(Some(state.step));
+    }
+    if log_path.exists() {
+        std::fs::remove_file(log_path).map_err(|e| TrainError::io(log_path, e))?;
+    }
+    Ok(None)
+}
+
+fn open_log(log_path: &Path) -> Result<std::fs::File, TrainError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| TrainError::io(log_path, e))
 }
 
 /// Keep the log lines of steps up to `step` (a resume rewrites what follows).

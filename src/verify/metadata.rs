@@ -54,21 +54,7 @@ pub fn check(
             return out;
         }
     };
-    // key types llama.cpp insists on
-    for (k, v) in meta.iter() {
-        if let Some(t) = required_type(Some(&arch), k) {
-            if v.value_type() != t {
-                out.push(issue(
-                    k,
-                    format!(
-                        "{k} is stored as {}; llama.cpp requires {} and refuses the file",
-                        v.value_type().name(),
-                        t.name()
-                    ),
-                ));
-            }
-        }
-    }
+    key_types(meta, &arch, &mut out);
     let got = match got {
         Ok(g) => g,
         Err(e) => {
@@ -76,7 +62,6 @@ pub fn check(
             return out;
         }
     };
-    let r = &got.recipe;
     let scaled = want.scale_law != ScaleLaw::None;
     if scaled && arch != ARCH_MISTRAL3 {
         out.push(issue(
@@ -93,13 +78,41 @@ pub fn check(
             format!("{k} is present but the {arch} graph ignores it"),
         ));
     }
-    // shapes
-    let shape = |key: ArchKey, v: usize| {
-        meta.arch_u32(&arch, key)
-            .ok()
-            .flatten()
-            .map(|x| (x as usize, v))
-    };
+    shapes(meta, &arch, got, cfg, &mut out);
+    rope(&arch, &got.recipe, want, &mut out);
+    // the step law (only read under mistral3; a llama file was named above)
+    if arch == ARCH_MISTRAL3 || !scaled {
+        step_law(&arch, &got.recipe, want, &mut out);
+    }
+    out
+}
+
+/// Key types llama.cpp insists on.
+fn key_types(meta: &Metadata, arch: &str, out: &mut Vec<Issue>) {
+    for (k, v) in meta.iter() {
+        if let Some(t) = required_type(Some(arch), k) {
+            if v.value_type() != t {
+                out.push(issue(
+                    k,
+                    format!(
+                        "{k} is stored as {}; llama.cpp requires {} and refuses the file",
+                        v.value_type().name(),
+                        t.name()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// The hyperparameters against the reference config.
+fn shapes(
+    meta: &Metadata,
+    arch: &str,
+    got: &RuntimeRecipe,
+    cfg: &ModelConfig,
+    out: &mut Vec<Issue>,
+) {
     for (key, expect) in [
         (ArchKey::EmbeddingLength, cfg.hidden_size),
         (ArchKey::BlockCount, cfg.num_hidden_layers),
@@ -107,137 +120,134 @@ pub fn check(
         (ArchKey::HeadCount, cfg.num_attention_heads),
         (ArchKey::HeadCountKv, cfg.num_key_value_heads),
     ] {
-        if let Some((f, e)) = shape(key, expect) {
-            if f != e {
-                let k = key.key(&arch);
-                out.push(issue(
-                    &k,
-                    format!("{} is {f}; the reference config says {e}", key.suffix()),
-                ));
-            }
+        let found = meta.arch_u32(arch, key).ok().flatten().map(|x| x as usize);
+        if let Some(f) = found.filter(|&f| f != expect) {
+            out.push(issue(
+                key.key(arch),
+                format!(
+                    "{} is {f}; the reference config says {expect}",
+                    key.suffix()
+                ),
+            ));
         }
     }
     if got.rope_dim != cfg.head_dim {
         out.push(issue(
-            ArchKey::RopeDimensionCount.key(&arch),
+            ArchKey::RopeDimensionCount.key(arch),
             format!(
                 "rope.dimension_count is {}; the reference rotates all {} dimensions of a head",
                 got.rope_dim, cfg.head_dim
             ),
         ));
     }
-    let want_base = want.rope_base;
-    if !close(r.rope_base, want_base) {
+}
+
+/// The scaling type llama.cpp reads for a runtime-form method.
+fn scaling_type(method: RopeMethod) -> &'static str {
+    match method {
+        RopeMethod::Linear => keys::SCALING_LINEAR,
+        RopeMethod::Yarn | RopeMethod::NtkByParts => keys::SCALING_YARN,
+        _ => keys::SCALING_NONE,
+    }
+}
+
+/// Base, window and the rope scaling keys.
+fn rope(arch: &str, r: &Recipe, want: &Recipe, out: &mut Vec<Issue>) {
+    let mut differs = |key: ArchKey, what: &str, got: String, wanted: String| {
         out.push(issue(
-            ArchKey::RopeFreqBase.key(&arch),
-            format!(
-                "rope.freq_base is {}; the recipe says {}",
-                r.rope_base, want_base
-            ),
+            key.key(arch),
+            format!("{what} is {got}; the recipe says {wanted}"),
         ));
+    };
+    if !close(r.rope_base, want.rope_base) {
+        let (g, w) = (r.rope_base.to_string(), want.rope_base.to_string());
+        differs(ArchKey::RopeFreqBase, "rope.freq_base", g, w);
     }
     if r.context != want.context {
-        out.push(issue(
-            ArchKey::ContextLength.key(&arch),
-            format!(
-                "context_length is {}; the recipe says {}",
-                r.context, want.context
-            ),
-        ));
+        let (g, w) = (r.context.to_string(), want.context.to_string());
+        differs(ArchKey::ContextLength, "context_length", g, w);
     }
-    // scaling
-    let want_ty = match want.method {
-        RopeMethod::Linear => keys::SCALING_LINEAR,
-        RopeMethod::Yarn | RopeMethod::NtkByParts => keys::SCALING_YARN,
-        _ => keys::SCALING_NONE,
-    };
-    let got_ty = match r.method {
-        RopeMethod::Linear => keys::SCALING_LINEAR,
-        RopeMethod::Yarn | RopeMethod::NtkByParts => keys::SCALING_YARN,
-        _ => keys::SCALING_NONE,
-    };
+    let (want_ty, got_ty) = (scaling_type(want.method), scaling_type(r.method));
     if want_ty != got_ty {
         out.push(issue(
-            ArchKey::RopeScalingType.key(&arch),
+            ArchKey::RopeScalingType.key(arch),
             format!(
                 "rope scaling is {got_ty}; the recipe ({}) needs {want_ty}",
                 want.method
             ),
         ));
-    } else if want_ty != keys::SCALING_NONE {
-        if !close(r.factor, want.factor) {
+        return;
+    }
+    if want_ty == keys::SCALING_NONE {
+        return;
+    }
+    if !close(r.factor, want.factor) {
+        let (g, w) = (r.factor.to_string(), want.factor.to_string());
+        differs(ArchKey::RopeScalingFactor, "rope.scaling.factor", g, w);
+    }
+    if r.original_context != want.original_context {
+        let (g, w) = (
+            r.original_context.to_string(),
+            want.original_context.to_string(),
+        );
+        let what = "rope.scaling.original_context_length";
+        differs(ArchKey::RopeScalingOriginalContextLength, what, g, w);
+    }
+    if want_ty == keys::SCALING_YARN {
+        let wa = match want.method {
+            RopeMethod::NtkByParts => 1.0,
+            _ => want.attention_factor(),
+        };
+        if !close(r.attention_factor(), wa) {
+            let what = "yarn attention factor (attn_factor x mscale)";
+            differs(
+                ArchKey::RopeScalingAttnFactor,
+                what,
+                r.attention_factor().to_string(),
+                wa.to_string(),
+            );
+        }
+        if !close(r.beta_fast, want.beta_fast) || !close(r.beta_slow, want.beta_slow) {
             out.push(issue(
-                ArchKey::RopeScalingFactor.key(&arch),
+                ArchKey::RopeScalingYarnBetaFast.key(arch),
                 format!(
-                    "rope.scaling.factor is {}; the recipe says {}",
-                    r.factor, want.factor
+                    "llama.cpp runs yarn betas {}/{}; the recipe says {}/{}",
+                    r.beta_fast, r.beta_slow, want.beta_fast, want.beta_slow
                 ),
             ));
         }
-        if r.original_context != want.original_context {
-            out.push(issue(
-                ArchKey::RopeScalingOriginalContextLength.key(&arch),
-                format!(
-                    "rope.scaling.original_context_length is {}; the recipe says {}",
-                    r.original_context, want.original_context
-                ),
-            ));
-        }
-        if want_ty == keys::SCALING_YARN {
-            let wa = match want.method {
-                RopeMethod::NtkByParts => 1.0,
-                _ => want.attention_factor(),
-            };
-            if !close(r.attention_factor(), wa) {
+    }
+}
+
+/// The step law's beta and length.
+fn step_law(arch: &str, r: &Recipe, want: &Recipe, out: &mut Vec<Issue>) {
+    let temp = ArchKey::AttentionTemperatureScale.key(arch);
+    match (want.scale_law, r.scale_law) {
+        (ScaleLaw::Step { beta, length }, ScaleLaw::Step { beta: b, length: l }) => {
+            if !close(b, beta) {
                 out.push(issue(
-                    ArchKey::RopeScalingAttnFactor.key(&arch),
-                    format!(
-                        "yarn attention factor (attn_factor x mscale) is {}; the recipe says {wa}",
-                        r.attention_factor()
-                    ),
+                    temp,
+                    format!("attention.temperature_scale is {b}; the recipe says {beta}"),
                 ));
             }
-            if !close(r.beta_fast, want.beta_fast) || !close(r.beta_slow, want.beta_slow) {
+            if l != length {
                 out.push(issue(
-                    ArchKey::RopeScalingYarnBetaFast.key(&arch),
+                    ArchKey::RopeScalingOriginalContextLength.key(arch),
                     format!(
-                        "llama.cpp runs yarn betas {}/{}; the recipe says {}/{}",
-                        r.beta_fast, r.beta_slow, want.beta_fast, want.beta_slow
+                        "the step law's L (rope.scaling.original_context_length) is {l}; \
+                         the recipe says {length}"
                     ),
                 ));
             }
         }
+        (ScaleLaw::Step { beta, .. }, _) => out.push(issue(
+            temp,
+            format!("attention.temperature_scale is absent; the recipe says {beta}"),
+        )),
+        (_, ScaleLaw::Step { beta, .. }) => out.push(issue(
+            temp,
+            format!("attention.temperature_scale is {beta}; the recipe has no scale law"),
+        )),
+        _ => {}
     }
-    // the step law (only read under mistral3; a llama file was named above)
-    if arch == ARCH_MISTRAL3 || !scaled {
-        match (want.scale_law, r.scale_law) {
-            (ScaleLaw::Step { beta, length }, ScaleLaw::Step { beta: b, length: l }) => {
-                if !close(b, beta) {
-                    out.push(issue(
-                        ArchKey::AttentionTemperatureScale.key(&arch),
-                        format!("attention.temperature_scale is {b}; the recipe says {beta}"),
-                    ));
-                }
-                if l != length {
-                    out.push(issue(
-                        ArchKey::RopeScalingOriginalContextLength.key(&arch),
-                        format!(
-                            "the step law's L (rope.scaling.original_context_length) is {l}; \
-                             the recipe says {length}"
-                        ),
-                    ));
-                }
-            }
-            (ScaleLaw::Step { beta, .. }, _) => out.push(issue(
-                ArchKey::AttentionTemperatureScale.key(&arch),
-                format!("attention.temperature_scale is absent; the recipe says {beta}"),
-            )),
-            (_, ScaleLaw::Step { beta, .. }) => out.push(issue(
-                ArchKey::AttentionTemperatureScale.key(&arch),
-                format!("attention.temperature_scale is {beta}; the recipe has no scale law"),
-            )),
-            _ => {}
-        }
-    }
-    out
 }

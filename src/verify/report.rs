@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::run::VerifyReport;
+use super::run::{BackendResult, VerifyReport};
 
 fn sci(x: f64) -> String {
     if x == 0.0 {
@@ -81,54 +81,59 @@ pub fn render(r: &VerifyReport) -> String {
         }
     }
     for b in &r.backends {
-        let _ = writeln!(s, "\n{} ({:.1} s)", b.backend, b.seconds);
-        let _ = writeln!(
-            s,
-            "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}  verdict",
-            "band", "NMSE", "max|d|", "KLD mean", "KLD p99", "KLD max", "top-1", "PPL x"
-        );
-        for band in &b.bands {
-            let m = &band.metrics;
-            let failed: Vec<&str> = band
-                .checks
-                .iter()
-                .filter(|c| !c.pass)
-                .map(|c| c.metric)
-                .collect();
-            let verdict = if band.pass {
-                "PASS".to_string()
-            } else {
-                format!("FAIL ({})", failed.join(", "))
-            };
-            let _ = writeln!(
-                s,
-                "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6.1}% {:>8.4}  {}{}",
-                m.band.label(),
-                sci(m.nmse),
-                sci(m.max_abs_diff),
-                sci(m.kld_mean),
-                sci(m.kld_p99),
-                sci(m.kld_max),
-                m.top1 * 100.0,
-                m.ppl_ratio,
-                if band.within_original { "" } else { ">c " },
-                verdict
-            );
-        }
-        let pf = |p: bool| if p { "PASS" } else { "FAIL" };
-        let _ = writeln!(
-            s,
-            "  fidelity {}   long-context {}   (KLD at position 0: {}; first bad position: {})",
-            pf(b.fidelity_pass),
-            pf(b.long_context_pass),
-            sci(b.kld_position0),
-            b.first_bad_position
-                .map_or("none".to_string(), |p| p.to_string())
-        );
-        for d in &b.diagnosis {
-            let _ = writeln!(s, "  diagnosis: {d}");
-        }
+        render_backend(&mut s, b);
     }
     let _ = writeln!(s, "\n{}", if r.pass { "PASS" } else { "FAIL" });
     s
+}
+
+/// One backend's band table, verdicts and diagnosis.
+fn render_backend(s: &mut String, b: &BackendResult) {
+    let _ = writeln!(s, "\n{} ({:.1} s)", b.backend, b.seconds);
+    let _ = writeln!(
+        s,
+        "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}  verdict",
+        "band", "NMSE", "max|d|", "KLD mean", "KLD p99", "KLD max", "top-1", "PPL x"
+    );
+    for band in &b.bands {
+        let m = &band.metrics;
+        let failed: Vec<&str> = band
+            .checks
+            .iter()
+            .filter(|c| !c.pass)
+            .map(|c| c.metric)
+            .collect();
+        let verdict = if band.pass {
+            "PASS".to_string()
+        } else {
+            format!("FAIL ({})", failed.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6.1}% {:>8.4}  {}{}",
+            m.band.label(),
+            sci(m.nmse),
+            sci(m.max_abs_diff),
+            sci(m.kld_mean),
+            sci(m.kld_p99),
+            sci(m.kld_max),
+            m.top1 * 100.0,
+            m.ppl_ratio,
+            if band.within_original { "" } else { ">c " },
+            verdict
+        );
+    }
+    let pf = |p: bool| if p { "PASS" } else { "FAIL" };
+    let _ = writeln!(
+        s,
+        "  fidelity {}   long-context {}   (KLD at position 0: {}; first bad position: {})",
+        pf(b.fidelity_pass),
+        pf(b.long_context_pass),
+        sci(b.kld_position0),
+        b.first_bad_position
+            .map_or("none".to_string(), |p| p.to_string())
+    );
+    for d in &b.diagnosis {
+        let _ = writeln!(s, "  diagnosis: {d}");
+    }
 }

@@ -11,7 +11,7 @@ use super::metadata::{check, Issue};
 use super::metrics::{bands, BandMetrics, Comparison, MetricsError, Reference};
 use crate::checkpoint::{Checkpoint, CheckpointError, ModelConfig};
 use crate::gguf::{open_mmap, GgmlType, GgufError};
-use crate::rope::{runtime_form, Target};
+use crate::rope::{runtime_form, Recipe, Target};
 use crate::runtime::{
     load_llama, open_backend, runtime_recipe, BackendKind, CandleBackend, Encoder, LogitsBackend,
     RuntimeError,
@@ -313,53 +313,11 @@ pub fn verify_many(
     let mut notes = Vec::new();
 
     // metadata, before any compute
-    let mut checked = Vec::with_capacity(ggufs.len());
-    for gguf in ggufs {
-        let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
-        let got = runtime_recipe(&mapped.file.metadata, cfg.head_dim);
-        let issues = check(&mapped.file.metadata, got.as_ref(), &cfg, &want);
-        let runtime_text = got
-            .as_ref()
-            .ok()
-            .map(|g| format!("{} ({})", g.recipe, g.arch));
-        drop(mapped);
-        let file_type = dominant_type(gguf)?;
-        let lines = opts
-            .lines
-            .clone()
-            .unwrap_or_else(|| PassLines::for_type(file_type, params))
-            .with_overrides(opts.max_nmse, opts.max_kld, opts.min_top1);
-        checked.push((issues, runtime_text, file_type, lines));
-    }
-
-    // length: the longest asked, else the target window (>= 4c); reduced only for memory
-    let mut len = opts
-        .lengths
+    let checked = ggufs
         .iter()
-        .copied()
-        .max()
-        .unwrap_or_else(|| (exact.context as usize).max(4 * c));
-    if let TokenSource::Tokens(t) = &opts.source {
-        len = len.min(t.len());
-    }
-    let vocab = cfg.vocab_size;
-    let budget = opts
-        .memory_limit
-        .or_else(|| mem_available().map(|m| m / 2))
-        .unwrap_or(u64::MAX);
-    // the reference row, and as much again for the exact-recipe pass and the candidate
-    let per_row = (vocab as u64) * 4 * 2;
-    if per_row * len as u64 > budget {
-        let fit = (budget / per_row.max(1)) as usize;
-        let new = fit.max(c.min(len)).min(len);
-        notes.push(format!(
-            "length reduced from {len} to {new}: the reference logits of {len} positions need \
-             {:.1} GB of the {:.1} GB allowed",
-            per_row as f64 * len as f64 * 0.5e-9,
-            budget as f64 * 1e-9
-        ));
-        len = new;
-    }
+        .map(|gguf| check_file(opts, gguf, &cfg, &want, params))
+        .collect::<Result<Vec<_>, _>>()?;
+    let len = choose_length(opts, &exact, cfg.vocab_size, &mut notes);
     let (tokens, token_label) = tokens_for(opts, &ckpt, len, &mut notes)?;
     let len = tokens.len();
     let band_list = bands(c, len, &opts.lengths);
@@ -387,53 +345,28 @@ pub fn verify_many(
     };
 
     let mut reports = Vec::with_capacity(ggufs.len());
-    for (gguf, (mut issues, runtime_text, file_type, lines)) in ggufs.iter().zip(checked) {
+    for (gguf, mut file) in ggufs.iter().zip(checked) {
         let mut notes = notes.clone();
         if let TokenSource::Text(text) = &opts.source {
             match tokenizer_issue(gguf, text, &tokens, len) {
-                Ok(Some(i)) => issues.push(i),
+                Ok(Some(i)) => file.issues.push(i),
                 Ok(None) => {}
                 Err(e) => notes.push(format!("tokenizer not compared: {e}")),
             }
         }
-        let mut results = Vec::new();
-        for &kind in &opts.backends {
-            let start = std::time::Instant::now();
-            let mut backend =
-                open_backend(gguf, kind, &device).map_err(|source| VerifyError::Backend {
-                    backend: kind.name().into(),
-                    source: Box::new(source),
-                })?;
-            let name = backend.name().to_string();
-            let mut cmp = Comparison::new(&reference, &tokens, band_list.clone());
-            let total = tokens.len();
-            run_backend(backend.as_mut(), &tokens, &mut |pos, row| {
-                cmp.push(pos, row).map_err(RuntimeError::consumer)?;
-                if pos % 64 == 0 || pos + 1 == total {
-                    progress(&name, pos + 1, total);
-                }
-                Ok(())
-            })?;
-            drop(backend);
-            let kl = std::mem::take(&mut cmp.kl_by_position);
-            let metrics = cmp.finish();
-            let kld_position0 = kl.first().copied().unwrap_or(0.0);
-            let gross = gross_kld(&lines);
-            let first_bad = kl.iter().position(|&k| exceeds(k, gross));
-            results.push(judge(
-                name,
-                metrics,
-                kld_position0,
-                first_bad,
-                &lines,
-                &opts.rule,
-                c,
-                &issues,
-                file_type,
-                start.elapsed().as_secs_f64(),
-            ));
-        }
-        let pass = issues.is_empty()
+        let candidate = Candidate {
+            gguf,
+            reference: &reference,
+            tokens: &tokens,
+            bands: &band_list,
+            original_context: c,
+        };
+        let results = opts
+            .backends
+            .iter()
+            .map(|&kind| run_candidate(opts, &candidate, &file, kind, &device, progress))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pass = file.issues.is_empty()
             && results
                 .iter()
                 .all(|r| r.fidelity_pass && r.long_context_pass);
@@ -441,15 +374,15 @@ pub fn verify_many(
             reference: opts.reference.clone(),
             gguf: gguf.clone(),
             recipe: exact.to_string(),
-            runtime_recipe: runtime_text,
+            runtime_recipe: file.runtime_text,
             original_context: exact.original_context,
             length: len,
             tokens: token_label.clone(),
-            file_type: file_type.to_string(),
+            file_type: file.file_type.to_string(),
             parameters: params,
-            lines,
+            lines: file.lines,
             long_context_rule: opts.rule,
-            metadata: issues,
+            metadata: file.issues,
             approximation: gaps.clone(),
             approximation_effect: approximation_effect.clone(),
             notes,
@@ -458,6 +391,135 @@ pub fn verify_many(
         });
     }
     Ok(reports)
+}
+
+/// One file's metadata checked before any compute, with the lines it is judged by.
+struct CheckedFile {
+    issues: Vec<Issue>,
+    runtime_text: Option<String>,
+    file_type: GgmlType,
+    lines: PassLines,
+}
+
+fn check_file(
+    opts: &VerifyOptions,
+    gguf: &Path,
+    cfg: &ModelConfig,
+    want: &Recipe,
+    params: u64,
+) -> Result<CheckedFile, VerifyError> {
+    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let got = runtime_recipe(&mapped.file.metadata, cfg.head_dim);
+    let issues = check(&mapped.file.metadata, got.as_ref(), cfg, want);
+    let runtime_text = got
+        .as_ref()
+        .ok()
+        .map(|g| format!("{} ({})", g.recipe, g.arch));
+    drop(mapped);
+    let file_type = dominant_type(gguf)?;
+    let lines = opts
+        .lines
+        .clone()
+        .unwrap_or_else(|| PassLines::for_type(file_type, params))
+        .with_overrides(opts.max_nmse, opts.max_kld, opts.min_top1);
+    Ok(CheckedFile {
+        issues,
+        runtime_text,
+        file_type,
+        lines,
+    })
+}
+
+/// The length compared: the longest asked, else the target window (>= 4c); reduced only when
+/// the reference logits would not fit half the memory available (said in `notes`).
+fn choose_length(
+    opts: &VerifyOptions,
+    exact: &Recipe,
+    vocab: usize,
+    notes: &mut Vec<String>,
+) -> usize {
+    let c = exact.original_context as usize;
+    let mut len = opts
+        .lengths
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or_else(|| (exact.context as usize).max(4 * c));
+    if let TokenSource::Tokens(t) = &opts.source {
+        len = len.min(t.len());
+    }
+    let budget = opts
+        .memory_limit
+        .or_else(|| mem_available().map(|m| m / 2))
+        .unwrap_or(u64::MAX);
+    // the reference row, and as much again for the exact-recipe pass and the candidate
+    let per_row = (vocab as u64) * 4 * 2;
+    if per_row * len as u64 > budget {
+        let fit = (budget / per_row.max(1)) as usize;
+        let new = fit.max(c.min(len)).min(len);
+        notes.push(format!(
+            "length reduced from {len} to {new}: the reference logits of {len} positions need \
+             {:.1} GB of the {:.1} GB allowed",
+            per_row as f64 * len as f64 * 0.5e-9,
+            budget as f64 * 1e-9
+        ));
+        len = new;
+    }
+    len
+}
+
+/// What every backend run of one candidate file shares.
+struct Candidate<'a> {
+    gguf: &'a Path,
+    reference: &'a Reference,
+    tokens: &'a [u32],
+    bands: &'a [super::metrics::Band],
+    original_context: usize,
+}
+
+/// One backend on one file: stream its logits against the reference and judge them.
+fn run_candidate(
+    opts: &VerifyOptions,
+    cand: &Candidate<'_>,
+    file: &CheckedFile,
+    kind: BackendKind,
+    device: &Device,
+    progress: Progress,
+) -> Result<BackendResult, VerifyError> {
+    let start = std::time::Instant::now();
+    let mut backend =
+        open_backend(cand.gguf, kind, device).map_err(|source| VerifyError::Backend {
+            backend: kind.name().into(),
+            source: Box::new(source),
+        })?;
+    let name = backend.name().to_string();
+    let mut cmp = Comparison::new(cand.reference, cand.tokens, cand.bands.to_vec());
+    let total = cand.tokens.len();
+    run_backend(backend.as_mut(), cand.tokens, &mut |pos, row| {
+        cmp.push(pos, row).map_err(RuntimeError::consumer)?;
+        if pos % 64 == 0 || pos + 1 == total {
+            progress(&name, pos + 1, total);
+        }
+        Ok(())
+    })?;
+    drop(backend);
+    let kl = std::mem::take(&mut cmp.kl_by_position);
+    let metrics = cmp.finish();
+    let kld_position0 = kl.first().copied().unwrap_or(0.0);
+    let gross = gross_kld(&file.lines);
+    let first_bad = kl.iter().position(|&k| exceeds(k, gross));
+    Ok(judge(
+        name,
+        metrics,
+        kld_position0,
+        first_bad,
+        &file.lines,
+        &opts.rule,
+        cand.original_context,
+        &file.issues,
+        file.file_type,
+        start.elapsed().as_secs_f64(),
+    ))
 }
 
 fn reference_logits(

@@ -67,16 +67,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
     let max = (!args.full).then_some(SHOWN_ITEMS);
     let recipe = read_recipe(&file.metadata);
     // what llama.cpp cannot run of the recorded recipe (static NTK needs the rotary dimension)
-    let dim = file
-        .metadata
-        .architecture()
-        .ok()
-        .flatten()
-        .and_then(|a| crate::gguf::rope_dim(&file.metadata, a).ok().flatten())
-        .unwrap_or(2);
-    let gaps = |r: &crate::rope::Recipe| {
-        crate::rope::runtime_form(r, crate::rope::Target::LlamaCpp, dim).reasons()
-    };
+    let gaps = |r: &crate::rope::Recipe| llama_cpp_gaps(&file.metadata, r);
     let summary = summary(file);
     if args.print.json {
         let keys: Vec<_> = file
@@ -162,4 +153,16 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
         );
     }
     Ok(Exit::Ok)
+}
+
+/// What llama.cpp cannot run of a recorded recipe (`rope::runtime_form`; static NTK needs the
+/// rotary dimension).
+fn llama_cpp_gaps(meta: &crate::gguf::Metadata, r: &crate::rope::Recipe) -> Vec<String> {
+    let dim = meta
+        .architecture()
+        .ok()
+        .flatten()
+        .and_then(|a| crate::gguf::rope_dim(meta, a).ok().flatten())
+        .unwrap_or(2);
+    crate::rope::runtime_form(r, crate::rope::Target::LlamaCpp, dim).reasons()
 }
