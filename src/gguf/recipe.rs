@@ -65,12 +65,7 @@ pub fn apply_recipe_with_freq_factors(
             "a GGUF is run by llama.cpp: write it for llama.cpp or exact, not transformers".into(),
         ));
     }
-    let arch = meta
-        .architecture()?
-        .ok_or_else(|| GgufError::MissingKey {
-            key: keys::GENERAL_ARCHITECTURE.to_string(),
-        })?
-        .to_string();
+    let arch = required_arch(meta)?;
     let dim = rope_dim(meta, &arch)?;
     if recipe.method == RopeMethod::Ntk && dim.is_none() {
         return Err(refuse(format!(
@@ -113,6 +108,14 @@ pub fn apply_recipe_with_freq_factors(
         }
     }
     Ok(notes)
+}
+
+/// `general.architecture`, which every recipe key is named after.
+fn required_arch(meta: &Metadata) -> Result<String, GgufError> {
+    let arch = meta.architecture()?.ok_or_else(|| GgufError::MissingKey {
+        key: keys::GENERAL_ARCHITECTURE.to_string(),
+    })?;
+    Ok(arch.to_string())
 }
 
 fn u32_key(arch: &str, key: ArchKey, v: u64) -> Result<Value, GgufError> {
@@ -262,12 +265,7 @@ pub struct RuntimeRecipe {
 /// betas), `src/llama-graph.cpp` (mistral3's step law), ggml `rope_yarn` (mscale
 /// `attn_factor * (1 + 0.1 ln s)`).
 pub fn runtime_recipe(meta: &Metadata, head_dim: usize) -> Result<RuntimeRecipe, GgufError> {
-    let arch = meta
-        .architecture()?
-        .ok_or_else(|| GgufError::MissingKey {
-            key: keys::GENERAL_ARCHITECTURE.to_string(),
-        })?
-        .to_string();
+    let arch = required_arch(meta)?;
     let ctx = u64::from(
         meta.arch_u32(&arch, ArchKey::ContextLength)?
             .ok_or_else(|| GgufError::MissingKey {
