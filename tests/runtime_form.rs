@@ -45,8 +45,17 @@ use Gap::{DynamicNtk as Dyn, ExemptLayers as Ex, LogLaw as Log, StepLength as Le
 /// transformers' ministral3 reads both from original_max_position_embeddings, which its yarn,
 /// llama3 and dynamic ropes also read; neither evaluates the log law nor exempts layers; static
 /// NTK is plain rope with its base everywhere.
+type Row = (
+    &'static str,
+    char,
+    &'static [Gap],
+    &'static str,
+    &'static [Gap],
+    &'static str,
+);
+
 #[rustfmt::skip]
-const TABLE: &[(&str, char, &[Gap], &str, &[Gap], &str)] = &[
+const TABLE: &[Row] = &[
     ("default", 'N', &[], "default", &[], "default"),
     ("default", 'G', &[Log, Ex], "default", &[Log, Ex], "default"),
     ("default", 'S', &[], "default", &[], "default"),
@@ -85,19 +94,7 @@ const TABLE: &[(&str, char, &[Gap], &str, &[Gap], &str)] = &[
     ("eabf", 'T', &[], "eabf", &[], "eabf"),
 ];
 
-fn rows() -> impl Iterator<
-    Item = (
-        Recipe,
-        &'static (
-            &'static str,
-            char,
-            &'static [Gap],
-            &'static str,
-            &'static [Gap],
-            &'static str,
-        ),
-    ),
-> {
+fn rows() -> impl Iterator<Item = (Recipe, &'static Row)> {
     TABLE.iter().map(|row| {
         let method: RopeMethod = row.0.parse().unwrap();
         (with_law(method, row.1), row)

@@ -39,6 +39,32 @@ impl Positions {
         dtype: DType,
         device: &Device,
     ) -> Result<Positions> {
+        let rope = Rope {
+            recipe,
+            freq_factors: None,
+        };
+        Positions::build(
+            &rope,
+            head_dim,
+            num_layers,
+            start..start + len,
+            dtype,
+            device,
+        )
+    }
+
+    /// [`Positions::new`] for `rope` (a recipe with optional per-frequency divisors) over
+    /// `positions`.
+    pub fn build(
+        rope: &Rope<'_>,
+        head_dim: usize,
+        num_layers: usize,
+        positions: std::ops::Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Positions> {
+        let recipe = rope.recipe;
+        let (start, len) = (positions.start, positions.len());
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             candle_core::bail!("rotary head dimension must be even and positive, got {head_dim}")
         }
@@ -46,12 +72,20 @@ impl Positions {
         // Dynamic NTK recomputes its base from the length seen so far (transformers passes
         // max position + 1); every other method ignores the argument.
         let seen = (start + len) as u64;
-        let inv_freq = recipe.inv_freq(head_dim, Some(seen));
+        let mut inv_freq = recipe.inv_freq(head_dim, Some(seen));
         if inv_freq.len() != half {
             candle_core::bail!(
                 "recipe gave {} inverse frequencies for head dimension {head_dim}",
                 inv_freq.len()
             )
+        }
+        if let Some(ff) = rope.freq_factors {
+            check_freq_factors(ff, half)?;
+            // ggml-cpu ops.cpp ggml_rope_cache_init: rope_yarn(theta / ff[j], ..), so the divisor
+            // applies before linear/yarn scaling, which only multiply or blend per pair
+            for (f, d) in inv_freq.iter_mut().zip(ff) {
+                *f /= d;
+            }
         }
         let factor = recipe.attention_factor();
         let mut cos = Vec::with_capacity(len * half);
@@ -129,6 +163,35 @@ impl Positions {
     pub fn scale(&self, layer: usize) -> Option<&Tensor> {
         self.scales.get(layer).and_then(|s| s.as_ref())
     }
+}
+
+/// What the rotary tables are computed from: the recipe, and optionally llama.cpp's per-frequency
+/// divisors (`rope_freqs.weight`).
+///
+/// The divisors exist because a GGUF's Llama 3 scaling is a tensor, not keys: llama.cpp reads no
+/// Llama 3 parameters (c, bands) from which to rebuild the recipe, so the candle GGUF backend runs
+/// the file the way llama.cpp does, plain recipe frequencies divided by the tensor, rather than
+/// guessing a recipe that would reproduce it.
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    pub recipe: &'a Recipe,
+    /// `head_dim / 2` divisors, finite and > 0; None: the recipe alone.
+    pub freq_factors: Option<&'a [f64]>,
+}
+
+/// Divisors must match the pairs and be finite and positive (a zero would give infinite angles).
+pub fn check_freq_factors(ff: &[f64], half: usize) -> Result<()> {
+    if ff.len() != half {
+        candle_core::bail!(
+            "{} frequency factors for {half} rotary pairs (head dimension {})",
+            ff.len(),
+            2 * half
+        )
+    }
+    if let Some(x) = ff.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+        candle_core::bail!("frequency factor {x} must be finite and > 0")
+    }
+    Ok(())
 }
 
 /// An f64 table rounded to the model dtype (f64 models keep f64; others go through f32).
