@@ -215,3 +215,68 @@ fn scale_table(values: Vec<f64>, dtype: DType, device: &Device) -> Result<Tensor
         Tensor::from_vec(v, len, device)?.to_dtype(dtype)
     }
 }
+
+#[cfg(test)]
+mod freq_factor_tests {
+    use super::*;
+    use crate::rope::{BaseRope, RopeMethod};
+
+    fn tables(rope: &Rope<'_>) -> (Vec<f32>, Vec<f32>) {
+        let p = Positions::build(rope, 16, 1, 0..300, DType::F32, &Device::Cpu).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (flat(p.cos()), flat(p.sin()))
+    }
+
+    /// Dividing every frequency by s is position interpolation with factor s (PI's definition),
+    /// and factors of one change nothing.
+    #[test]
+    fn uniform_divisors_are_linear_scaling() {
+        let plain = Recipe::plain(BaseRope {
+            base: 10000.0,
+            context: 64,
+        });
+        let mut linear = plain.clone();
+        linear.method = RopeMethod::Linear;
+        linear.factor = 4.0;
+        linear.context = 256;
+        let four = [4.0; 8];
+        let ones = [1.0; 8];
+        let divided = tables(&Rope {
+            recipe: &plain,
+            freq_factors: Some(&four),
+        });
+        let pi = tables(&Rope {
+            recipe: &linear,
+            freq_factors: None,
+        });
+        assert_eq!(divided, pi);
+        let same = tables(&Rope {
+            recipe: &plain,
+            freq_factors: Some(&ones),
+        });
+        let none = tables(&Rope {
+            recipe: &plain,
+            freq_factors: None,
+        });
+        assert_eq!(same, none);
+    }
+
+    #[test]
+    fn bad_divisors_are_refused() {
+        let r = Recipe::plain(BaseRope {
+            base: 10000.0,
+            context: 64,
+        });
+        for bad in [
+            &[1.0; 7][..],
+            &[1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0][..],
+            &[f64::NAN; 8][..],
+        ] {
+            let rope = Rope {
+                recipe: &r,
+                freq_factors: Some(bad),
+            };
+            assert!(Positions::build(&rope, 16, 1, 0..4, DType::F32, &Device::Cpu).is_err());
+        }
+    }
+}
