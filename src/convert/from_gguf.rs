@@ -193,6 +193,27 @@ pub fn read_hf_tensors(
     })
 }
 
+/// `rope_freqs.weight` as f32 (llama.cpp's per-frequency divisors), None when absent.
+pub fn read_rope_freqs(
+    file: &crate::gguf::GgufFile,
+    bytes: &[u8],
+) -> Result<Option<Vec<f32>>, ConvertError> {
+    let Some(i) = file.tensors.iter().position(|t| t.name == ROPE_FREQS) else {
+        return Ok(None);
+    };
+    let t = &file.tensors[i];
+    let data = file
+        .tensor_bytes(bytes, i)
+        .ok_or_else(|| ConvertError::tensor(ROPE_FREQS, "data outside the file"))?;
+    let n = usize::try_from(t.elements())
+        .map_err(|_| ConvertError::tensor(ROPE_FREQS, "too many elements"))?;
+    let f = match numeric::float_dtype(t.ggml_type) {
+        Some(from) => numeric::to_f32(from, data),
+        None => numeric::dequantize(ROPE_FREQS, t.ggml_type, data, n)?,
+    };
+    Ok(Some(f))
+}
+
 /// Convert `path` into the directory `out`.
 pub fn from_gguf(
     path: &Path,

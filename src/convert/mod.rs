@@ -16,8 +16,8 @@ pub mod tokenizer_gguf;
 
 pub use error::ConvertError;
 pub use from_gguf::{
-    from_gguf, read_hf_tensors, read_hparams, FromGgufOptions, FromGgufReport, GgufHparams,
-    HfTensors, OutDtype,
+    from_gguf, read_hf_tensors, read_hparams, read_rope_freqs, FromGgufOptions, FromGgufReport,
+    GgufHparams, HfTensors, OutDtype,
 };
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::{Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
 use super::ops::{self, compute_dtype, Path};
-use super::rope::Positions;
+use super::rope::{Positions, Rope};
 use crate::checkpoint::ModelConfig;
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`mlp.{gate,up,down}_proj`).
@@ -67,6 +67,9 @@ pub struct Llama {
     lm_head: Tensor,
     cfg: ModelConfig,
     query_block: usize,
+    /// llama.cpp's per-frequency divisors (`rope_freqs.weight`) when the model was read from a
+    /// GGUF that has them; checkpoints express the same through the recipe.
+    freq_factors: Option<Vec<f64>>,
 }
 
 impl Llama {
@@ -106,6 +109,7 @@ impl Llama {
             lm_head,
             cfg: cfg.clone(),
             query_block: DEFAULT_QUERY_BLOCK,
+            freq_factors: None,
         })
     }
 
@@ -166,14 +170,32 @@ impl Llama {
         out
     }
 
+    /// Divide rotary frequency `j` by `factors[j]` on top of the recipe (llama.cpp's
+    /// `rope_freqs.weight`, see [`super::rope::Rope`]); None removes them.
+    pub fn set_freq_factors(&mut self, factors: Option<Vec<f64>>) -> Result<()> {
+        if let Some(f) = &factors {
+            super::rope::check_freq_factors(f, self.cfg.head_dim / 2)?;
+        }
+        self.freq_factors = factors;
+        Ok(())
+    }
+
+    /// The per-frequency divisors set by [`Llama::set_freq_factors`].
+    pub fn freq_factors(&self) -> Option<&[f64]> {
+        self.freq_factors.as_deref()
+    }
+
     /// Rotary tables and logit scales for positions `start_pos .. start_pos + len`.
     pub fn positions(&self, start_pos: usize, len: usize) -> Result<Positions> {
-        Positions::new(
-            &self.cfg.recipe,
+        let rope = Rope {
+            recipe: &self.cfg.recipe,
+            freq_factors: self.freq_factors.as_deref(),
+        };
+        Positions::build(
+            &rope,
             self.cfg.head_dim,
             self.layers.len(),
-            start_pos,
-            len,
+            start_pos..start_pos + len,
             self.dtype(),
             self.device(),
         )

@@ -38,4 +38,4 @@ mod rope;
 pub use attention::{Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
 pub use llama::{DecoderLayer, Llama, Mlp};
 pub use ops::{compute_dtype, entropy, linear, rms_norm, rope as apply_rope, softmax, Path};
-pub use rope::Positions;
+pub use rope::{Positions, Rope};

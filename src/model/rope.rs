@@ -39,6 +39,32 @@ impl Positions {
         dtype: DType,
         device: &Device,
     ) -> Result<Positions> {
+        let rope = Rope {
+            recipe,
+            freq_factors: None,
+        };
+        Positions::build(
+            &rope,
+            head_dim,
+            num_layers,
+            start..start + len,
+            dtype,
+            device,
+        )
+    }
+
+    /// [`Positions::new`] for `rope` (a recipe with optional per-frequency divisors) over
+    /// `positions`.
+    pub fn build(
+        rope: &Rope<'_>,
+        head_dim: usize,
+        num_layers: usize,
+        positions: std::ops::Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Positions> {
+        let recipe = rope.recipe;
+        let (start, len) = (positions.start, positions.len());
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             candle_core::bail!("rotary head dimension must be even and positive, got {head_dim}")
         }
@@ -46,12 +72,20 @@ impl Positions {
         // Dynamic NTK recomputes its base from the length seen so far (transformers passes
         // max position + 1); every other method ignores the argument.
         let seen = (start + len) as u64;
-        let inv_freq = recipe.inv_freq(head_dim, Some(seen));
+        let mut inv_freq = recipe.inv_freq(head_dim, Some(seen));
         if inv_freq.len() != half {
             candle_core::bail!(
                 "recipe gave {} inverse frequencies for head dimension {head_dim}",
                 inv_freq.len()
             )
+        }
+        if let Some(ff) = rope.freq_factors {
+            check_freq_factors(ff, half)?;
+            // ggml-cpu ops.cpp ggml_rope_cache_init: rope_yarn(theta / ff[j], ..), so the divisor
+            // applies before linear/yarn scaling, which only multiply or blend per pair
+            for (f, d) in inv_freq.iter_mut().zip(ff) {
+                *f /= d;
+            }
         }
         let factor = recipe.attention_factor();
         let mut cos = Vec::with_capacity(len * half);
@@ -131,6 +165,35 @@ impl Positions {
     }
 }
 
+/// What the rotary tables are computed from: the recipe, and optionally llama.cpp's per-frequency
+/// divisors (`rope_freqs.weight`).
+///
+/// The divisors exist because a GGUF's Llama 3 scaling is a tensor, not keys: llama.cpp reads no
+/// Llama 3 parameters (c, bands) from which to rebuild the recipe, so the candle GGUF backend runs
+/// the file the way llama.cpp does, plain recipe frequencies divided by the tensor, rather than
+/// guessing a recipe that would reproduce it.
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    pub recipe: &'a Recipe,
+    /// `head_dim / 2` divisors, finite and > 0; None: the recipe alone.
+    pub freq_factors: Option<&'a [f64]>,
+}
+
+/// Divisors must match the pairs and be finite and positive (a zero would give infinite angles).
+pub fn check_freq_factors(ff: &[f64], half: usize) -> Result<()> {
+    if ff.len() != half {
+        candle_core::bail!(
+            "{} frequency factors for {half} rotary pairs (head dimension {})",
+            ff.len(),
+            2 * half
+        )
+    }
+    if let Some(x) = ff.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+        candle_core::bail!("frequency factor {x} must be finite and > 0")
+    }
+    Ok(())
+}
+
 /// An f64 table rounded to the model dtype (f64 models keep f64; others go through f32).
 fn table(values: Vec<f64>, shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
     if dtype == DType::F64 {
@@ -150,5 +213,70 @@ fn scale_table(values: Vec<f64>, dtype: DType, device: &Device) -> Result<Tensor
     } else {
         let v: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
         Tensor::from_vec(v, len, device)?.to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod freq_factor_tests {
+    use super::*;
+    use crate::rope::{BaseRope, RopeMethod};
+
+    fn tables(rope: &Rope<'_>) -> (Vec<f32>, Vec<f32>) {
+        let p = Positions::build(rope, 16, 1, 0..300, DType::F32, &Device::Cpu).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (flat(p.cos()), flat(p.sin()))
+    }
+
+    /// Dividing every frequency by s is position interpolation with factor s (PI's definition),
+    /// and factors of one change nothing.
+    #[test]
+    fn uniform_divisors_are_linear_scaling() {
+        let plain = Recipe::plain(BaseRope {
+            base: 10000.0,
+            context: 64,
+        });
+        let mut linear = plain.clone();
+        linear.method = RopeMethod::Linear;
+        linear.factor = 4.0;
+        linear.context = 256;
+        let four = [4.0; 8];
+        let ones = [1.0; 8];
+        let divided = tables(&Rope {
+            recipe: &plain,
+            freq_factors: Some(&four),
+        });
+        let pi = tables(&Rope {
+            recipe: &linear,
+            freq_factors: None,
+        });
+        assert_eq!(divided, pi);
+        let same = tables(&Rope {
+            recipe: &plain,
+            freq_factors: Some(&ones),
+        });
+        let none = tables(&Rope {
+            recipe: &plain,
+            freq_factors: None,
+        });
+        assert_eq!(same, none);
+    }
+
+    #[test]
+    fn bad_divisors_are_refused() {
+        let r = Recipe::plain(BaseRope {
+            base: 10000.0,
+            context: 64,
+        });
+        for bad in [
+            &[1.0; 7][..],
+            &[1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0][..],
+            &[f64::NAN; 8][..],
+        ] {
+            let rope = Rope {
+                recipe: &r,
+                freq_factors: Some(bad),
+            };
+            assert!(Positions::build(&rope, 16, 1, 0..4, DType::F32, &Device::Cpu).is_err());
+        }
     }
 }

@@ -7,6 +7,9 @@
 //! llama.cpp `src/llama-model.cpp` (`load_hparams`: scaling type defaults to linear, a factor of
 //! 0 means none, `n_ctx_orig_yarn` defaults to `n_ctx_train`), `src/llama-graph.cpp` (mistral3's
 //! `f_attn_temp_scale` step law), ggml `rope_yarn` (mscale `attn_factor * (1 + 0.1 ln s)`).
+//! `rope_freqs.weight` (Llama 3's factors) divides frequency `j` as ggml-cpu `ggml_rope_cache_init`
+//! does (`theta / ff[j]`): the model carries the divisors next to the keys' recipe, so
+//! [`GgufModel::runtime`] of such a file is the plain recipe the keys describe.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +19,7 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::{ModelConfig, ModelType};
 use crate::convert::tokenizer_gguf::GgufVocab;
-use crate::convert::{read_hf_tensors, read_hparams, GgufHparams};
+use crate::convert::{read_hf_tensors, read_hparams, read_rope_freqs, GgufHparams};
 use crate::gguf::keys::ArchKey;
 use crate::gguf::{open_mmap, runtime_recipe, RuntimeRecipe};
 use crate::model::Llama;
@@ -72,17 +75,8 @@ pub fn load_gguf_model(path: &Path, device: &Device) -> Result<GgufModel, GgufMo
             ),
         });
     }
-    if file
-        .tensor(crate::convert::tensor_map::ROPE_FREQS)
-        .is_some()
-    {
-        return Err(GgufModelError::Unsupported {
-            path: path.to_path_buf(),
-            what: crate::convert::tensor_map::ROPE_FREQS.into(),
-            reason: "per-frequency factors (llama3 scaling); verify with --backend llama.cpp"
-                .into(),
-        });
-    }
+    // llama3 scaling: llama.cpp divides frequency j by rope_freqs[j] on top of the keys' recipe
+    let freq_factors = read_rope_freqs(file, mapped.bytes()).map_err(|x| read(x.to_string()))?;
     let tensors = read_hf_tensors(
         file,
         mapped.bytes(),
@@ -117,7 +111,17 @@ pub fn load_gguf_model(path: &Path, device: &Device) -> Result<GgufModel, GgufMo
         recipe: runtime.recipe.clone(),
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, device);
-    let model = Llama::load(vb, &cfg).map_err(|x| read(x.to_string()))?;
+    let mut model = Llama::load(vb, &cfg).map_err(|x| read(x.to_string()))?;
+    if let Some(ff) = freq_factors {
+        let ff = ff.into_iter().map(f64::from).collect();
+        model
+            .set_freq_factors(Some(ff))
+            .map_err(|x| GgufModelError::Unsupported {
+                path: path.to_path_buf(),
+                what: crate::convert::tensor_map::ROPE_FREQS.into(),
+                reason: x.to_string(),
+            })?;
+    }
     Ok(GgufModel {
         model,
         runtime,
