@@ -65,6 +65,14 @@ pub enum MetricsError {
     },
     #[error("candidate position {pos} beyond the reference")]
     BeyondReference { pos: usize },
+    /// A band the candidate did not cover: a comparison that saw fewer positions than asked
+    /// (or none) must not pass by having nothing to fail on.
+    #[error("band {band}: the candidate gave {got} of its {want} positions")]
+    Incomplete {
+        band: String,
+        got: usize,
+        want: usize,
+    },
 }
 
 /// The reference: raw logits (row-major) and each row's log-sum-exp, for one sequence.
@@ -235,8 +243,20 @@ impl<'a> Comparison<'a> {
         Ok(())
     }
 
-    pub fn finish(self) -> Vec<BandMetrics> {
-        self.bands
+    /// The metrics of every band; an error when a band saw fewer positions than it spans.
+    pub fn finish(self) -> Result<Vec<BandMetrics>, MetricsError> {
+        for (band, a) in self.bands.iter().zip(&self.acc) {
+            let want = band.end.saturating_sub(band.start);
+            if a.kl.len() < want || want == 0 {
+                return Err(MetricsError::Incomplete {
+                    band: band.label(),
+                    got: a.kl.len(),
+                    want,
+                });
+            }
+        }
+        Ok(self
+            .bands
             .iter()
             .zip(self.acc)
             .map(|(band, mut a)| {
@@ -277,7 +297,7 @@ impl<'a> Comparison<'a> {
                     non_finite_rows: a.non_finite,
                 }
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -304,6 +324,44 @@ mod tests {
     }
 
     #[test]
+    fn a_band_with_missing_positions_is_an_error() {
+        let mut r = Reference::with_capacity(4, 2).unwrap();
+        for _ in 0..4 {
+            r.push(&[0.0, 1.0]);
+        }
+        let tokens = [0u32, 1, 0, 1];
+        // bands [0, 2) and [2, 4); the candidate stops after position 2
+        let mut c = Comparison::new(&r, &tokens, bands(2, 4, &[]));
+        for p in 0..3 {
+            c.push(p, &[0.0, 1.0]).unwrap();
+        }
+        let e = c.finish().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MetricsError::Incomplete {
+                    got: 1,
+                    want: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // no position at all: the first band is empty, never a pass
+        let c = Comparison::new(&r, &tokens, bands(2, 4, &[]));
+        assert!(matches!(
+            c.finish(),
+            Err(MetricsError::Incomplete { got: 0, .. })
+        ));
+        // every position given: metrics
+        let mut c = Comparison::new(&r, &tokens, bands(2, 4, &[]));
+        for p in 0..4 {
+            c.push(p, &[0.0, 1.0]).unwrap();
+        }
+        assert_eq!(c.finish().unwrap().len(), 2);
+    }
+
+    #[test]
     fn metrics_match_hand_values() {
         // two positions, vocab 2: reference logits (0, 0) -> p = (1/2, 1/2)
         let mut r = Reference::with_capacity(2, 2).unwrap();
@@ -313,7 +371,7 @@ mod tests {
         let mut c = Comparison::new(&r, &tokens, bands(1, 2, &[]));
         c.push(0, &[0.0, 2.0_f32.ln()]).unwrap();
         c.push(1, &[1.0, -1.0]).unwrap();
-        let m = c.finish();
+        let m = c.finish().unwrap();
         // KL((1/2,1/2) || (1/3,2/3)) = 1/2 ln(3/2) + 1/2 ln(3/4)
         let kl = 0.5 * (1.5f64).ln() + 0.5 * (0.75f64).ln();
         assert!((m[0].kld_mean - kl).abs() < 1e-6, "{}", m[0].kld_mean);

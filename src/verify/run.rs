@@ -341,7 +341,7 @@ pub fn verify_many(
              approximation_effect measures the exact recipe against it"
                 .into(),
         );
-        Some(cmp.finish())
+        Some(cmp.finish()?)
     };
 
     let mut reports = Vec::with_capacity(ggufs.len());
@@ -504,7 +504,7 @@ fn run_candidate(
     })?;
     drop(backend);
     let kl = std::mem::take(&mut cmp.kl_by_position);
-    let metrics = cmp.finish();
+    let metrics = cmp.finish()?;
     let kld_position0 = kl.first().copied().unwrap_or(0.0);
     let gross = gross_kld(&file.lines);
     let first_bad = kl.iter().position(|&k| exceeds(k, gross));
