@@ -39,6 +39,16 @@ fn with_law(method: RopeMethod, law: char) -> Recipe {
 
 use Gap::{DynamicNtk as Dyn, ExemptLayers as Ex, LogLaw as Log, StepLength as Len};
 
+/// One row of TABLE.
+type Row = (
+    &'static str,
+    char,
+    &'static [Gap],
+    &'static str,
+    &'static [Gap],
+    &'static str,
+);
+
 /// (method, law, llama.cpp gaps, llama.cpp's method, transformers gaps, transformers' method).
 /// Hand-derived from the runtimes' sources: llama.cpp has no dynamic NTK and reads c and the
 /// step law's L from rope.scaling.original_context_length (which we write for linear and yarn);
@@ -46,7 +56,7 @@ use Gap::{DynamicNtk as Dyn, ExemptLayers as Ex, LogLaw as Log, StepLength as Le
 /// llama3 and dynamic ropes also read; neither evaluates the log law nor exempts layers; static
 /// NTK is plain rope with its base everywhere.
 #[rustfmt::skip]
-const TABLE: &[(&str, char, &[Gap], &str, &[Gap], &str)] = &[
+const TABLE: &[Row] = &[
     ("default", 'N', &[], "default", &[], "default"),
     ("default", 'G', &[Log, Ex], "default", &[Log, Ex], "default"),
     ("default", 'S', &[], "default", &[], "default"),
@@ -85,19 +95,7 @@ const TABLE: &[(&str, char, &[Gap], &str, &[Gap], &str)] = &[
     ("eabf", 'T', &[], "eabf", &[], "eabf"),
 ];
 
-fn rows() -> impl Iterator<
-    Item = (
-        Recipe,
-        &'static (
-            &'static str,
-            char,
-            &'static [Gap],
-            &'static str,
-            &'static [Gap],
-            &'static str,
-        ),
-    ),
-> {
+fn rows() -> impl Iterator<Item = (Recipe, &'static Row)> {
     TABLE.iter().map(|row| {
         let method: RopeMethod = row.0.parse().unwrap();
         (with_law(method, row.1), row)

@@ -191,12 +191,15 @@ fn model_name(ckpt: &Checkpoint, opts: &ToGgufOptions) -> String {
     })
 }
 
+/// What `plan_metadata` returns: the metadata, its notes, Llama 3's frequency factors.
+type PlannedMetadata = (Metadata, Vec<String>, Option<Vec<f32>>);
+
 /// The metadata: hyperparameters, tokenizer, recipe keys; with the notes and Llama 3's factors.
 fn plan_metadata(
     ckpt: &Checkpoint,
     recipe: &Recipe,
     opts: &ToGgufOptions,
-) -> Result<(Metadata, Vec<String>, Option<Vec<f32>>), ConvertError> {
+) -> Result<PlannedMetadata, ConvertError> {
     let cfg = &ckpt.config.model;
     let arch = keys::ARCH_LLAMA;
     let mut meta = Metadata::new();
