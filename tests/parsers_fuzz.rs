@@ -202,6 +202,50 @@ fn safetensors_header() -> Json {
     })
 }
 
+/// Sharded weights: two shards of 40 data bytes each and their index.
+fn write_shards(dir: &Path) -> Json {
+    let one = json!({"a": {"dtype": "F32", "shape": [2, 5], "data_offsets": [0, 40]}});
+    let two = json!({
+        "b": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]},
+        "c": {"dtype": "F32", "shape": [2, 4], "data_offsets": [8, 40]},
+    });
+    std::fs::write(
+        dir.join("model-00001-of-00002.safetensors"),
+        safetensors_bytes(&one),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("model-00002-of-00002.safetensors"),
+        safetensors_bytes(&two),
+    )
+    .unwrap();
+    json!({"metadata": {"total_size": 80}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors",
+    }})
+}
+
+/// Open sharded weights through their index and read every tensor; an error names a file of
+/// the directory (the index or a shard).
+fn read_sharded(dir: &Path) {
+    let r = no_panic("safetensors index", || SafetensorStore::open(dir));
+    if let Err(e) = &r {
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&dir.display().to_string()) && msg.contains(".safetensors"),
+            "error names no file: {msg}"
+        );
+    }
+    let Ok(store) = r else { return };
+    for t in store.names().map(str::to_string).collect::<Vec<_>>() {
+        no_panic("sharded read", || {
+            let shape = store.shape(&t).unwrap_or_default();
+            let _ = store.load_checked(&t, &shape, DType::F32, &Device::Cpu);
+        });
+    }
+}
+
 /// Open and read every tensor of a safetensors file; errors name the file.
 fn read_safetensors(path: &Path) {
     let name = path.display().to_string();
@@ -354,6 +398,10 @@ fn the_unmutated_inputs_parse() {
     std::fs::write(&p, safetensors_bytes(&safetensors_header())).unwrap();
     let st = SafetensorStore::open_single(&p).unwrap();
     assert_eq!(st.len(), 3);
+    let sharded = tempfile::tempdir().unwrap();
+    let index = write_shards(sharded.path());
+    write_json(&sharded.path().join("model.safetensors.index.json"), &index);
+    assert_eq!(SafetensorStore::open(sharded.path()).unwrap().len(), 3);
     for (f, v) in tokenizer_files() {
         write_json(&dir.path().join(f), &v);
     }
@@ -399,6 +447,21 @@ proptest! {
         mutate_bytes(&mut b, &bytes);
         std::fs::write(&path, &b).unwrap();
         read_safetensors(&path);
+    }
+
+    #[test]
+    fn safetensors_index_mutations_error_or_read(edits in json_edits(), bytes in byte_edits()) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = write_shards(dir.path());
+        let path = dir.path().join("model.safetensors.index.json");
+        let mut v = index.clone();
+        mutate_json(&mut v, &edits);
+        write_json(&path, &v);
+        read_sharded(dir.path());
+        let mut b = serde_json::to_vec_pretty(&index).unwrap();
+        mutate_bytes(&mut b, &bytes);
+        std::fs::write(&path, &b).unwrap();
+        read_sharded(dir.path());
     }
 
     #[test]
