@@ -8,7 +8,8 @@
 # its checkpoint; evaluate perplexity on held-out text (the Gospel of John, in neither the
 # pre-training nor the fine-tuning data) at 1x, 2x, 4x and 8x the original window; print the
 # method x length table and write plots. Part 2: SmolLM2-135M (`make fetch`) through the
-# converter. Outputs go to out/demo/ (summary: out/demo/table.md, plots: out/demo/plots/).
+# converter. Outputs go to out/demo/ (summary: out/demo/table.md, plots: out/demo/plots/). A GGUF
+# that fails abf-verify (metadata or logits) fails the demo, after the table is written.
 #
 # Environment: FEATURES (cargo features, default llamacpp: the llama.cpp backend of abf-verify;
 # shares the build of `make test`), DEMO_JOBS (fine-tunes run side by side, default 2, each on
@@ -70,8 +71,13 @@ run_method() {
     "$bin/abf-convert" to-gguf "$dir" -o "$out/$m.gguf" --outtype f32 --runtime exact "${approx[@]}" --force \
       --json > "$out/$m.convert.json"
     echo "-- $m: verify the GGUF against its checkpoint (our candle reading of the file, and llama.cpp)"
+    # a failed verification does not stop this method's evaluation (the table shows it); the
+    # exit code is kept and fails the demo once the table is written
+    local rc=0
     "$bin/abf-verify" --reference "$dir" --gguf "$out/$m.gguf" --backend both --lengths $((4 * c)),$((8 * c)) \
-      --text "$text" --report "$out/$m.verify.json" --quiet || echo "(abf-verify exit code $?: see $out/$m.verify.json)"
+      --text "$text" --report "$out/$m.verify.json" --quiet || rc=$?
+    echo "$rc" > "$out/$m.verify.rc"
+    [ "$rc" = 0 ] || echo "(abf-verify exit code $rc: see $out/$m.verify.json)"
     echo "-- $m: perplexity at $lengths"
     ppl "$dir" "$m"
   } > "$log" 2>&1
@@ -97,6 +103,17 @@ for m in "${methods[@]}"; do cat "$out/$m.log"; done
 
 step "3. perplexity on held-out text (method x evaluation length; the window was $c, fine-tuned to $((4 * c)))"
 python3 scripts/demo_report.py "$out" "$c" base "${methods[@]}" | tee "$out/table.md"
+# abf-verify's exit codes (1: a check failed, 2: an error): the demo fails after its report
+failed_verify=()
+for m in "${methods[@]}"; do
+  rc=$(cat "$out/$m.verify.rc" 2>/dev/null || echo missing)
+  [ "$rc" = 0 ] || failed_verify+=("$m (abf-verify exit $rc, $out/$m.verify.json)")
+done
+if [ ${#failed_verify[@]} -gt 0 ]; then
+  echo "demo: GGUF verification failed (table above, $out/table.md):" >&2
+  printf '  %s\n' "${failed_verify[@]}" >&2
+  exit 1
+fi
 echo
 echo "-- attention entropy (the paper's Figure 1): base model and eabf at 4 x the window"
 for m in base eabf; do

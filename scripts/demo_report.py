@@ -3,11 +3,12 @@
 
     python3 scripts/demo_report.py OUT_DIR WINDOW NAME...
 
-Reads OUT_DIR/NAME.ppl.json (`abf-eval ppl --json`), for
-fine-tuned names OUT_DIR/NAME.tune.json (`abf-tune --json`) and OUT_DIR/NAME.verify.json
-(`abf-verify --report`); prints a Markdown table (method x evaluation length, verdicts)
-and writes OUT_DIR/plots/ppl-by-length.svg and OUT_DIR/plots/ppl-by-band.svg (plain SVG, no
-plotting library needed).
+Reads OUT_DIR/NAME.ppl.json (`abf-eval ppl --json`), for fine-tuned names OUT_DIR/NAME.tune.json
+(`abf-tune --json`), OUT_DIR/NAME.verify.json (`abf-verify --report`) and OUT_DIR/NAME.verify.rc
+(its exit code, kept by demo.sh); prints a Markdown table (method x evaluation length, verdicts),
+each GGUF's overall verification verdict with its metadata issues, and writes
+OUT_DIR/plots/ppl-by-length.svg and OUT_DIR/plots/ppl-by-band.svg (plain SVG, no plotting library
+needed).
 """
 import json
 import math
@@ -36,13 +37,41 @@ def load_ppl(out, name):
 
 
 def verdict(out, name):
-    """abf-verify's verdicts per backend (fidelity / long-context), or '-'."""
+    """abf-verify's overall verdict (its `pass`: metadata and every backend), then the metadata
+    issues and each backend's fidelity / long-context verdicts; '-' when nothing was verified."""
     v = load(out, name, "verify")
     if v is None:
-        return "-"
+        rc = read_rc(out, name)
+        return "-" if rc is None else f"ERROR (abf-verify exit {rc}, no report)"
     ok = lambda x: "PASS" if x else "FAIL"
-    return "; ".join(f'{b["backend"]}: {ok(b["fidelity_pass"])}/{ok(b["long_context_pass"])}'
-                     for b in v.get("backends", [])) or "-"
+    issues = v.get("metadata", [])
+    parts = [f"metadata: {len(issues)} issue(s) ({', '.join(i['key'] for i in issues)})" if issues else "metadata: ok"]
+    parts += [f'{b["backend"]}: {ok(b["fidelity_pass"])}/{ok(b["long_context_pass"])}' for b in v.get("backends", [])]
+    return f'{ok(v["pass"])}: ' + "; ".join(parts)
+
+
+def read_rc(out, name):
+    """abf-verify's exit code as demo.sh kept it (OUT/NAME.verify.rc), or None."""
+    path = os.path.join(out, f"{name}.verify.rc")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def verification_summary(out, names):
+    """One line per verified GGUF: its overall verdict, then every metadata issue in full."""
+    lines = []
+    for name in names:
+        v = load(out, name, "verify")
+        if v is None and read_rc(out, name) is None:
+            continue
+        lines.append(f"- {name}.gguf: {verdict(out, name)}")
+        for i in (v or {}).get("metadata", []):
+            lines.append(f"  - metadata {i['key']}: {i['message']}")
+    if lines:
+        print("\nGGUF verification (abf-verify, overall verdict = metadata and every backend):\n")
+        print("\n".join(lines))
 
 
 def load(out, name, kind):
@@ -114,13 +143,14 @@ def main():
             continue
         rows.append((name, ppl, load(out, name, "tune")))
     lengths = [r["length"] for r in rows[0][1]["results"]]
-    head = "| method | " + " | ".join(f"{L} ({L // window}x)" for L in lengths) + " | fine-tune loss | GGUF verified (fidelity/long-context) |"
+    head = "| method | " + " | ".join(f"{L} ({L // window}x)" for L in lengths) + " | fine-tune loss | GGUF verified (overall: metadata; backend fidelity/long-context) |"
     print(head)
     print("|" + "---|" * (len(lengths) + 3))
     for name, ppl, tune in rows:
         vals = {r["length"]: r["ppl"] for r in ppl["results"]}
         loss = f'{tune["first_loss"]:.3f} -> {tune["last_loss"]:.3f}' if tune else "-"
         print(f"| {LABELS.get(name, name)} | " + " | ".join(f"{vals[L]:.2f}" for L in lengths) + f" | {loss} | {verdict(out, name) if tune else '-'} |")
+    verification_summary(out, [name for name, _, tune in rows if tune])
     first = rows[0][1]["results"][0]
     print(f"\nPerplexity of {rows[0][1]['text']} ({first['tokens'] + first['windows']} tokens), cut into "
           f"non-overlapping windows of each length, over every predicted position; the model was "

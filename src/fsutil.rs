@@ -145,3 +145,19 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     };
     File::open(dir)?.sync_all()
 }
+
+/// The environment variable of [`failpoint`].
+pub const FAILPOINT_ENV: &str = "ABF_FAILPOINT";
+
+/// Test-only crash injection: when `ABF_FAILPOINT` equals `name`, the process kills itself with
+/// SIGKILL on the spot (no unwinding, no destructors, no core dump), so a test can look at what
+/// a crash at exactly that point leaves on disk. Unset in normal use: one environment lookup.
+/// Points: `patch-after-first-write` (src/gguf/patch.rs, `write_in_place`).
+pub fn failpoint(name: &str) {
+    if std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name) {
+        // SAFETY: kill(2) on our own pid with a constant signal has no memory-safety conditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! `abf-eval entropy` (uniform attention has entropy ln n) and the SVG plots (read by a
-//! tag-balance check and Python's XML parser when present).
+//! tag-balance check and Python's XML parser; no python3 skips, or fails under ABF_REQUIRE_DATA=1).
 
 mod common;
 

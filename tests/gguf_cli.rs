@@ -314,3 +314,92 @@ fn smollm2_round_trips_and_patches() {
         "{diffs:?}"
     );
 }
+
+/// The recipe `abf-convert inspect --json` reads from `path`.
+fn recipe_of(path: &Path) -> Json {
+    let (code, out, err) = abf_convert(&["inspect", path.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    json(&out)["recipe"].clone()
+}
+
+/// A patch killed right after its first write (`ABF_FAILPOINT=patch-after-first-write`, a
+/// SIGKILL before the fsync) leaves the whole new recipe, never a mix: every changed value goes
+/// out in one write. Writing value by value would leave the first value new and the rest old.
+#[test]
+fn patch_killed_after_its_first_write_leaves_one_whole_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("t.gguf");
+    tiny(&src);
+    let p = dir.path().join("eabf.gguf");
+    let recipe = |base: &str| {
+        [
+            "--method",
+            "eabf",
+            "--runtime",
+            "exact",
+            "--allow-approximate",
+            "--rope-base",
+            base,
+            "--original-context",
+            "2048",
+        ]
+        .map(String::from)
+    };
+    let mut args = vec!["patch-gguf".to_string(), s(&src), "-o".into(), s(&p)];
+    args.extend(recipe("500000"));
+    let (code, _, err) = abf_convert(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let before = std::fs::read(&p).unwrap();
+    let old = recipe_of(&p);
+
+    let mut args = vec![
+        "patch-gguf".to_string(),
+        s(&p),
+        "--in-place".into(),
+        "--json".into(),
+    ];
+    args.extend(recipe("800000"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = abf_convert(&[args.as_slice(), &["--dry-run"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let plan = json(&out);
+    assert_eq!(plan["mode"], "in-place");
+    let changed: Vec<&str> = plan["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert!(changed.len() >= 2, "one edit only: {changed:?}");
+
+    let killed = common::bin::output(
+        common::bin::Bin::Convert
+            .command()
+            .args(&args)
+            .env(abf::fsutil::FAILPOINT_ENV, "patch-after-first-write"),
+    );
+    assert_eq!(killed.code, -1, "not killed: {}", killed.stderr);
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(after.len(), before.len());
+    assert_ne!(after, before, "the write happened before the kill");
+    let new = recipe_of(&p);
+    assert_ne!(new, old);
+    assert_eq!(new["rope_base"], 800000.0, "{new}");
+    // every changed key, llama.cpp's and ours alike, holds its new value
+    let m = open_mmap(&p).unwrap();
+    for c in plan["changes"].as_array().unwrap() {
+        let key = c["key"].as_str().unwrap();
+        let v = m.file.metadata.get(key).unwrap_or_else(|| panic!("{key}"));
+        assert_eq!(v.to_json(None), c["value"], "{key}");
+    }
+
+    // the same patch run to completion writes the same bytes: nothing was half-written
+    std::fs::write(&p, &before).unwrap();
+    let (code, _, err) = abf_convert(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&p).unwrap(), after);
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}

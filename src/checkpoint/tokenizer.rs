@@ -109,14 +109,33 @@ impl TokenizerFiles {
 /// Load a `tokenizer.json`.
 pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, CheckpointError> {
     let bytes = read_file(path, "tokenizer")?;
-    // a JSON syntax error is reported with its line; the tokenizers crate's own errors as they are
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+    // a JSON syntax error is reported with its line; the tokenizers crate's own errors as they
+    // are. Parsed to a Value, not skipped over: skipping accepts escapes such as a lone surrogate
+    // that the tokenizers crate then panics on.
+    if let Err(e) = serde_json::from_slice::<Value>(&bytes) {
         return Err(CheckpointError::json(path, &e));
     }
-    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| CheckpointError::Tokenizer {
+    tokenizer_from_bytes(&bytes).map_err(|reason| CheckpointError::Tokenizer {
         path: path.to_path_buf(),
-        reason: format!("invalid tokenizer: {e}"),
+        reason: format!("invalid tokenizer: {reason}"),
     })
+}
+
+/// `tokenizers::Tokenizer::from_bytes` with its panics turned into errors: the crate `expect`s
+/// while deserializing some malformed parts (tokenizers 0.23, `decoders/mod.rs`), and a file a
+/// user hands us must give an error naming it, not abort the command.
+pub fn tokenizer_from_bytes(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!("the tokenizers crate failed on it ({what})"))
+        }
+    }
 }
 
 fn object(path: &Path, value: Value) -> Result<Map<String, Value>, CheckpointError> {

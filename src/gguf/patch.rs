@@ -218,26 +218,58 @@ pub fn in_place_writes(file: &GgufFile, new: &Metadata) -> Result<Vec<InPlaceWri
     Ok(writes)
 }
 
-/// Apply in-place writes to `path`, then fsync. The caller must have dropped any mapping of it.
+/// Apply in-place writes to `path`: one `pwrite` of the contiguous span from the first changed
+/// byte to the last (unchanged bytes between rewritten as read), then `fdatasync` before
+/// returning. Returns the bytes written (the span). The caller must have dropped any mapping of it.
 ///
 /// Why this cannot corrupt the file: every byte written lies inside a value whose type and
 /// length are unchanged, so no length, count, type code, offset or tensor byte moves; at every
 /// moment the file parses to the same layout. The old bytes are checked first (a file changed
-/// since it was read is refused). A crash between writes leaves each value old or new; a
-/// torn write can at worst leave one value with a mix of old and new bytes of the same type,
-/// still a well-formed file, which running the patch again repairs. The time taken depends only
-/// on the few bytes written, not on the file's size.
-pub fn write_in_place(path: &Path, writes: &[InPlaceWrite]) -> Result<(), GgufError> {
+/// since it was read is refused). One write for all values means a process killed before it
+/// leaves every value old and after it every value new (the page cache holds the whole span;
+/// tests/gguf_cli.rs kills the process there with `ABF_FAILPOINT=patch-after-first-write`).
+/// A power loss before the fsync completes is another matter: POSIX promises nothing about which
+/// of the span's pages reach the disk, so values in different pages may end up mixed (each still
+/// well-formed; running the patch again repairs it). docs/formats.md has the details.
+pub fn write_in_place(path: &Path, writes: &[InPlaceWrite]) -> Result<u64, GgufError> {
+    if writes.is_empty() {
+        return Ok(0);
+    }
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|e| GgufError::io(path, e))?;
+    let (start, span) = patched_span(&f, path, writes)?;
+    // One pwrite of the whole span: write_all_at loops only after a short write (a signal),
+    // finishing the same span.
+    f.write_all_at(&span, start)
+        .map_err(|e| GgufError::io(path, e))?;
+    crate::fsutil::failpoint("patch-after-first-write");
+    f.sync_data().map_err(|e| GgufError::io(path, e))?;
+    Ok(span.len() as u64)
+}
+
+/// The bytes from the first write's offset to the last write's end as they are in `f`, each
+/// write's old bytes checked and replaced by its new ones.
+fn patched_span(
+    f: &File,
+    path: &Path,
+    writes: &[InPlaceWrite],
+) -> Result<(u64, Vec<u8>), GgufError> {
+    let start = writes.iter().map(|w| w.offset).min().unwrap_or(0);
+    let end = writes
+        .iter()
+        .map(|w| w.offset + w.old.len() as u64)
+        .max()
+        .unwrap_or(start);
+    let mut span = vec![0u8; (end - start) as usize];
+    f.read_exact_at(&mut span, start)
+        .map_err(|e| GgufError::io(path, e))?;
     for w in writes {
-        let mut cur = vec![0u8; w.old.len()];
-        f.read_exact_at(&mut cur, w.offset)
-            .map_err(|e| GgufError::io(path, e))?;
-        if cur != w.old {
+        let at = (w.offset - start) as usize;
+        let cur = &mut span[at..at + w.old.len()];
+        if *cur != w.old[..] || w.new.len() != w.old.len() {
             return Err(GgufError::Refused(format!(
                 "{}: the value of {:?} at byte {} changed since the file was read; nothing written",
                 path.display(),
@@ -245,13 +277,9 @@ pub fn write_in_place(path: &Path, writes: &[InPlaceWrite]) -> Result<(), GgufEr
                 w.offset
             )));
         }
+        cur.copy_from_slice(&w.new);
     }
-    for w in writes {
-        f.write_all_at(&w.new, w.offset)
-            .map_err(|e| GgufError::io(path, e))?;
-    }
-    f.sync_data().map_err(|e| GgufError::io(path, e))?;
-    Ok(())
+    Ok((start, span))
 }
 
 /// Rewrite `src` (parsed as `file`) with metadata `new` to `out`: a new header, then every

@@ -123,7 +123,7 @@ impl Encoder {
             .ok_or_else(|| err("no tokenizer.ggml.* keys: the file carries no tokenizer".into()))?;
         let (json, _, _) = vocab.to_hf().map_err(|e| err(e.to_string()))?;
         let bytes = serde_json::to_vec(&json).map_err(|e| err(e.to_string()))?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(bytes)
+        let tokenizer = crate::checkpoint::tokenizer::tokenizer_from_bytes(&bytes)
             .map_err(|e| err(format!("rebuilt tokenizer: {e}")))?;
         Ok(Encoder {
             tokenizer,

@@ -165,8 +165,7 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .clone();
                 drop(mapped);
-                write_in_place(&args.input, &writes)?;
-                bytes_written = writes.iter().map(|w| w.new.len() as u64).sum();
+                bytes_written = write_in_place(&args.input, &writes)?;
             }
             "rewrite" => {
                 let overwrite = args.in_place || args.force;
