@@ -430,11 +430,7 @@ fn smollm_recipe_beyond_its_window_matches_llama_cpp() {
         ..window
     };
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let ids = tok
-        .encode(text.as_str(), false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
     let n = 4 * c as usize;
     assert!(ids.len() >= n, "sample text too short: {}", ids.len());
     let tokens = &ids[..n];
