@@ -47,27 +47,24 @@ pub mod rope {
     pub const LLAMA_4_SCALING_BETA: &str = "llama_4_scaling_beta";
 }
 
-/// The rope type of plain RoPE (transformers' default when none is given).
+/// transformers' rope types (`rope_type`) abf reads and writes.
+/// Plain RoPE (transformers' default when none is given).
 pub const DEFAULT_ROPE_TYPE: &str = "default";
+pub const LINEAR_ROPE_TYPE: &str = "linear";
+pub const DYNAMIC_ROPE_TYPE: &str = "dynamic";
+pub const YARN_ROPE_TYPE: &str = "yarn";
+pub const LLAMA3_ROPE_TYPE: &str = "llama3";
 
-/// transformers' rope types abf reads and writes, with the method each one is.
+/// Each rope type with the method it is read as.
 pub const ROPE_TYPES: &[(&str, crate::rope::RopeMethod)] = &[
     (DEFAULT_ROPE_TYPE, crate::rope::RopeMethod::Default),
-    ("linear", crate::rope::RopeMethod::Linear),
-    ("dynamic", crate::rope::RopeMethod::Dynamic),
-    ("yarn", crate::rope::RopeMethod::Yarn),
-    ("llama3", crate::rope::RopeMethod::Llama3),
+    (LINEAR_ROPE_TYPE, crate::rope::RopeMethod::Linear),
+    (DYNAMIC_ROPE_TYPE, crate::rope::RopeMethod::Dynamic),
+    (YARN_ROPE_TYPE, crate::rope::RopeMethod::Yarn),
+    (LLAMA3_ROPE_TYPE, crate::rope::RopeMethod::Llama3),
 ];
 
 /// The rope type spelled `name`, if abf reads it.
 pub fn rope_type(name: &str) -> Option<crate::rope::RopeMethod> {
     ROPE_TYPES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
-}
-
-/// The rope type name of `method` in the table (None for methods transformers has no type for).
-pub fn rope_type_name(method: crate::rope::RopeMethod) -> Option<&'static str> {
-    ROPE_TYPES
-        .iter()
-        .find(|(_, m)| *m == method)
-        .map(|(n, _)| *n)
 }

@@ -34,14 +34,17 @@ pub struct PatchedConfig {
 /// Static NTK arrives as plain rope with its base (`runtime_form`).
 fn rope_fields(r: &Recipe) -> (&'static str, f64, Vec<(&'static str, Value)>) {
     let c = r.original_context;
-    let ty = |m: RopeMethod| keys::rope_type_name(m).unwrap_or(keys::DEFAULT_ROPE_TYPE);
     match r.method {
         // ABF changes only the base
         RopeMethod::Default | RopeMethod::Abf | RopeMethod::Eabf | RopeMethod::Ntk => {
             (keys::DEFAULT_ROPE_TYPE, r.rope_base, vec![])
         }
         RopeMethod::Linear | RopeMethod::Dynamic => (
-            ty(r.method),
+            if r.method == RopeMethod::Linear {
+                keys::LINEAR_ROPE_TYPE
+            } else {
+                keys::DYNAMIC_ROPE_TYPE
+            },
             r.rope_base,
             vec![
                 (rk::FACTOR, json!(r.factor)),
@@ -64,10 +67,10 @@ fn rope_fields(r: &Recipe) -> (&'static str, f64, Vec<(&'static str, Value)>) {
             if let Some(a) = attention {
                 fields.push((rk::ATTENTION_FACTOR, json!(a)));
             }
-            (ty(RopeMethod::Yarn), r.rope_base, fields)
+            (keys::YARN_ROPE_TYPE, r.rope_base, fields)
         }
         RopeMethod::Llama3 => (
-            ty(RopeMethod::Llama3),
+            keys::LLAMA3_ROPE_TYPE,
             r.rope_base,
             vec![
                 (rk::FACTOR, json!(r.factor)),

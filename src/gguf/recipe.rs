@@ -118,6 +118,16 @@ fn required_arch(meta: &Metadata) -> Result<String, GgufError> {
     Ok(arch.to_string())
 }
 
+/// The `{arch}.rope.scaling.type` llama.cpp needs for a runtime-form method (static NTK and
+/// dynamic arrive as default, Llama 3 as its `rope_freqs.weight` tensor).
+pub fn scaling_type(method: RopeMethod) -> &'static str {
+    match method {
+        RopeMethod::Linear => keys::SCALING_LINEAR,
+        RopeMethod::Yarn | RopeMethod::NtkByParts => keys::SCALING_YARN,
+        _ => keys::SCALING_NONE,
+    }
+}
+
 fn u32_key(arch: &str, key: ArchKey, v: u64) -> Result<Value, GgufError> {
     u32::try_from(v)
         .map(Value::U32)
@@ -164,13 +174,16 @@ fn write_runtime_keys(
         RopeMethod::Linear => {
             want.push((
                 ArchKey::RopeScalingType,
-                Value::string(keys::SCALING_LINEAR),
+                Value::string(scaling_type(run.method)),
             ));
             want.push((ArchKey::RopeScalingFactor, f32v(s)));
             want.push((ArchKey::RopeScalingOriginalContextLength, orig));
         }
         RopeMethod::Yarn | RopeMethod::NtkByParts => {
-            want.push((ArchKey::RopeScalingType, Value::string(keys::SCALING_YARN)));
+            want.push((
+                ArchKey::RopeScalingType,
+                Value::string(scaling_type(run.method)),
+            ));
             want.push((ArchKey::RopeScalingFactor, f32v(s)));
             want.push((ArchKey::RopeScalingOriginalContextLength, orig));
             // ggml multiplies its own mscale 0.1 ln s + 1 by attn_factor

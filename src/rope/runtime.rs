@@ -25,21 +25,15 @@ pub enum Target {
     Exact,
 }
 
-/// Every target with its command-line name, one table.
-const TARGET_NAMES: [(Target, &str); 3] = [
-    (Target::LlamaCpp, "llama.cpp"),
-    (Target::Transformers, "transformers"),
-    (Target::Exact, "exact"),
-];
-
 impl Target {
     pub const ALL: [Target; 3] = [Target::LlamaCpp, Target::Transformers, Target::Exact];
 
+    /// The command-line name (`--runtime`).
     pub fn name(self) -> &'static str {
         match self {
-            Target::LlamaCpp => TARGET_NAMES[0].1,
-            Target::Transformers => TARGET_NAMES[1].1,
-            Target::Exact => TARGET_NAMES[2].1,
+            Target::LlamaCpp => "llama.cpp",
+            Target::Transformers => "transformers",
+            Target::Exact => "exact",
         }
     }
 }
@@ -57,10 +51,9 @@ impl FromStr for Target {
             "llamacpp" | "llama-cpp" => "llama.cpp".to_string(),
             other => other.to_string(),
         };
-        TARGET_NAMES
-            .iter()
-            .find(|(_, n)| *n == key)
-            .map(|(t, _)| *t)
+        Target::ALL
+            .into_iter()
+            .find(|t| t.name() == key)
             .ok_or_else(|| RecipeError::UnknownTarget(s.to_string()))
     }
 }

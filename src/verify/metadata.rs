@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use crate::checkpoint::ModelConfig;
 use crate::gguf::keys::{self, required_type, ArchKey, ARCH_MISTRAL3};
+use crate::gguf::recipe::scaling_type;
 use crate::gguf::{GgufError, Metadata};
 use crate::rope::{Recipe, RopeMethod, ScaleLaw};
 use crate::runtime::RuntimeRecipe;
@@ -139,15 +140,6 @@ fn shapes(
                 got.rope_dim, cfg.head_dim
             ),
         ));
-    }
-}
-
-/// The scaling type llama.cpp reads for a runtime-form method.
-fn scaling_type(method: RopeMethod) -> &'static str {
-    match method {
-        RopeMethod::Linear => keys::SCALING_LINEAR,
-        RopeMethod::Yarn | RopeMethod::NtkByParts => keys::SCALING_YARN,
-        _ => keys::SCALING_NONE,
     }
 }
 
