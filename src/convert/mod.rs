@@ -7,7 +7,7 @@
 
 pub mod error;
 pub mod from_gguf;
-mod numeric;
+pub mod numeric;
 pub mod permute;
 pub mod quant_plan;
 pub mod tensor_map;

@@ -29,6 +29,8 @@ pub struct Attention {
     k_proj: Tensor,
     v_proj: Tensor,
     o_proj: Tensor,
+    /// Activation rounding before q, k, v, o (a runtime's arithmetic; None in training).
+    pub(crate) act: [ops::ActRound; 4],
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -53,6 +55,7 @@ impl Attention {
             k_proj: vb.get((kv * d, hidden), "k_proj.weight")?,
             v_proj: vb.get((kv * d, hidden), "v_proj.weight")?,
             o_proj: vb.get((hidden, h * d), "o_proj.weight")?,
+            act: [None; 4],
             num_heads: h,
             num_kv_heads: kv,
             head_dim: d,
@@ -87,13 +90,13 @@ impl Attention {
         let cdt = compute_dtype(dtype);
 
         // [b, t, heads * d] -> [b, heads, t, d]
-        let q = ops::linear(x, &self.q_proj)?
+        let q = ops::linear_rounded(x, &self.q_proj, self.act[0])?
             .reshape((b, t, h, d))?
             .transpose(1, 2)?;
-        let k = ops::linear(x, &self.k_proj)?
+        let k = ops::linear_rounded(x, &self.k_proj, self.act[1])?
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?;
-        let v = ops::linear(x, &self.v_proj)?
+        let v = ops::linear_rounded(x, &self.v_proj, self.act[2])?
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -149,7 +152,7 @@ impl Attention {
         };
         drop(outs);
         let o = o.transpose(1, 2)?.reshape((b, t, h * d))?;
-        ops::linear(&o, &self.o_proj)
+        ops::linear_rounded(&o, &self.o_proj, self.act[3])
     }
 }
 

@@ -16,6 +16,8 @@ pub struct Mlp {
     gate_proj: Tensor,
     up_proj: Tensor,
     down_proj: Tensor,
+    /// Activation rounding before gate, up, down (a runtime's arithmetic; None in training).
+    act: [ops::ActRound; 3],
 }
 
 impl Mlp {
@@ -25,14 +27,15 @@ impl Mlp {
             gate_proj: vb.get((inter, hidden), "gate_proj.weight")?,
             up_proj: vb.get((inter, hidden), "up_proj.weight")?,
             down_proj: vb.get((hidden, inter), "down_proj.weight")?,
+            act: [None; 3],
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // silu is a plain unary op with a backward pass, so both paths share this.
-        let g = ops::linear(x, &self.gate_proj)?.silu()?;
-        let u = ops::linear(x, &self.up_proj)?;
-        ops::linear(&(g * u)?, &self.down_proj)
+        let g = ops::linear_rounded(x, &self.gate_proj, self.act[0])?.silu()?;
+        let u = ops::linear_rounded(x, &self.up_proj, self.act[1])?;
+        ops::linear_rounded(&(g * u)?, &self.down_proj, self.act[2])
     }
 }
 
@@ -70,6 +73,8 @@ pub struct Llama {
     /// llama.cpp's per-frequency divisors (`rope_freqs.weight`) when the model was read from a
     /// GGUF that has them; checkpoints express the same through the recipe.
     freq_factors: Option<Vec<f64>>,
+    /// Activation rounding before the output head.
+    head_act: ops::ActRound,
 }
 
 impl Llama {
@@ -110,6 +115,7 @@ impl Llama {
             cfg: cfg.clone(),
             query_block: DEFAULT_QUERY_BLOCK,
             freq_factors: None,
+            head_act: None,
         })
     }
 
@@ -168,6 +174,33 @@ impl Llama {
             out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
         }
         out
+    }
+
+    /// Round every matmul's activations as a runtime does: `round(name)` gives the type for the
+    /// weight of that Hugging Face name (ggml-cpu rounds to its weight type's `vec_dot_type`).
+    /// The verifier's consistency reference for llama.cpp; None everywhere restores f32.
+    pub fn set_activation_rounding(&mut self, round: &dyn Fn(&str) -> ops::ActRound) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (j, n) in ["q_proj", "k_proj", "v_proj", "o_proj"].iter().enumerate() {
+                l.self_attn.act[j] = round(&format!("{p}.self_attn.{n}.weight"));
+            }
+            for (j, n) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
+                l.mlp.act[j] = round(&format!("{p}.mlp.{n}.weight"));
+            }
+        }
+        self.head_act = if self.cfg.tie_word_embeddings {
+            round("model.embed_tokens.weight")
+        } else {
+            round("lm_head.weight")
+        };
+    }
+
+    /// Run the same weights under another recipe (the verifier's consistency reference: a GGUF's
+    /// weights with the reference recipe instead of the one its keys say).
+    pub fn set_recipe(&mut self, recipe: crate::rope::Recipe) {
+        self.cfg.max_position_embeddings = recipe.context;
+        self.cfg.recipe = recipe;
     }
 
     /// Divide rotary frequency `j` by `factors[j]` on top of the recipe (llama.cpp's
@@ -253,7 +286,7 @@ impl Llama {
     /// (f64 for f64 models).
     pub fn head(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps, path)?;
-        ops::linear(&h, &self.lm_head)?.to_dtype(compute_dtype(self.dtype()))
+        ops::linear_rounded(&h, &self.lm_head, self.head_act)?.to_dtype(compute_dtype(self.dtype()))
     }
 
     /// Logits `[batch, seq, vocab]` (f32) of `tokens` (`[batch, seq]` u32) placed at absolute

@@ -37,5 +37,8 @@ mod rope;
 
 pub use attention::{Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
 pub use llama::{DecoderLayer, Llama, Mlp};
-pub use ops::{compute_dtype, entropy, linear, rms_norm, rope as apply_rope, softmax, Path};
+pub use ops::{
+    compute_dtype, entropy, linear, linear_rounded, rms_norm, rope as apply_rope,
+    round_activations, softmax, ActRound, Path,
+};
 pub use rope::{Positions, Rope};

@@ -80,6 +80,38 @@ pub fn softmax(x: &Tensor, path: Path) -> Result<Tensor> {
     }
 }
 
+/// The type a runtime rounds a matmul's activations to before multiplying (ggml-cpu's
+/// `vec_dot_type`); None: the activations stay as they are.
+pub type ActRound = Option<crate::gguf::GgmlType>;
+
+/// `x` rounded through `ty` and back, row by row along the last dimension, as ggml-cpu rounds
+/// the activations of a matmul against a weight of a lower-precision type (f16/bf16 by
+/// round-to-nearest-even, 8-bit blocks by ggml's reference quantizers). Inference only: no
+/// gradient flows through the rounding.
+pub fn round_activations(x: &Tensor, ty: crate::gguf::GgmlType) -> Result<Tensor> {
+    use crate::gguf::types;
+    let dtype = x.dtype();
+    if ty == types::F16.ty() {
+        return x.to_dtype(DType::F16)?.to_dtype(dtype);
+    }
+    if ty == types::BF16.ty() {
+        return x.to_dtype(DType::BF16)?.to_dtype(dtype);
+    }
+    let k = x.dims().last().copied().unwrap_or(1);
+    let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let q = crate::quant::quantize(ty, &v, k).map_err(candle_core::Error::wrap)?;
+    let r = crate::quant::dequantize(ty, &q, v.len()).map_err(candle_core::Error::wrap)?;
+    Tensor::from_vec(r, x.shape(), x.device())?.to_dtype(dtype)
+}
+
+/// [`linear`] with the activations first rounded as `round` says.
+pub fn linear_rounded(x: &Tensor, w: &Tensor, round: ActRound) -> Result<Tensor> {
+    match round {
+        Some(ty) => linear(&round_activations(x, ty)?, w),
+        None => linear(x, w),
+    }
+}
+
 /// `x W^T` for `x` of shape `[.., in]` and a Hugging Face weight `W` of shape `[out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();

@@ -2,6 +2,7 @@
 //! reads it), and real llama.cpp through the llama-cpp-2 crate (feature `llamacpp`). `open` is
 //! the one way in to a model (backend, tokenizer, recipe window).
 
+mod arithmetic;
 mod backend;
 mod error;
 mod gguf_candle;
@@ -10,6 +11,7 @@ mod llamacpp;
 mod open;
 
 pub use crate::gguf::{runtime_recipe, RuntimeRecipe};
+pub use arithmetic::{activation_rounding, llamacpp_activation_type};
 pub use backend::{CandleBackend, LogitsBackend, RowFn};
 pub use error::RuntimeError;
 pub use gguf_candle::{load_gguf_model, BackendKind, GgufModel, GgufModelError};

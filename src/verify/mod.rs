@@ -9,6 +9,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod report;
 pub mod run;
+pub mod weights;
 
 pub use lines::{Check, LongContextRule, PassLines, TypeClass, SMALL_MODEL_PARAMS};
 pub use metadata::Issue;

@@ -60,6 +60,43 @@ pub fn render(r: &VerifyReport) -> String {
             let _ = writeln!(s, "  - {}: {}", i.key, i.message);
         }
     }
+    if r.weights.pass {
+        let _ = writeln!(
+            s,
+            "weights    PASS ({} tensors within {} x a plain quantization to their types)",
+            r.weights.tensors.len(),
+            super::weights::WEIGHT_FACTOR
+        );
+    } else {
+        let _ = writeln!(s, "weights    FAIL");
+        for t in r.weights.failures() {
+            let _ = writeln!(
+                s,
+                "  - {} ({}): differs from the checkpoint by {:.3} (relative RMS; line {:.3}, \
+                 plain {} {:.3}){}",
+                t.tensor,
+                t.ggml_type,
+                t.rel_error,
+                t.line,
+                t.ggml_type,
+                t.plain_rel_error,
+                t.finding
+                    .as_deref()
+                    .map(|f| format!(": {f}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for u in &r.weights.unchecked {
+        let _ = writeln!(s, "  unchecked: {u}");
+    }
+    if let Some(p) = &r.plain_quantization {
+        let _ = writeln!(
+            s,
+            "plain      a plain quantization to the same types costs KLD {} within c (our forward)",
+            sci(p[0].kld_mean)
+        );
+    }
     for g in &r.approximation {
         let _ = writeln!(s, "approx     {g}");
     }
@@ -87,15 +124,31 @@ pub fn render(r: &VerifyReport) -> String {
     s
 }
 
-/// One backend's band table, verdicts and diagnosis.
-fn render_backend(s: &mut String, b: &BackendResult) {
-    let _ = writeln!(s, "\n{} ({:.1} s)", b.backend, b.seconds);
+/// One table of bands: metrics and verdict per band.
+fn render_bands(
+    s: &mut String,
+    title: &str,
+    bands: &[super::run::BandResult],
+    reading: Option<&[super::BandMetrics]>,
+) {
     let _ = writeln!(
         s,
-        "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}  verdict",
-        "band", "NMSE", "max|d|", "KLD mean", "KLD p99", "KLD max", "top-1", "PPL x"
+        "  {title}\n  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>9}  verdict",
+        "band",
+        "NMSE",
+        "max|d|",
+        "KLD mean",
+        "KLD p99",
+        "KLD max",
+        "top-1",
+        "PPL x",
+        if reading.is_some() { "reading" } else { "" }
     );
-    for band in &b.bands {
+    for (i, band) in bands.iter().enumerate() {
+        let r = reading
+            .and_then(|r| r.get(i))
+            .map(|r| sci(r.kld_mean))
+            .unwrap_or_default();
         let m = &band.metrics;
         let failed: Vec<&str> = band
             .checks
@@ -103,14 +156,16 @@ fn render_backend(s: &mut String, b: &BackendResult) {
             .filter(|c| !c.pass)
             .map(|c| c.metric)
             .collect();
-        let verdict = if band.pass {
+        let verdict = if band.checks.is_empty() {
+            "(reported)".to_string()
+        } else if band.pass {
             "PASS".to_string()
         } else {
             format!("FAIL ({})", failed.join(", "))
         };
         let _ = writeln!(
             s,
-            "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6.1}% {:>8.4}  {}{}",
+            "  {:>13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6.1}% {:>8.4} {:>9}  {}{}",
             m.band.label(),
             sci(m.nmse),
             sci(m.max_abs_diff),
@@ -119,15 +174,40 @@ fn render_backend(s: &mut String, b: &BackendResult) {
             sci(m.kld_max),
             m.top1 * 100.0,
             m.ppl_ratio,
+            r,
             if band.within_original { "" } else { ">c " },
             verdict
         );
     }
+}
+
+/// One backend's band tables, verdicts and diagnosis.
+fn render_backend(s: &mut String, b: &BackendResult) {
+    let _ = writeln!(s, "\n{} ({:.1} s)", b.backend, b.seconds);
+    render_bands(s, "fidelity: against the checkpoint", &b.bands, None);
+    render_bands(
+        s,
+        &format!(
+            "consistency: against our forward of the file's own weights with the reference \
+             recipe; reading: KLD against what its keys say ({})",
+            b.arithmetic_lines.source
+        ),
+        &b.consistency,
+        Some(&b.reading),
+    );
+    let _ = writeln!(
+        s,
+        "  arithmetic: against our f32 forward of the same weights within c, KLD {} (NMSE {})",
+        sci(b.arithmetic.kld_mean),
+        sci(b.arithmetic.nmse)
+    );
     let pf = |p: bool| if p { "PASS" } else { "FAIL" };
     let _ = writeln!(
         s,
-        "  fidelity {}   long-context {}   (KLD at position 0: {}; first bad position: {})",
+        "  fidelity {}   runtime {}   long-context {}   (KLD at position 0: {}; first bad \
+         position: {})",
         pf(b.fidelity_pass),
+        pf(b.runtime_pass),
         pf(b.long_context_pass),
         sci(b.kld_position0),
         b.first_bad_position

@@ -1,20 +1,24 @@
 //! The verifier: reference forward of a model directory (f32, its config's recipe in the form
 //! a runtime evaluates), then each candidate backend streamed against it, band by band.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-use super::lines::{fidelity, long_context, Check, LongContextRule, PassLines};
+use super::lines::{consistency, fidelity, Check, LongContextRule, PassLines};
 use super::metadata::{check, Issue};
 use super::metrics::{bands, BandMetrics, Comparison, MetricsError, Reference};
+use super::weights::{check_weights, plain_model, WeightCheck};
 use crate::checkpoint::{Checkpoint, CheckpointError, ModelConfig};
+use crate::convert::read_hparams;
 use crate::gguf::{open_mmap, GgmlType, GgufError};
+use crate::model::Llama;
 use crate::rope::{runtime_form, Recipe, Target};
 use crate::runtime::{
-    load_llama, open_backend, runtime_recipe, BackendKind, CandleBackend, Encoder, LogitsBackend,
-    RuntimeError,
+    activation_rounding, load_gguf_model, load_llama, open_backend, runtime_recipe, BackendKind,
+    CandleBackend, Encoder, LogitsBackend, RuntimeError,
 };
 
 /// Why the verifier could not run (exit code 2). A failed check is a report, not an error.
@@ -46,6 +50,9 @@ pub enum VerifyError {
     },
     #[error("no GGUF to verify")]
     NoGguf,
+    /// The plain quantization of the checkpoint to the file's types could not be built.
+    #[error("{}: plain quantization of the checkpoint to the file's types: {reason}", path.display())]
+    Plain { path: PathBuf, reason: String },
 }
 
 /// Where the tokens come from.
@@ -112,8 +119,25 @@ pub struct BandResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendResult {
     pub backend: String,
+    /// Fidelity: against the checkpoint (what quantization costs); judged within c.
     pub bands: Vec<BandResult>,
+    /// Consistency: against our forward of the file's own (dequantized) weights with the
+    /// reference recipe: no weight noise, only the runtime's arithmetic and any recipe fault.
+    pub consistency: Vec<BandResult>,
+    /// The lines the consistency band within c is judged by (the runtime's arithmetic).
+    pub arithmetic_lines: PassLines,
+    /// Within c, the runtime against our f32 forward of the file's own weights: what its
+    /// arithmetic costs (the plain rule adds it to the fidelity lines).
+    pub arithmetic: BandMetrics,
+    /// The runtime against our forward of what the file's keys say (rounded as the runtime
+    /// rounds): its noise band by band, the baseline of the consistency bands.
+    pub reading: Vec<BandMetrics>,
+    /// The fidelity lines this backend was judged by (the plain rule adds its arithmetic).
+    pub lines: PassLines,
     pub fidelity_pass: bool,
+    /// Every consistency band passes (within c: arithmetic; beyond: no worse than within).
+    pub runtime_pass: bool,
+    /// The consistency bands beyond c pass.
     pub long_context_pass: bool,
     /// KL divergence at position 0 (no rotation, attention to itself only).
     pub kld_position0: f64,
@@ -139,6 +163,11 @@ pub struct VerifyReport {
     pub lines: PassLines,
     pub long_context_rule: LongContextRule,
     pub metadata: Vec<Issue>,
+    /// Every tensor against the checkpoint's, relative to a plain quantization to its type.
+    pub weights: WeightCheck,
+    /// The plain-quantization rule's measure: the checkpoint rounded through the file's types,
+    /// our forward, against the reference (when the lines come from that rule).
+    pub plain_quantization: Option<Vec<BandMetrics>>,
     /// A recipe the runtime cannot express exactly: its gaps and their measured effect (exact
     /// recipe against its runtime form, both in our forward).
     pub approximation: Vec<String>,
@@ -354,9 +383,23 @@ pub fn verify_many(
                 Err(e) => notes.push(format!("tokenizer not compared: {e}")),
             }
         }
+        let weights = file_weights(&ckpt, gguf, progress)?;
+        let plain_quantization = if file.lines.needs_plain() {
+            let m = plain_cost(
+                &ckpt, gguf, &cfg, &want, &reference, &tokens, &band_list, progress,
+            )?;
+            file.lines = file.lines.clone().with_plain(m[0].kld_mean);
+            Some(m)
+        } else {
+            None
+        };
+        // the file's own weights in our forward, f32 throughout, with the reference recipe
+        let own_f32 = own_logits(gguf, Some(&want), &HashMap::new(), &tokens, progress)?;
         let candidate = Candidate {
             gguf,
             reference: &reference,
+            own_f32: &own_f32,
+            want: &want,
             tokens: &tokens,
             bands: &band_list,
             original_context: c,
@@ -366,10 +409,11 @@ pub fn verify_many(
             .iter()
             .map(|&kind| run_candidate(opts, &candidate, &file, kind, &device, progress))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut results = results;
+        weight_diagnosis(&weights, &mut results);
         let pass = file.issues.is_empty()
-            && results
-                .iter()
-                .all(|r| r.fidelity_pass && r.long_context_pass);
+            && weights.pass
+            && results.iter().all(|r| r.fidelity_pass && r.runtime_pass);
         reports.push(VerifyReport {
             reference: opts.reference.clone(),
             gguf: gguf.clone(),
@@ -383,6 +427,8 @@ pub fn verify_many(
             lines: file.lines,
             long_context_rule: opts.rule,
             metadata: file.issues,
+            weights,
+            plain_quantization,
             approximation: gaps.clone(),
             approximation_effect: approximation_effect.clone(),
             notes,
@@ -391,6 +437,143 @@ pub fn verify_many(
         });
     }
     Ok(reports)
+}
+
+/// Whether the runtime keys of `gguf` say exactly `want` (and it has no `rope_freqs.weight`).
+fn reads_as(gguf: &Path, want: &Recipe) -> Result<bool, VerifyError> {
+    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let meta = &mapped.file.metadata;
+    let Ok(hp) = read_hparams(meta) else {
+        return Ok(false);
+    };
+    let freqs = mapped
+        .file
+        .tensors
+        .iter()
+        .any(|t| t.name == crate::convert::tensor_map::ROPE_FREQS);
+    Ok(!freqs && runtime_recipe(meta, hp.head_dim).is_ok_and(|r| r.recipe == *want))
+}
+
+/// Our forward of the file's own weights with the reference recipe (`want`; None: the recipe
+/// its keys say), its activations rounded as `round` says (by Hugging Face weight name; empty:
+/// f32 throughout): what a correct runtime computes of this file (of its keys).
+fn own_logits(
+    gguf: &Path,
+    want: Option<&Recipe>,
+    round: &HashMap<String, GgmlType>,
+    tokens: &[u32],
+    progress: Progress,
+) -> Result<Reference, VerifyError> {
+    let err = |source: RuntimeError| VerifyError::Backend {
+        backend: "file weights".into(),
+        source: Box::new(source),
+    };
+    let mut g = load_gguf_model(gguf, &Device::Cpu).map_err(|e| err(e.into()))?;
+    // None: the recipe the keys say (and rope_freqs), as our candle reading runs the file
+    if let Some(want) = want {
+        g.model.set_recipe(want.clone());
+        g.model.set_freq_factors(None).map_err(|source| {
+            err(RuntimeError::Model {
+                path: gguf.to_path_buf(),
+                source,
+            })
+        })?;
+    }
+    g.model
+        .set_activation_rounding(&|name| round.get(name).copied());
+    let stage = if round.is_empty() {
+        "file weights"
+    } else {
+        "file weights, runtime rounding"
+    };
+    model_logits(g.model, tokens, stage, progress)
+}
+
+/// A failed weight check names its tensors first in every backend's diagnosis (the logits only
+/// show that something is wrong; the tensors say what), and replaces the generic "quantization
+/// costs more" reading, which a wrong tensor would otherwise get.
+fn weight_diagnosis(weights: &WeightCheck, results: &mut [BackendResult]) {
+    let lines: Vec<String> = weights
+        .failures()
+        .map(|t| {
+            format!(
+                "weights: {} differs from the checkpoint by {:.3} (line {:.3}){}",
+                t.tensor,
+                t.rel_error,
+                t.line,
+                t.finding
+                    .as_deref()
+                    .map(|f| format!(": {f}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        return;
+    }
+    for r in results {
+        r.diagnosis
+            .retain(|d| !d.starts_with("small uniform error"));
+        let mut d = lines.clone();
+        d.append(&mut r.diagnosis);
+        r.diagnosis = d;
+    }
+}
+
+/// The weight check of one file (src/verify/weights.rs).
+fn file_weights(
+    ckpt: &Checkpoint,
+    gguf: &Path,
+    progress: Progress,
+) -> Result<WeightCheck, VerifyError> {
+    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let hp = read_hparams(&mapped.file.metadata).map_err(|e| VerifyError::Backend {
+        backend: "weights".into(),
+        source: Box::new(RuntimeError::consumer(e)),
+    })?;
+    Ok(check_weights(
+        ckpt,
+        &mapped.file,
+        mapped.bytes(),
+        &hp,
+        &mut |i, n| progress("weights", i, n),
+    ))
+}
+
+/// What a plain quantization of the checkpoint to the file's types costs in our forward, band
+/// by band against the reference (the plain-quantization rule's measure).
+#[allow(clippy::too_many_arguments)]
+fn plain_cost(
+    ckpt: &Checkpoint,
+    gguf: &Path,
+    cfg: &ModelConfig,
+    want: &Recipe,
+    reference: &Reference,
+    tokens: &[u32],
+    band_list: &[super::metrics::Band],
+    progress: Progress,
+) -> Result<Vec<BandMetrics>, VerifyError> {
+    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let mut pcfg = cfg.clone();
+    pcfg.recipe = want.clone();
+    let model = plain_model(ckpt, &mapped.file, &pcfg, &Device::Cpu).map_err(|reason| {
+        VerifyError::Plain {
+            path: gguf.to_path_buf(),
+            reason,
+        }
+    })?;
+    drop(mapped);
+    let mut backend = CandleBackend::new(model, "plain quantization");
+    let mut cmp = Comparison::new(reference, tokens, band_list.to_vec());
+    let total = tokens.len();
+    run_backend(&mut backend, tokens, &mut |pos, row| {
+        cmp.push(pos, row).map_err(RuntimeError::consumer)?;
+        if pos % 64 == 0 || pos + 1 == total {
+            progress("plain quantization", pos + 1, total);
+        }
+        Ok(())
+    })?;
+    Ok(cmp.finish()?)
 }
 
 /// One file's metadata checked before any compute, with the lines it is judged by.
@@ -452,15 +635,16 @@ fn choose_length(
         .memory_limit
         .or_else(|| mem_available().map(|m| m / 2))
         .unwrap_or(u64::MAX);
-    // the reference row, and as much again for the exact-recipe pass and the candidate
-    let per_row = (vocab as u64) * 4 * 2;
+    // the reference row, the file's own weights' rows (f32, and rounded as llama.cpp rounds),
+    // and one more for the exact-recipe pass and the candidate
+    let per_row = (vocab as u64) * 4 * 4;
     if per_row * len as u64 > budget {
         let fit = (budget / per_row.max(1)) as usize;
         let new = fit.max(c.min(len)).min(len);
         notes.push(format!(
             "length reduced from {len} to {new}: the reference logits of {len} positions need \
              {:.1} GB of the {:.1} GB allowed",
-            per_row as f64 * len as f64 * 0.5e-9,
+            per_row as f64 * len as f64 * 1e-9 / 4.0,
             budget as f64 * 1e-9
         ));
         len = new;
@@ -472,6 +656,10 @@ fn choose_length(
 struct Candidate<'a> {
     gguf: &'a Path,
     reference: &'a Reference,
+    /// Our forward of the file's own weights with the reference recipe, in f32.
+    own_f32: &'a Reference,
+    /// The reference recipe in the runtime's form.
+    want: &'a Recipe,
     tokens: &'a [u32],
     bands: &'a [super::metrics::Band],
     original_context: usize,
@@ -494,9 +682,49 @@ fn run_candidate(
         })?;
     let name = backend.name().to_string();
     let mut cmp = Comparison::new(cand.reference, cand.tokens, cand.bands.to_vec());
+    // the consistency reference rounds activations as this backend does (llama.cpp), else it
+    // is the f32 one
+    let round = {
+        let mapped = open_mmap(cand.gguf).map_err(|e| gguf_err(cand.gguf, e))?;
+        activation_rounding(&mapped.file, kind)
+    };
+    let rounded = if round.is_empty() {
+        None
+    } else {
+        Some(own_logits(
+            cand.gguf,
+            Some(cand.want),
+            &round,
+            cand.tokens,
+            progress,
+        )?)
+    };
+    let own_ref = rounded.as_ref().unwrap_or(cand.own_f32);
+    let mut own = Comparison::new(own_ref, cand.tokens, cand.bands.to_vec());
+    // the runtime against our forward of what its keys say, rounded alike: its arithmetic noise
+    // band by band (the same comparison as `own` when the keys say the reference recipe)
+    let reading_ref = if reads_as(cand.gguf, cand.want)? {
+        None
+    } else {
+        Some(own_logits(cand.gguf, None, &round, cand.tokens, progress)?)
+    };
+    let mut reading = reading_ref
+        .as_ref()
+        .map(|r| Comparison::new(r, cand.tokens, cand.bands.to_vec()));
+    // what the runtime's arithmetic costs against f32 (the plain rule's allowance)
+    let within = cand.bands[..1].to_vec();
+    let mut arith = Comparison::new(cand.own_f32, cand.tokens, within);
+    let c0 = cand.bands[0].end;
     let total = cand.tokens.len();
     run_backend(backend.as_mut(), cand.tokens, &mut |pos, row| {
         cmp.push(pos, row).map_err(RuntimeError::consumer)?;
+        own.push(pos, row).map_err(RuntimeError::consumer)?;
+        if let Some(r) = reading.as_mut() {
+            r.push(pos, row).map_err(RuntimeError::consumer)?;
+        }
+        if pos < c0 {
+            arith.push(pos, row).map_err(RuntimeError::consumer)?;
+        }
         if pos % 64 == 0 || pos + 1 == total {
             progress(&name, pos + 1, total);
         }
@@ -505,20 +733,32 @@ fn run_candidate(
     drop(backend);
     let kl = std::mem::take(&mut cmp.kl_by_position);
     let metrics = cmp.finish()?;
+    let consistency = own.finish()?;
+    let reading = match reading {
+        Some(r) => r.finish()?,
+        None => consistency.clone(),
+    };
+    let arithmetic = arith.finish()?.remove(0);
     let kld_position0 = kl.first().copied().unwrap_or(0.0);
     let gross = gross_kld(&file.lines);
     let first_bad = kl.iter().position(|&k| exceeds(k, gross));
     Ok(judge(
-        name,
-        metrics,
-        kld_position0,
-        first_bad,
+        Measured {
+            backend: name,
+            kind,
+            metrics,
+            consistency,
+            reading,
+            arithmetic,
+            kld_position0,
+            first_bad_position: first_bad,
+            seconds: start.elapsed().as_secs_f64(),
+        },
         &file.lines,
         &opts.rule,
         cand.original_context,
         &file.issues,
         file.file_type,
-        start.elapsed().as_secs_f64(),
     ))
 }
 
@@ -531,7 +771,18 @@ fn reference_logits(
     progress: Progress,
 ) -> Result<Reference, VerifyError> {
     let model = load_llama(ckpt, cfg, DType::F32, device)?;
-    let mut backend = CandleBackend::new(model, "reference");
+    model_logits(model, tokens, stage, progress)
+}
+
+/// Every row of `model`'s logits over `tokens`, kept.
+fn model_logits(
+    model: Llama,
+    tokens: &[u32],
+    stage: &str,
+    progress: Progress,
+) -> Result<Reference, VerifyError> {
+    let cfg = model.config().clone();
+    let mut backend = CandleBackend::new(model, stage);
     let mut reference = Reference::with_capacity(tokens.len(), cfg.vocab_size)?;
     let total = tokens.len();
     run_backend(&mut backend, tokens, &mut |pos, row| {
@@ -565,25 +816,35 @@ impl VerifyReport {
             .backends
             .iter()
             .map(|b| {
+                let kind = if b.backend == BackendKind::LlamaCpp.name() {
+                    BackendKind::LlamaCpp
+                } else {
+                    BackendKind::Candle
+                };
                 judge(
-                    b.backend.clone(),
-                    b.bands.iter().map(|x| x.metrics.clone()).collect(),
-                    b.kld_position0,
-                    b.first_bad_position,
+                    Measured {
+                        backend: b.backend.clone(),
+                        kind,
+                        metrics: b.bands.iter().map(|x| x.metrics.clone()).collect(),
+                        consistency: b.consistency.iter().map(|x| x.metrics.clone()).collect(),
+                        reading: b.reading.clone(),
+                        arithmetic: b.arithmetic.clone(),
+                        kld_position0: b.kld_position0,
+                        first_bad_position: b.first_bad_position,
+                        seconds: b.seconds,
+                    },
                     &lines,
                     &r.long_context_rule,
                     c,
                     &r.metadata,
                     ty,
-                    b.seconds,
                 )
             })
             .collect();
         r.lines = lines;
         r.pass = r.metadata.is_empty()
-            && r.backends
-                .iter()
-                .all(|b| b.fidelity_pass && b.long_context_pass);
+            && r.weights.pass
+            && r.backends.iter().all(|b| b.fidelity_pass && b.runtime_pass);
         r
     }
 }
@@ -593,73 +854,124 @@ fn exceeds(x: f64, line: f64) -> bool {
     x.is_nan() || x > line
 }
 
-/// Verdicts and diagnosis of one backend's band metrics.
-#[allow(clippy::too_many_arguments)]
-fn judge(
+/// What one backend's run measured, before judgement.
+struct Measured {
     backend: String,
+    kind: BackendKind,
+    /// Against the checkpoint.
     metrics: Vec<BandMetrics>,
+    /// Against our forward of the file's own weights (activations rounded as the runtime does).
+    consistency: Vec<BandMetrics>,
+    /// Against our forward of what the file's keys say, rounded alike: the runtime's noise.
+    reading: Vec<BandMetrics>,
+    /// Within c, against our f32 forward of the file's own weights: the runtime's arithmetic.
+    arithmetic: BandMetrics,
     kld_position0: f64,
     first_bad_position: Option<usize>,
+    seconds: f64,
+}
+
+fn band_result(m: BandMetrics, within_original: bool, checks: Vec<Check>) -> BandResult {
+    let pass = checks.iter().all(|k| k.pass);
+    BandResult {
+        metrics: m,
+        within_original,
+        checks,
+        pass,
+    }
+}
+
+/// Verdicts and diagnosis of one backend's band metrics. Fidelity: the bands within c against
+/// the type's lines (bands beyond c are reported, not judged: what quantization costs there is
+/// not a fault). Consistency: within c against the runtime's arithmetic lines; beyond c against
+/// the consistency band within c (the long-context rule).
+fn judge(
+    m: Measured,
     lines: &PassLines,
     rule: &LongContextRule,
     c: usize,
     issues: &[Issue],
     file_type: GgmlType,
-    seconds: f64,
 ) -> BackendResult {
-    let within = metrics[0].clone();
-    let mut bands = Vec::with_capacity(metrics.len());
-    for m in metrics {
-        let inside = m.band.end <= c || m.band.start == 0;
-        let checks = if inside {
-            fidelity(&m, lines)
-        } else {
-            long_context(&m, &within, lines, rule)
-        };
-        let pass = checks.iter().all(|k| k.pass);
-        bands.push(BandResult {
-            metrics: m,
-            within_original: inside,
-            checks,
-            pass,
-        });
-    }
-    let fidelity_pass = bands.iter().filter(|b| b.within_original).all(|b| b.pass);
-    let long_context_pass = bands.iter().filter(|b| !b.within_original).all(|b| b.pass);
-    let first_failing_band = bands.iter().position(|b| !b.pass);
-    let gross = gross_kld(lines);
+    let inside = |b: &BandMetrics| b.band.end <= c || b.band.start == 0;
+    let arithmetic_lines = PassLines::arithmetic(m.kind, lines.class);
+    let consistency: Vec<BandResult> = m
+        .consistency
+        .into_iter()
+        .zip(&m.reading)
+        .map(|(b, r)| {
+            let i = inside(&b);
+            let checks = consistency(&b, r, &arithmetic_lines, rule);
+            band_result(b, i, checks)
+        })
+        .collect();
+    // the runtime's arithmetic (against our f32 forward of the same weights), as measured,
+    // counts only when the runtime computes the file right within c
+    let arith = if consistency[0].pass {
+        m.arithmetic.kld_mean
+    } else {
+        0.0
+    };
+    let lines = lines.for_backend(arith);
+    let bands: Vec<BandResult> = m
+        .metrics
+        .into_iter()
+        .map(|b| {
+            let i = inside(&b);
+            let checks = if i { fidelity(&b, &lines) } else { Vec::new() };
+            band_result(b, i, checks)
+        })
+        .collect();
+    let fidelity_pass = bands.iter().all(|b| b.pass);
+    let long_context_pass = consistency
+        .iter()
+        .filter(|b| !b.within_original)
+        .all(|b| b.pass);
+    let runtime_pass = consistency.iter().all(|b| b.pass);
+    let first_failing_band = bands
+        .iter()
+        .zip(&consistency)
+        .position(|(a, b)| !a.pass || !b.pass);
+    let gross = gross_kld(&lines);
     let diagnosis = diagnose(
         &bands,
-        fidelity_pass,
-        long_context_pass,
-        kld_position0 > gross,
+        &consistency,
+        m.kld_position0 > gross,
         gross,
-        lines,
+        &lines,
         c,
         issues,
         file_type,
     );
     BackendResult {
-        backend,
+        backend: m.backend,
         bands,
+        consistency,
+        arithmetic_lines,
+        arithmetic: m.arithmetic,
+        reading: m.reading,
+        lines,
         fidelity_pass,
+        runtime_pass,
         long_context_pass,
-        kld_position0,
-        first_bad_position,
+        kld_position0: m.kld_position0,
+        first_bad_position: m.first_bad_position,
         first_failing_band,
         diagnosis,
-        seconds,
+        seconds: m.seconds,
     }
 }
 
-/// The pattern of the failure: from the first position (weights, tokenizer), from position 1
-/// within c (rotary: q/k permutation, base), only beyond c (base or scaling), or a small uniform
-/// error (quantization).
+/// The pattern of the failure. The consistency comparison has no weight noise: when it fails,
+/// the runtime computes another rotation or scaling of the file's own weights (within c from
+/// position 1: the base or rotary dimension; only beyond c: the scaling keys). When it passes
+/// and fidelity fails, the weights differ from the checkpoint's: from the first position
+/// (a tensor, the embeddings, the tokenizer), from position 1 (q/k rows not permuted), or by a
+/// small uniform error (the quantization costs more than the lines allow).
 #[allow(clippy::too_many_arguments)]
 fn diagnose(
     bands: &[BandResult],
-    fidelity_pass: bool,
-    long_context_pass: bool,
+    consistency: &[BandResult],
     position0_bad: bool,
     gross: f64,
     lines: &PassLines,
@@ -680,6 +992,59 @@ fn diagnose(
         || lines
             .max_nmse
             .is_some_and(|l| exceeds(within.nmse, 10.0 * l));
+    let fidelity_pass = bands.iter().all(|b| b.pass);
+    let failed = |b: &BandResult, suffix: &str| {
+        b.checks
+            .iter()
+            .any(|k| !k.pass && (k.metric.ends_with(suffix) || k.metric == "non_finite_rows"))
+    };
+    let misread = consistency.iter().find(|b| {
+        b.checks
+            .iter()
+            .any(|k| !k.pass && k.metric.starts_with("reading_"))
+    });
+    let own_within_pass = !failed(&consistency[0], "_vs_reading");
+    let own_beyond_pass = !consistency.iter().skip(1).any(|b| failed(b, "_vs_reading"));
+    if let Some(b) = misread {
+        out.push(format!(
+            "the runtime does not compute what the file's keys say (our reading of them, \
+             rounded as it rounds) from {}: a key it reads otherwise, a tensor it reads \
+             otherwise, or a fault of the runtime",
+            b.metrics.band.label()
+        ));
+    }
+    if !own_within_pass && !position0_bad {
+        out.push(format!(
+            "right at position 0, wrong from position 1 within the original window ({c}), \
+             with the file's own weights: the rotary embedding (rope.freq_base or \
+             rope.dimension_count)"
+        ));
+        out.extend(related(&["freq_base", "dimension_count", "scaling"]));
+    } else if !own_within_pass {
+        out.push(
+            "the file's own weights computed otherwise than the reference recipe says, from \
+             the first position"
+                .to_string(),
+        );
+    } else if !own_beyond_pass {
+        let band = consistency
+            .iter()
+            .find(|b| failed(b, "_vs_reading"))
+            .map(|b| b.metrics.band.label())
+            .unwrap_or_default();
+        out.push(format!(
+            "right within the original window ({c}), wrong beyond it (first at {band}), with \
+             the file's own weights: rope base or scaling (rope.scaling.*, the step law's \
+             architecture and attention.temperature_scale, context_length)"
+        ));
+        out.extend(related(&[
+            "freq_base",
+            "scaling",
+            "temperature",
+            "architecture",
+            "context_length",
+        ]));
+    }
     if !fidelity_pass {
         if position0_bad {
             out.push(
@@ -693,14 +1058,13 @@ fn diagnose(
                 "block_count",
                 "head_count",
             ]));
-        } else if gross_within {
+        } else if gross_within && own_within_pass {
             out.push(format!(
-                "right at position 0, wrong from position 1 within the original window ({c}): \
-                 the rotary embedding (q/k rows not permuted to llama.cpp's interleaved pairs, \
-                 rope.freq_base or rope.dimension_count)"
+                "right at position 0, wrong from position 1 within the original window ({c}), \
+                 though the runtime computes the file's own weights right: q/k rows not \
+                 permuted to llama.cpp's interleaved pairs (or not the checkpoint's q/k)"
             ));
-            out.extend(related(&["freq_base", "dimension_count", "scaling"]));
-        } else {
+        } else if own_within_pass {
             out.push(format!(
                 "small uniform error above the {} lines ({} tier): the {file_type} \
                  quantization costs more than the lines allow",
@@ -708,27 +1072,11 @@ fn diagnose(
                 lines.tier
             ));
         }
-    } else if !long_context_pass {
-        let band = bands
+    }
+    if out.is_empty()
+        && bands
             .iter()
-            .find(|b| !b.pass)
-            .map(|b| b.metrics.band.label())
-            .unwrap_or_default();
-        out.push(format!(
-            "right within the original window ({c}), wrong beyond it (first at {band}): rope \
-             base or scaling (rope.scaling.*, the step law's architecture and \
-             attention.temperature_scale, context_length)"
-        ));
-        out.extend(related(&[
-            "freq_base",
-            "scaling",
-            "temperature",
-            "architecture",
-            "context_length",
-        ]));
-    } else if bands
-        .iter()
-        .any(|b| b.metrics.kld_mean > 0.0 || b.metrics.nmse > 0.0)
+            .any(|b| b.metrics.kld_mean > 0.0 || b.metrics.nmse > 0.0)
     {
         out.push(format!(
             "pass: small uniform error, consistent with {file_type} weights"
