@@ -12,6 +12,7 @@ use super::args::{compute_dtype, schedule};
 use super::{print_json, progress, run_main, DeviceArgs, Exit, JsonFlag, RecipeArgs};
 use crate::checkpoint::HfConfig;
 use crate::rope::RopeMethod;
+use crate::train::data::BadRecordLimit;
 use crate::train::lora::LoraConfig;
 use crate::train::optim::AdamWConfig;
 use crate::train::run::{spec_from_checkpoint, tune, Event, TuneSpec, TuneSummary};
@@ -51,6 +52,11 @@ pub struct Cli {
     /// Keep this many examples after a seeded shuffle.
     #[arg(long, default_value_t = 100)]
     pub samples: usize,
+    /// Bad records (malformed, invalid or refused by the template) allowed before the data is
+    /// refused: a count (10) or a percentage of the records read (5%). Up to it they are skipped
+    /// and counted; beyond it the run stops with exit code 2 and the counts by kind.
+    #[arg(long, value_name = "N|P%", default_value = "50%")]
+    pub max_bad_records: BadRecordLimit,
     /// Drop conversations shorter than this many tokens (the paper: 10000).
     #[arg(long, default_value_t = 0)]
     pub min_tokens: usize,
@@ -188,6 +194,7 @@ fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
         seq_len,
         min_tokens: cli.min_tokens,
         samples: Some(cli.samples),
+        max_bad_records: cli.max_bad_records,
         train,
         dtype: dtype.as_str().to_string(),
     };
@@ -267,10 +274,16 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
 
 fn print_summary(summary: &TuneSummary) {
     if summary.skipped_records > 0 {
+        let kinds: Vec<String> = summary
+            .skip_counts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
         eprintln!(
-            "skipped {} of {} records: {}",
+            "skipped {} of {} records ({}): {}",
             summary.skipped_records,
             summary.records,
+            kinds.join(", "),
             summary.skip_reasons.join("; ")
         );
     }

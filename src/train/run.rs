@@ -1,6 +1,7 @@
 //! A whole fine-tuning run: model directory and data file in, Hugging Face checkpoint out, with
 //! `training_log.jsonl`, periodic checkpoints and exact resume.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,7 +10,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::data::ParseReport;
+use super::data::{BadRecordLimit, ParseReport};
 use super::examples::{load_examples, Example, PrepConfig, PrepReport};
 use super::hf::{ckpt, export, llama_factory, load_weights};
 use super::template::ChatTemplate;
@@ -32,6 +33,9 @@ pub struct TuneSpec {
     pub seq_len: usize,
     pub min_tokens: usize,
     pub samples: Option<usize>,
+    /// More skipped records than this stops the run (absent in older checkpoints: the default).
+    #[serde(default)]
+    pub max_bad_records: BadRecordLimit,
     pub train: TrainConfig,
     /// Compute dtype: "f32", "bf16" or "f64".
     pub dtype: String,
@@ -91,6 +95,8 @@ pub struct TuneSummary {
     pub records: usize,
     pub skipped_records: usize,
     pub skip_reasons: Vec<String>,
+    /// Skipped records by kind of fault.
+    pub skip_counts: BTreeMap<String, usize>,
     pub data: PrepReport,
     pub seconds: f64,
     pub tokens_per_s: f64,
@@ -148,6 +154,7 @@ pub fn tune(
         min_tokens: spec.min_tokens,
         samples: spec.samples,
         seed: spec.train.seed,
+        max_bad_records: spec.max_bad_records,
     };
     let (examples, parse, report) = load_examples(&spec.data, &files.tokenizer, &template, &prep)?;
     check_token_ids(&examples, cfg.vocab_size)?;
@@ -218,6 +225,7 @@ pub fn tune(
         records: parse.records,
         skipped_records: parse.skipped,
         skip_reasons: parse.reasons.clone(),
+        skip_counts: parse.by_kind.clone(),
         data: report,
         seconds: t0.elapsed().as_secs_f64(),
         tokens_per_s: tokens as f64 / train_s.max(1e-9),
@@ -293,5 +301,5 @@ fn truncate_log(path: &Path, step: u64) -> Result<(), TrainError> {
 
 /// The parse report as JSON (for messages).
 pub fn parse_json(p: &ParseReport) -> Value {
-    json!({"records": p.records, "skipped": p.skipped, "reasons": p.reasons})
+    json!({"records": p.records, "skipped": p.skipped, "by_kind": p.by_kind, "reasons": p.reasons})
 }
