@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use abf::rope::{BaseRope, Recipe, RopeMethod};
@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::bin::{self, Bin, Run};
 use common::data::conversations as fixture;
-use common::model::TinyModel;
+use common::model::{tensor_bytes, TinyModel};
 use common::tokenizer::train_tokenizer;
 use common::toy::flat;
 
@@ -20,25 +20,6 @@ fn read_log(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Every tensor of a safetensors file as (dtype, shape, raw bytes), by name.
-fn tensor_bytes(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                (
-                    format!("{:?}", v.dtype()),
-                    v.shape().to_vec(),
-                    v.data().to_vec(),
-                ),
-            )
-        })
         .collect()
 }
 

@@ -18,6 +18,7 @@ use crate::train::optim::AdamWConfig;
 use crate::train::run::{spec_from_checkpoint, tune, Event, TuneSpec, TuneSummary};
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::TrainConfig;
+use crate::train::TrainError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -262,8 +263,25 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
             bar.println(format!("checkpoint at step {step}: {}", dir.display()));
         }
     };
-    let summary = tune(&spec, &out, &device, resume, cli.stop_after, &mut on)?;
+    let result = tune(&spec, &out, &device, resume, cli.stop_after, &mut on);
     bar.finish_and_clear();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            // a run stopped by its guard still has a summary: which step failed, which was kept
+            if let (true, TrainError::NonFinite { step, kept, .. }) = (cli.print.json, &e) {
+                print_json(&json!({
+                    "out": out,
+                    "finished": false,
+                    "error": e.to_string(),
+                    "failed_step": step,
+                    "kept_step": kept.as_ref().map(|k| k.step),
+                    "kept_checkpoint": kept.as_ref().map(|k| &k.dir),
+                }))?;
+            }
+            return Err(e.into());
+        }
+    };
     if cli.print.json {
         print_json(&json!(summary))?;
     } else {

@@ -15,7 +15,7 @@ use super::examples::{load_examples, Example, PrepConfig, PrepReport};
 use super::hf::{ckpt, export, llama_factory, load_weights};
 use super::template::ChatTemplate;
 use super::trainer::{checkpoint_dir, read_state, StepStats, TrainConfig, Trainer};
-use super::TrainError;
+use super::{store, KeptCheckpoint, TrainError};
 use crate::checkpoint::{HfConfig, TokenizerFiles};
 use crate::rope::Recipe;
 
@@ -104,10 +104,13 @@ pub struct TuneSummary {
 }
 
 /// Rebuild a run's spec from its output directory's checkpoint.
+/// Rebuild a run's spec from its output directory's newest complete checkpoint (which may be
+/// under `checkpoint.tmp` or `checkpoint.old` after a kill; nothing is moved here).
 pub fn spec_from_checkpoint(out: &Path) -> Result<TuneSpec, TrainError> {
-    let state = read_state(&checkpoint_dir(out))?;
+    let (dir, _) = store::find(&checkpoint_dir(out))?;
+    let state = read_state(&dir)?;
     serde_json::from_value(state.extra.clone()).map_err(|e| TrainError::Resume {
-        path: checkpoint_dir(out).display().to_string(),
+        path: dir.display().to_string(),
         reason: format!("malformed run description: {e}"),
     })
 }
@@ -178,8 +181,20 @@ pub fn tune(
     let end = stop_after
         .unwrap_or(trainer.total_steps)
         .min(trainer.total_steps);
+    // the checkpoint on disk, named by a non-finite step's error
+    let mut kept = resumed_from.map(|step| KeptCheckpoint {
+        step,
+        dir: ck.clone(),
+    });
     while trainer.step() < end {
-        let stats = trainer.train_step(&factory)?;
+        let stats = trainer.train_step(&factory).map_err(|e| match e {
+            TrainError::NonFinite { step, what, .. } => TrainError::NonFinite {
+                step,
+                what,
+                kept: kept.clone(),
+            },
+            e => e,
+        })?;
         first.get_or_insert(stats.loss);
         last = Some(stats.loss);
         tokens += stats.tokens;
@@ -193,6 +208,10 @@ pub fn tune(
         let every = spec.train.save_every;
         if every > 0 && stats.step % every == 0 && stats.step < trainer.total_steps {
             trainer.save_checkpoint(&ck, &extra)?;
+            kept = Some(KeptCheckpoint {
+                step: stats.step,
+                dir: ck.clone(),
+            });
             on(Event::Saved {
                 step: stats.step,
                 dir: &ck,
@@ -247,8 +266,8 @@ fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<(), TrainE
     }
 }
 
-/// A resume loads the checkpoint and keeps the log up to its step; a fresh run starts a new
-/// log. Returns the step resumed from.
+/// A resume loads the newest complete checkpoint and keeps the log up to its step; a fresh run
+/// removes old checkpoints and starts a new log. Returns the step resumed from.
 fn start_log(
     trainer: &mut Trainer,
     ck: &Path,
@@ -256,10 +275,14 @@ fn start_log(
     resume: bool,
 ) -> Result<Option<u64>, TrainError> {
     if resume {
+        // a kill may have interrupted a swap: the newest complete checkpoint becomes `ck`
+        store::settle(ck)?;
         let state = trainer.load_checkpoint(ck)?;
         truncate_log(log_path, state.step)?;
         return Ok(Some(state.step));
     }
+    // a fresh run: checkpoints of an earlier run here would be resumed with the wrong log
+    store::clear(ck)?;
     if log_path.exists() {
         std::fs::remove_file(log_path).map_err(|e| TrainError::io(log_path, e))?;
     }
