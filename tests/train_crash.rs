@@ -1,7 +1,8 @@
 //! Training that cannot lose work, through the real `abf-tune`: a kill (SIGKILL from a failpoint)
 //! at each stage of a checkpoint swap and of the export leaves a complete checkpoint that a resume
 //! finishes from, to weights bit-identical to an uninterrupted run; a non-finite update is never
-//! saved and the checkpoint before it stays byte for byte; resume is bit-exact with LoRA and bf16.
+//! saved and the checkpoint before it stays byte for byte; resume is bit-exact with LoRA and bf16;
+//! resume picks the newest complete checkpoint of the three names and settles it.
 
 mod common;
 
@@ -298,4 +299,76 @@ fn a_non_finite_update_is_not_saved_and_the_last_good_checkpoint_stays() {
     );
     assert_eq!(r.json()["kept_step"], serde_json::Value::Null);
     assert!(!bare.join("checkpoint").exists() && !bare.join("model.safetensors").exists());
+}
+
+#[test]
+fn resume_picks_the_newest_complete_checkpoint_and_settles_it() {
+    use abf::train::store::{self, Slot};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("checkpoint");
+    let save = |step: u64| {
+        store::save(&dir, step, |d| {
+            std::fs::write(d.join("a.bin"), vec![step as u8; 100]).unwrap();
+            std::fs::write(d.join("b.json"), format!("{{\"step\": {step}}}")).unwrap();
+            Ok(())
+        })
+        .unwrap()
+    };
+    let a_bin = |d: &Path| std::fs::read(d.join("a.bin")).unwrap();
+    save(1);
+    save(2);
+    let (staging, aside) = (Slot::Staging.path(&dir), Slot::Aside.path(&dir));
+    assert_eq!(staging, tmp.path().join("checkpoint.tmp"));
+    assert_eq!(aside, tmp.path().join("checkpoint.old"));
+    assert!(!staging.exists() && !aside.exists());
+    assert_eq!(a_bin(&dir), vec![2u8; 100]);
+    // a checkpoint whose file lost bytes, or whose manifest is gone, is not complete
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    };
+    copy(&dir, &aside);
+    std::fs::write(dir.join("a.bin"), vec![2u8; 99]).unwrap();
+    assert!(store::complete(&dir).is_none());
+    // the current one is broken (half removed, say): the old one with the same step is taken
+    let (slot, m) = store::latest(&dir).unwrap();
+    assert_eq!((slot, m.step), (Slot::Aside, 2));
+    assert_eq!(store::settle(&dir).unwrap().step, 2);
+    assert_eq!(a_bin(&dir), vec![2u8; 100]);
+    assert!(!aside.exists());
+    // a newer complete staging directory wins over the current one; a half-written one does not
+    save(3);
+    copy(&dir, &staging);
+    std::fs::remove_file(staging.join("manifest.json")).unwrap();
+    assert_eq!(store::latest(&dir).unwrap().0, Slot::Current);
+    save(4);
+    copy(&dir, &staging);
+    std::fs::remove_dir_all(&dir).unwrap();
+    copy(&staging, &dir);
+    std::fs::write(dir.join("a.bin"), vec![9u8; 100]).unwrap(); // same size: still complete
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        text.replace("\"step\": 4", "\"step\": 3"),
+    )
+    .unwrap();
+    assert_eq!(
+        store::latest(&dir).unwrap(),
+        (Slot::Staging, store::complete(&staging).unwrap())
+    );
+    store::settle(&dir).unwrap();
+    assert_eq!(a_bin(&dir), vec![4u8; 100]);
+    assert!(!staging.exists() && !aside.exists());
+    // nothing complete anywhere: an error naming the directory
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    let err = store::settle(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("checkpoint") && err.contains("manifest.json"),
+        "{err}"
+    );
+    store::clear(&dir).unwrap();
+    assert!(!dir.exists());
 }
