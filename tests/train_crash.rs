@@ -299,6 +299,22 @@ fn a_non_finite_update_is_not_saved_and_the_last_good_checkpoint_stays() {
     );
     assert_eq!(r.json()["kept_step"], serde_json::Value::Null);
     assert!(!bare.join("checkpoint").exists() && !bare.join("model.safetensors").exists());
+
+    // a real overflow: a learning rate beyond f32 turns the first update's weights infinite
+    // while its loss and gradients are finite
+    let huge = s.out("huge");
+    let mut args = s.flags(&huge, 1, &["--json"]);
+    let lr = args.iter().position(|a| a == "--lr").unwrap();
+    args[lr + 1] = "1e39".into();
+    let r = tune(&args, None);
+    r.expect_code(2);
+    assert!(
+        r.stderr.contains("step 1: the update made") && r.stderr.contains("no checkpoint"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.json()["failed_step"], 1);
+    assert!(!huge.join("checkpoint").exists());
 }
 
 #[test]

@@ -110,7 +110,9 @@ pub struct Cli {
     /// Seed of data order, sampling and LoRA initialization.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Save a checkpoint with optimizer state every N steps (0: never).
+    /// Save a checkpoint with optimizer state every N steps (0: never). A checkpoint is staged
+    /// beside the previous one and swapped in only when complete, and never holds a non-finite
+    /// step: a kill or a NaN leaves the last good one to --resume from.
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
     /// Continue the run whose output directory this is, exactly (other run flags are ignored).
