@@ -103,7 +103,6 @@ pub struct TuneSummary {
     pub files: Vec<PathBuf>,
 }
 
-/// Rebuild a run's spec from its output directory's checkpoint.
 /// Rebuild a run's spec from its output directory's newest complete checkpoint (which may be
 /// under `checkpoint.tmp` or `checkpoint.old` after a kill; nothing is moved here).
 pub fn spec_from_checkpoint(out: &Path) -> Result<TuneSpec, TrainError> {
