@@ -143,6 +143,11 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    sync_dir(dir)
+}
+
+/// fsync a directory itself (its entries: files created, renamed or removed in it).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -152,12 +157,22 @@ pub const FAILPOINT_ENV: &str = "ABF_FAILPOINT";
 /// Test-only crash injection: when `ABF_FAILPOINT` equals `name`, the process kills itself with
 /// SIGKILL on the spot (no unwinding, no destructors, no core dump), so a test can look at what
 /// a crash at exactly that point leaves on disk. Unset in normal use: one environment lookup.
-/// Points: `patch-after-first-write` (src/gguf/patch.rs, `write_in_place`).
+/// Points: `patch-after-first-write` (src/gguf/patch.rs, `write_in_place`);
+/// `checkpoint-staging-partial` (src/train/trainer.rs, `save_checkpoint`: parameters written,
+/// the rest not), `checkpoint-staged`, `checkpoint-old-aside`, `checkpoint-new-in`
+/// (src/train/store.rs, `save`: before, in the middle of and after the swap), `export-partial`
+/// (src/train/hf.rs, `export`: weights and tokenizer files moved in, config.json not).
 pub fn failpoint(name: &str) {
-    if std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name) {
+    if failpoint_set(name) {
         // SAFETY: kill(2) on our own pid with a constant signal has no memory-safety conditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+/// Whether `ABF_FAILPOINT` equals `name`: for test-only faults other than a crash
+/// (`poison-weights-step-N`, src/train/trainer.rs: step N's update leaves a NaN weight).
+pub fn failpoint_set(name: &str) -> bool {
+    std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name)
 }

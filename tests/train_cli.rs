@@ -4,13 +4,14 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use abf::rope::{BaseRope, Recipe, RopeMethod};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::bin::{self, Bin, Run};
 use common::data::conversations as fixture;
-use common::model::TinyModel;
+use common::model::{tensor_bytes, TinyModel};
 use common::tokenizer::train_tokenizer;
 use common::toy::flat;
 
@@ -175,24 +176,15 @@ fn cli_resume_continues_exactly() {
         assert_eq!(x["lr"], y["lr"]);
         assert_eq!(x["grad_norm"], y["grad_norm"]);
     }
-    let wa = candle_core::safetensors::load(
-        std::path::Path::new(&a).join("model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let wb = candle_core::safetensors::load(
-        std::path::Path::new(&b).join("model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    // the weights are the same bytes, tensor by tensor, not merely close
+    let (wa, wb) = (
+        tensor_bytes(&Path::new(&a).join("model.safetensors")),
+        tensor_bytes(&Path::new(&b).join("model.safetensors")),
+    );
     assert_eq!(wa.len(), wb.len());
-    let mut max = 0f64;
     for (n, t) in &wa {
-        for (x, y) in flat(t).iter().zip(flat(&wb[n])) {
-            max = max.max((x - y).abs());
-        }
+        assert!(t == &wb[n], "{n} differs");
     }
-    assert!(max <= 1e-6, "{max}");
     // resuming a finished run has nothing to do but is not an error; a missing checkpoint is
     let Run {
         code, stderr: err, ..
@@ -306,6 +298,7 @@ fn cli_exit_codes_and_messages() {
         "--adam-betas",
         "--save-every",
         "--skip-layers",
+        "--max-bad-records",
     ] {
         assert!(out.contains(flag), "{flag}");
     }
@@ -341,6 +334,27 @@ fn cli_exit_codes_and_messages() {
             &bad.display().to_string(),
             "-o",
             &o,
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bad.jsonl") && err.contains("1 of 1 records are bad"),
+        "{err}"
+    );
+    // allowed to be bad, it is still no data
+    let Run {
+        code, stderr: err, ..
+    } = bin::run(
+        Bin::Tune,
+        &[
+            "--model",
+            &m,
+            "--data",
+            &bad.display().to_string(),
+            "-o",
+            &o,
+            "--max-bad-records",
+            "100%",
         ],
     );
     assert_eq!(code, 2);
@@ -429,6 +443,97 @@ fn cli_bf16_compute_runs_and_saves_in_the_checkpoint_dtype() {
         .count();
     assert!(off_grid > 0);
     assert_ne!(flat(&w[q]), flat(&base[q]));
+}
+
+/// The fixture's first `good` records followed by `bad` records: malformed JSON lines and records
+/// without an assistant reply, alternating (the first bad one malformed).
+fn data_with_bad_records(path: &Path, good: usize, bad: usize) -> (usize, usize) {
+    let text = std::fs::read_to_string(fixture()).unwrap();
+    let mut lines: Vec<String> = text.lines().take(good).map(String::from).collect();
+    assert_eq!(lines.len(), good);
+    let (mut malformed, mut no_reply) = (0, 0);
+    for i in 0..bad {
+        if i % 2 == 0 {
+            lines.push("{\"conversations\": [".into());
+            malformed += 1;
+        } else {
+            lines.push(r#"{"conversations": [{"from": "human", "value": "q"}]}"#.into());
+            no_reply += 1;
+        }
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    (malformed, no_reply)
+}
+
+#[test]
+fn a_few_bad_records_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinyModel::chat(train_tokenizer(400)).seed(9).write(&model);
+    let data = dir.path().join("data.jsonl");
+    let (malformed, no_reply) = data_with_bad_records(&data, 8, 2);
+    let out = dir.path().join("out");
+    let (m, o, d) = (
+        model.display().to_string(),
+        out.display().to_string(),
+        data.display().to_string(),
+    );
+    let mut args = run_flags(&m, &o, &d);
+    args.extend(["--steps", "1", "--json"]);
+    let r = bin::run(Bin::Tune, &args);
+    r.expect_code(0);
+    let s = r.json();
+    assert_eq!(s["records"], 10);
+    assert_eq!(s["skipped_records"], 2);
+    assert_eq!(s["skip_counts"]["malformed JSON"], malformed as u64);
+    assert_eq!(s["skip_counts"]["no assistant message"], no_reply as u64);
+    assert!(out.join("model.safetensors").is_file());
+}
+
+#[test]
+fn mostly_bad_data_stops_unless_the_limit_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    TinyModel::chat(train_tokenizer(400)).seed(10).write(&model);
+    let data = dir.path().join("mostly_bad.jsonl");
+    // 5 of 8 records bad: 62.5%, over the default 50%
+    let (malformed, no_reply) = data_with_bad_records(&data, 3, 5);
+    let m = model.display().to_string();
+    let d = data.display().to_string();
+    let attempt = |name: &str, limit: Option<&str>| {
+        let o = dir.path().join(name).display().to_string();
+        let mut args = run_flags(&m, &o, &d);
+        let samples = args.iter().position(|a| *a == "--samples").unwrap();
+        args[samples + 1] = "3";
+        let bs = args.iter().position(|a| *a == "--batch-size").unwrap();
+        args[bs + 1] = "2";
+        args.extend(["--steps", "1"]);
+        if let Some(l) = limit {
+            args.extend(["--max-bad-records", l]);
+        }
+        (bin::run(Bin::Tune, &args), dir.path().join(name))
+    };
+    for (name, limit) in [
+        ("default", None),
+        ("count4", Some("4")),
+        ("pct60", Some("60%")),
+    ] {
+        let (r, out) = attempt(name, limit);
+        r.expect_code(2);
+        let want = format!(
+            "5 of 8 records are bad, more than --max-bad-records {} allows ({malformed} malformed JSON, {no_reply} no assistant message)",
+            limit.unwrap_or("50%")
+        );
+        assert!(r.stderr.contains(&want), "{name}: {}", r.stderr);
+        assert!(r.stderr.contains("mostly_bad.jsonl"), "{}", r.stderr);
+        assert!(!out.join("model.safetensors").exists(), "{name}");
+    }
+    // the limit is inclusive: exactly 5, or exactly 62.5%, is allowed
+    for (name, limit) in [("count5", "5"), ("pct", "62.5%")] {
+        let (r, out) = attempt(name, Some(limit));
+        r.expect_code(0);
+        assert!(out.join("model.safetensors").is_file(), "{name}");
+    }
 }
 
 /// A measurement, not a check (run with `--ignored --nocapture`): one SmolLM2-135M-shaped model

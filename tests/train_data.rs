@@ -3,7 +3,7 @@
 
 mod common;
 
-use abf::train::data::{epoch_order, parse_conversations, Role, SplitMix64};
+use abf::train::data::{epoch_order, parse_conversations, BadRecordLimit, Role, SplitMix64};
 use abf::train::examples::{encode, prepare, PrepConfig};
 use abf::train::template::ChatTemplate;
 use abf::train::Message;
@@ -11,6 +11,31 @@ use common::data::conversations as fixture;
 use common::tokenizer::train_tokenizer;
 
 // ---------------------------------------------------------------- data
+
+#[test]
+fn bad_record_limits_parse_and_compare_counts_and_fractions() {
+    let p = |s: &str| s.parse::<BadRecordLimit>();
+    assert_eq!(p("3"), Ok(BadRecordLimit::Count(3)));
+    assert_eq!(p("12.5%"), Ok(BadRecordLimit::Percent(12.5)));
+    assert_eq!(p("0%"), Ok(BadRecordLimit::Percent(0.0)));
+    for bad in ["-1", "101%", "x", "NaN%", "%", "1e3"] {
+        assert!(p(bad).is_err(), "{bad}");
+    }
+    // the limit allows up to and including it
+    assert!(!BadRecordLimit::Count(3).exceeded(3, 4));
+    assert!(BadRecordLimit::Count(3).exceeded(4, 100));
+    assert!(!BadRecordLimit::Percent(50.0).exceeded(2, 4));
+    assert!(BadRecordLimit::Percent(50.0).exceeded(3, 4));
+    assert!(BadRecordLimit::Percent(0.0).exceeded(1, 1000));
+    assert!(!BadRecordLimit::Percent(0.0).exceeded(0, 1000));
+    // the default: more than half
+    assert_eq!(BadRecordLimit::default(), BadRecordLimit::Percent(50.0));
+    // it round-trips through its text (how a checkpoint stores it)
+    let v = serde_json::to_value(BadRecordLimit::Percent(12.5)).unwrap();
+    assert_eq!(v, serde_json::json!("12.5%"));
+    let back: BadRecordLimit = serde_json::from_value(v).unwrap();
+    assert_eq!(back, BadRecordLimit::Percent(12.5));
+}
 
 #[test]
 fn sharegpt_jsonl_and_openai_json_parse() {
@@ -67,6 +92,19 @@ not json at all
         rep.reasons
     );
     assert!(rep.reasons[4].contains("neither"), "{:?}", rep.reasons);
+    // every skipped record is counted by kind, read off the lines above
+    let kinds: Vec<(&str, usize)> = rep.by_kind.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    let mut want = vec![
+        ("malformed JSON", 1),
+        ("roles out of order", 1),
+        ("unknown role", 1),
+        ("no assistant message", 1),
+        ("no message list", 1),
+        ("not a JSON object", 1),
+        ("unreadable message content", 1),
+    ];
+    want.sort();
+    assert_eq!(kinds, want);
     // a file with no JSON at all is an error naming it
     let err = parse_conversations(b"hello\nworld\n", "prose.txt").unwrap_err();
     assert!(err.to_string().contains("prose.txt"), "{err}");
@@ -105,6 +143,7 @@ fn long_conversations_split_at_turn_boundaries() {
         min_tokens: 0,
         samples: None,
         seed: 1,
+        max_bad_records: Default::default(),
     };
     let (ex, prep) = prepare(&convs, &tok, &t, &cfg, &mut rep).unwrap();
     let longer = whole.iter().filter(|&&n| n > seq_len).count();
@@ -145,6 +184,7 @@ fn long_conversations_split_at_turn_boundaries() {
         min_tokens: min,
         samples: None,
         seed: 1,
+        max_bad_records: Default::default(),
     };
     let (ex, prep) = prepare(&convs, &tok, &t, &cfg, &mut rep).unwrap();
     assert_eq!((ex.len(), prep.dropped_short), (1, 7));
@@ -155,6 +195,7 @@ fn long_conversations_split_at_turn_boundaries() {
         min_tokens: 0,
         samples: Some(5),
         seed: 3,
+        max_bad_records: Default::default(),
     };
     let (a, _) = prepare(&convs, &tok, &t, &cfg, &mut rep).unwrap();
     let (b, _) = prepare(&convs, &tok, &t, &cfg, &mut rep).unwrap();
@@ -184,6 +225,7 @@ fn an_exchange_longer_than_seq_len_is_truncated() {
         min_tokens: 0,
         samples: None,
         seed: 0,
+        max_bad_records: Default::default(),
     };
     let (ex, prep) = prepare(&[c], &tok, &t, &cfg, &mut rep).unwrap();
     assert_eq!(prep.truncated, 1);
@@ -207,6 +249,7 @@ fn empty_result_is_an_error_naming_the_file() {
         min_tokens: 0,
         samples: None,
         seed: 0,
+        max_bad_records: Default::default(),
     };
     let err = abf::train::load_examples(&p, &tok, &t, &cfg)
         .unwrap_err()

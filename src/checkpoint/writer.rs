@@ -271,13 +271,18 @@ impl StagedDir {
         &self.target
     }
 
-    /// Rename the finished directory into place (over an empty directory, if one is there).
+    /// Rename the finished directory into place (over an empty directory, if one is there) and
+    /// fsync the parent so the rename survives a crash. The files inside were written through
+    /// `AtomicFile`, which synced them and this directory.
     pub fn commit(mut self) -> Result<PathBuf, CheckpointError> {
+        crate::fsutil::sync_dir(&self.tmp).map_err(|e| CheckpointError::io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.target).map_err(|e| CheckpointError::Output {
             path: self.target.clone(),
             reason: format!("renaming {} into place: {e}", self.tmp.display()),
         })?;
         self.done = true;
+        crate::fsutil::sync_parent(&self.target)
+            .map_err(|e| CheckpointError::io(&self.target, e))?;
         Ok(self.target.clone())
     }
 }

@@ -12,11 +12,13 @@ use super::args::{compute_dtype, schedule};
 use super::{print_json, progress, run_main, DeviceArgs, Exit, JsonFlag, RecipeArgs};
 use crate::checkpoint::HfConfig;
 use crate::rope::RopeMethod;
+use crate::train::data::BadRecordLimit;
 use crate::train::lora::LoraConfig;
 use crate::train::optim::AdamWConfig;
 use crate::train::run::{spec_from_checkpoint, tune, Event, TuneSpec, TuneSummary};
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::TrainConfig;
+use crate::train::TrainError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,6 +53,11 @@ pub struct Cli {
     /// Keep this many examples after a seeded shuffle.
     #[arg(long, default_value_t = 100)]
     pub samples: usize,
+    /// Bad records (malformed, invalid or refused by the template) allowed before the data is
+    /// refused: a count (10) or a percentage of the records read (5%). Up to it they are skipped
+    /// and counted; beyond it the run stops with exit code 2 and the counts by kind.
+    #[arg(long, value_name = "N|P%", default_value = "50%")]
+    pub max_bad_records: BadRecordLimit,
     /// Drop conversations shorter than this many tokens (the paper: 10000).
     #[arg(long, default_value_t = 0)]
     pub min_tokens: usize,
@@ -103,7 +110,9 @@ pub struct Cli {
     /// Seed of data order, sampling and LoRA initialization.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Save a checkpoint with optimizer state every N steps (0: never).
+    /// Save a checkpoint with optimizer state every N steps (0: never). A checkpoint is staged
+    /// beside the previous one and swapped in only when complete, and never holds a non-finite
+    /// step: a kill or a NaN leaves the last good one to --resume from.
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
     /// Continue the run whose output directory this is, exactly (other run flags are ignored).
@@ -188,6 +197,7 @@ fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
         seq_len,
         min_tokens: cli.min_tokens,
         samples: Some(cli.samples),
+        max_bad_records: cli.max_bad_records,
         train,
         dtype: dtype.as_str().to_string(),
     };
@@ -255,8 +265,25 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
             bar.println(format!("checkpoint at step {step}: {}", dir.display()));
         }
     };
-    let summary = tune(&spec, &out, &device, resume, cli.stop_after, &mut on)?;
+    let result = tune(&spec, &out, &device, resume, cli.stop_after, &mut on);
     bar.finish_and_clear();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            // a run stopped by its guard still has a summary: which step failed, which was kept
+            if let (true, TrainError::NonFinite { step, kept, .. }) = (cli.print.json, &e) {
+                print_json(&json!({
+                    "out": out,
+                    "finished": false,
+                    "error": e.to_string(),
+                    "failed_step": step,
+                    "kept_step": kept.as_ref().map(|k| k.step),
+                    "kept_checkpoint": kept.as_ref().map(|k| &k.dir),
+                }))?;
+            }
+            return Err(e.into());
+        }
+    };
     if cli.print.json {
         print_json(&json!(summary))?;
     } else {
@@ -267,10 +294,16 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
 
 fn print_summary(summary: &TuneSummary) {
     if summary.skipped_records > 0 {
+        let kinds: Vec<String> = summary
+            .skip_counts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
         eprintln!(
-            "skipped {} of {} records: {}",
+            "skipped {} of {} records ({}): {}",
             summary.skipped_records,
             summary.records,
+            kinds.join(", "),
             summary.skip_reasons.join("; ")
         );
     }

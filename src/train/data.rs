@@ -1,6 +1,7 @@
 //! Conversation data: ShareGPT (`conversations: [{from, value}]`) and OpenAI (`messages: [{role,
 //! content}]`) records in JSON or JSONL, validated into alternating user/assistant turns.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
@@ -87,14 +88,21 @@ pub struct ParseReport {
     pub skipped: usize,
     /// The first few reasons, each naming its record.
     pub reasons: Vec<String>,
+    /// Every skipped record counted by its kind of fault ([`RecordError::kind`], or
+    /// [`TEMPLATE_REFUSED`]).
+    pub by_kind: BTreeMap<String, usize>,
 }
+
+/// The kind of a record the chat template refused to render.
+pub const TEMPLATE_REFUSED: &str = "refused by the chat template";
 
 /// How many skip reasons a report keeps.
 pub const MAX_REASONS: usize = 5;
 
 impl ParseReport {
-    pub(crate) fn skip(&mut self, reason: String) {
+    pub(crate) fn skip(&mut self, kind: &str, reason: String) {
         self.skipped += 1;
+        *self.by_kind.entry(kind.to_string()).or_default() += 1;
         if self.reasons.len() < MAX_REASONS {
             self.reasons.push(reason);
         }
@@ -132,6 +140,120 @@ pub enum RecordError {
     NoAssistant,
 }
 
+impl RecordError {
+    /// The fault without the record's details: the key of [`ParseReport::by_kind`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecordError::Json { .. } => "malformed JSON",
+            RecordError::NotObject => "not a JSON object",
+            RecordError::NoMessageList => "no message list",
+            RecordError::NotArray => "message list not an array",
+            RecordError::NoRole { .. } => "message without a role",
+            RecordError::UnknownRole { .. } => "unknown role",
+            RecordError::NoContent { .. } => "message without content",
+            RecordError::Content { .. } => "unreadable message content",
+            RecordError::NoTurns => "no user or assistant messages",
+            RecordError::Order { .. } => "roles out of order",
+            RecordError::NoAssistant => "no assistant message",
+        }
+    }
+}
+
+/// How many skipped (bad) records a run tolerates before it refuses the data: a count, or a
+/// percentage of the records read (`--max-bad-records N` or `P%`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum BadRecordLimit {
+    Count(usize),
+    Percent(f64),
+}
+
+impl Default for BadRecordLimit {
+    /// Half the file: a few bad records are normal in scraped chat data, a file that is mostly
+    /// unreadable is the wrong file or a format the parser does not read.
+    fn default() -> Self {
+        BadRecordLimit::Percent(50.0)
+    }
+}
+
+impl BadRecordLimit {
+    /// Whether `bad` skipped records of `records` read exceed the limit.
+    pub fn exceeded(self, bad: usize, records: usize) -> bool {
+        match self {
+            BadRecordLimit::Count(n) => bad > n,
+            BadRecordLimit::Percent(p) => bad as f64 > p / 100.0 * records as f64,
+        }
+    }
+}
+
+impl std::fmt::Display for BadRecordLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadRecordLimit::Count(n) => write!(f, "{n}"),
+            BadRecordLimit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for BadRecordLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s.strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(BadRecordLimit::Percent(p)),
+                _ => Err(format!("{s:?}: expected a percentage from 0% to 100%")),
+            },
+            None => s.parse::<usize>().map(BadRecordLimit::Count).map_err(|_| {
+                format!("{s:?}: expected a count of records (like 10) or a percentage (like 5%)")
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for BadRecordLimit {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<BadRecordLimit> for String {
+    fn from(l: BadRecordLimit) -> String {
+        l.to_string()
+    }
+}
+
+/// Refuse the data when more records were skipped than `limit` allows: the error names the file
+/// and counts the skipped records by kind, then gives the first reasons.
+pub fn check_bad_records(
+    report: &ParseReport,
+    limit: BadRecordLimit,
+    source: &str,
+) -> Result<(), TrainError> {
+    if !limit.exceeded(report.skipped, report.records) {
+        return Ok(());
+    }
+    let kinds: Vec<String> = report
+        .by_kind
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    let mut reason = format!(
+        "{} of {} records are bad, more than --max-bad-records {limit} allows ({})",
+        report.skipped,
+        report.records,
+        kinds.join(", ")
+    );
+    for r in &report.reasons {
+        reason.push_str(&format!("; {r}"));
+    }
+    Err(TrainError::Data {
+        file: source.to_string(),
+        reason,
+    })
+}
+
 /// Read a data file (JSON array, one JSON object, or JSONL) into conversations.
 pub fn load_conversations(path: &Path) -> Result<(Vec<Conversation>, ParseReport), TrainError> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
@@ -155,7 +277,7 @@ pub fn parse_conversations(
         report.records += 1;
         match value.and_then(|v| record_to_conversation(&v, n)) {
             Ok(c) => out.push(c),
-            Err(reason) => report.skip(format!("record {n}: {reason}")),
+            Err(reason) => report.skip(reason.kind(), format!("record {n}: {reason}")),
         }
     };
     if trimmed.starts_with('[') {

@@ -40,6 +40,8 @@ pub struct PrepConfig {
     /// Keep this many examples after a seeded shuffle (all when None).
     pub samples: Option<usize>,
     pub seed: u64,
+    /// More skipped records than this is an error.
+    pub max_bad_records: super::data::BadRecordLimit,
 }
 
 /// What preprocessing did, for the summary.
@@ -131,7 +133,10 @@ pub fn prepare(
             Ok(e) => e,
             Err(TrainError::Template { reason, .. }) => {
                 report.render_failed += 1;
-                parse.skip(format!("{}: chat template: {reason}", conv.id));
+                parse.skip(
+                    super::data::TEMPLATE_REFUSED,
+                    format!("{}: chat template: {reason}", conv.id),
+                );
                 continue;
             }
             Err(e) => return Err(e),
@@ -242,6 +247,7 @@ pub fn load_examples(
 ) -> Result<(Vec<Example>, ParseReport, PrepReport), TrainError> {
     let (convs, mut parse) = super::data::load_conversations(path)?;
     let (examples, prep) = prepare(&convs, tokenizer, template, cfg, &mut parse)?;
+    super::data::check_bad_records(&parse, cfg.max_bad_records, &path.display().to_string())?;
     if examples.is_empty() {
         let mut reason = format!(
             "no training examples: {} record(s), {} skipped, {} conversation(s) under --min-tokens {}, \

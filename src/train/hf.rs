@@ -12,8 +12,9 @@ use super::recompute::LayerModel;
 use super::TrainError;
 use crate::checkpoint::{
     patch_config, save_checkpoint, HfConfig, ModelConfig, SafetensorStore, SaveSpec, TensorData,
-    DEFAULT_SHARD_BYTES,
+    CONFIG_FILE, DEFAULT_SHARD_BYTES,
 };
+use crate::fsutil::{failpoint, sync_parent};
 use crate::model::{Llama, Path as ForwardPath, Positions};
 use crate::rope::Recipe;
 
@@ -103,9 +104,18 @@ pub fn checkpoint_dtype(weights: &[(String, Tensor)]) -> DType {
         .unwrap_or(DType::F32)
 }
 
+/// The export's staging directory inside `out`.
+pub const EXPORT_STAGE: &str = ".export.tmp";
+
 /// Write the trained model into `out` (which may hold the run's log and checkpoint): weights,
 /// config.json with the recipe in its block and `max_position_embeddings` = the target window,
-/// and the source's tokenizer files. The files are staged in a sibling folder and moved in.
+/// and the source's tokenizer files.
+///
+/// The files are built in a staging directory (`StagedDir`: fsynced, renamed into place only when
+/// complete), then moved into `out` with config.json as the commit mark: an old config.json is
+/// removed first and the new one moved in last, so at any instant `out` either has no config.json
+/// (no loader takes it for a model) or holds the whole new export. (`out` itself cannot be
+/// renamed into place: it holds the run's checkpoint and log.)
 pub fn export(
     out: &Path,
     source: &Path,
@@ -120,9 +130,14 @@ pub fn export(
         .map(|(n, t)| TensorData::from_candle(n, t))
         .collect::<Result<_, _>>()
         .map_err(ckpt)?;
-    let stage = out.join(".export.tmp");
-    if stage.exists() {
-        std::fs::remove_dir_all(&stage).map_err(|e| TrainError::io(&stage, e))?;
+    let stage = out.join(EXPORT_STAGE);
+    // what a killed export left: the stage, and StagedDir's own `..export.tmp.PID.tmp`
+    for entry in std::fs::read_dir(out).map_err(|e| TrainError::io(out, e))? {
+        let p = entry.map_err(|e| TrainError::io(out, e))?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if p.is_dir() && (name == EXPORT_STAGE || name.starts_with(&format!(".{EXPORT_STAGE}."))) {
+            std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
+        }
     }
     let report = save_checkpoint(
         &stage,
@@ -134,23 +149,38 @@ pub fn export(
         },
     )
     .map_err(ckpt)?;
+    let config_path = out.join(CONFIG_FILE);
+    let sync = |p: &Path| sync_parent(p).map_err(|e| TrainError::io(p, e));
+    if config_path.exists() {
+        std::fs::remove_file(&config_path).map_err(|e| TrainError::io(&config_path, e))?;
+        sync(&config_path)?;
+    }
     // weights of an earlier export that this one does not overwrite would be stale
     for entry in std::fs::read_dir(out).map_err(|e| TrainError::io(out, e))? {
         let p = entry.map_err(|e| TrainError::io(out, e))?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.starts_with("model") && name.contains(".safetensors") {
+        if p.is_file() && name.starts_with("model") && name.contains(".safetensors") {
             std::fs::remove_file(&p).map_err(|e| TrainError::io(&p, e))?;
         }
     }
     let mut moved = Vec::new();
     for entry in std::fs::read_dir(&report.dir).map_err(|e| TrainError::io(&report.dir, e))? {
         let p = entry.map_err(|e| TrainError::io(&report.dir, e))?.path();
-        if let Some(name) = p.file_name() {
-            let dst = out.join(name);
-            std::fs::rename(&p, &dst).map_err(|e| TrainError::io(&dst, e))?;
-            moved.push(dst);
+        match p.file_name() {
+            Some(name) if name != CONFIG_FILE => {
+                let dst = out.join(name);
+                std::fs::rename(&p, &dst).map_err(|e| TrainError::io(&dst, e))?;
+                moved.push(dst);
+            }
+            _ => {}
         }
     }
+    sync(&config_path)?;
+    failpoint("export-partial");
+    std::fs::rename(report.dir.join(CONFIG_FILE), &config_path)
+        .map_err(|e| TrainError::io(&config_path, e))?;
+    sync(&config_path)?;
+    moved.push(config_path);
     std::fs::remove_dir_all(&report.dir).map_err(|e| TrainError::io(&report.dir, e))?;
     moved.sort();
     Ok(moved)

@@ -9,6 +9,7 @@ pub mod optim;
 pub mod recompute;
 pub mod run;
 pub mod schedule;
+pub mod store;
 pub mod template;
 pub mod trainer;
 
@@ -42,11 +43,14 @@ pub enum TrainError {
     Config(String),
     #[error("resume from {path}: {reason}")]
     Resume { path: String, reason: String },
-    #[error("step {step}: the {what} is {value}; stopped before the update (the last good checkpoint is kept)")]
+    /// A NaN or infinity in step `step`'s loss, gradients, updated weights or optimizer moments:
+    /// the run stops and saves nothing of that step.
+    #[error("step {step}: {what}; stopped without saving it: {}", kept_text(.kept))]
     NonFinite {
         step: u64,
-        what: &'static str,
-        value: f64,
+        what: String,
+        /// The checkpoint left on disk (filled in by the run, which knows what it saved).
+        kept: Option<KeptCheckpoint>,
     },
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
@@ -56,6 +60,24 @@ pub enum TrainError {
     Checkpoint(Box<crate::checkpoint::CheckpointError>),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// The last checkpoint a run saved, which a failure leaves as it was.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeptCheckpoint {
+    pub step: u64,
+    pub dir: std::path::PathBuf,
+}
+
+fn kept_text(kept: &Option<KeptCheckpoint>) -> String {
+    match kept {
+        Some(k) => format!(
+            "the last good checkpoint, of step {}, is kept in {}",
+            k.step,
+            k.dir.display()
+        ),
+        None => "no checkpoint had been saved (--save-every N saves them)".to_string(),
+    }
 }
 
 impl TrainError {

@@ -137,6 +137,24 @@ impl AdamW {
         Ok(())
     }
 
+    /// The first of the parameters (`tensor NAME`) and then of the moments (`the first/second
+    /// moment of NAME`) that holds a NaN or an infinity; None when all are finite.
+    pub fn non_finite(&self, params: &[TrainParam]) -> Result<Option<String>, TrainError> {
+        for p in params {
+            if !all_finite(&p.value_f32()?)? {
+                return Ok(Some(format!("tensor {}", p.name)));
+            }
+        }
+        for (i, p) in params.iter().enumerate() {
+            for (t, which) in [(&self.m[i], "first"), (&self.v[i], "second")] {
+                if !all_finite(t)? {
+                    return Ok(Some(format!("the {which} moment of {}", p.name)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
     pub fn state_tensors(&self, params: &[TrainParam]) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
@@ -178,6 +196,17 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// Whether every element of `t` is finite: `x - x` is 0 for finite x and NaN for NaN and
+/// infinities, so the sum is exactly 0 only when all are finite (and cannot overflow).
+pub fn all_finite(t: &Tensor) -> Result<bool, TrainError> {
+    let s = t
+        .sub(t)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(s == 0.0)
 }
 
 /// Scale the gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`), as

@@ -1,6 +1,7 @@
 //! A whole fine-tuning run: model directory and data file in, Hugging Face checkpoint out, with
 //! `training_log.jsonl`, periodic checkpoints and exact resume.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,12 +10,12 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::data::ParseReport;
+use super::data::{BadRecordLimit, ParseReport};
 use super::examples::{load_examples, Example, PrepConfig, PrepReport};
 use super::hf::{ckpt, export, llama_factory, load_weights};
 use super::template::ChatTemplate;
 use super::trainer::{checkpoint_dir, read_state, StepStats, TrainConfig, Trainer};
-use super::TrainError;
+use super::{store, KeptCheckpoint, TrainError};
 use crate::checkpoint::{HfConfig, TokenizerFiles};
 use crate::rope::Recipe;
 
@@ -32,6 +33,9 @@ pub struct TuneSpec {
     pub seq_len: usize,
     pub min_tokens: usize,
     pub samples: Option<usize>,
+    /// More skipped records than this stops the run (absent in older checkpoints: the default).
+    #[serde(default)]
+    pub max_bad_records: BadRecordLimit,
     pub train: TrainConfig,
     /// Compute dtype: "f32", "bf16" or "f64".
     pub dtype: String,
@@ -91,17 +95,21 @@ pub struct TuneSummary {
     pub records: usize,
     pub skipped_records: usize,
     pub skip_reasons: Vec<String>,
+    /// Skipped records by kind of fault.
+    pub skip_counts: BTreeMap<String, usize>,
     pub data: PrepReport,
     pub seconds: f64,
     pub tokens_per_s: f64,
     pub files: Vec<PathBuf>,
 }
 
-/// Rebuild a run's spec from its output directory's checkpoint.
+/// Rebuild a run's spec from its output directory's newest complete checkpoint (which may be
+/// under `checkpoint.tmp` or `checkpoint.old` after a kill; nothing is moved here).
 pub fn spec_from_checkpoint(out: &Path) -> Result<TuneSpec, TrainError> {
-    let state = read_state(&checkpoint_dir(out))?;
+    let (dir, _) = store::find(&checkpoint_dir(out))?;
+    let state = read_state(&dir)?;
     serde_json::from_value(state.extra.clone()).map_err(|e| TrainError::Resume {
-        path: checkpoint_dir(out).display().to_string(),
+        path: dir.display().to_string(),
         reason: format!("malformed run description: {e}"),
     })
 }
@@ -148,6 +156,7 @@ pub fn tune(
         min_tokens: spec.min_tokens,
         samples: spec.samples,
         seed: spec.train.seed,
+        max_bad_records: spec.max_bad_records,
     };
     let (examples, parse, report) = load_examples(&spec.data, &files.tokenizer, &template, &prep)?;
     check_token_ids(&examples, cfg.vocab_size)?;
@@ -171,8 +180,20 @@ pub fn tune(
     let end = stop_after
         .unwrap_or(trainer.total_steps)
         .min(trainer.total_steps);
+    // the checkpoint on disk, named by a non-finite step's error
+    let mut kept = resumed_from.map(|step| KeptCheckpoint {
+        step,
+        dir: ck.clone(),
+    });
     while trainer.step() < end {
-        let stats = trainer.train_step(&factory)?;
+        let stats = trainer.train_step(&factory).map_err(|e| match e {
+            TrainError::NonFinite { step, what, .. } => TrainError::NonFinite {
+                step,
+                what,
+                kept: kept.clone(),
+            },
+            e => e,
+        })?;
         first.get_or_insert(stats.loss);
         last = Some(stats.loss);
         tokens += stats.tokens;
@@ -186,6 +207,10 @@ pub fn tune(
         let every = spec.train.save_every;
         if every > 0 && stats.step % every == 0 && stats.step < trainer.total_steps {
             trainer.save_checkpoint(&ck, &extra)?;
+            kept = Some(KeptCheckpoint {
+                step: stats.step,
+                dir: ck.clone(),
+            });
             on(Event::Saved {
                 step: stats.step,
                 dir: &ck,
@@ -218,6 +243,7 @@ pub fn tune(
         records: parse.records,
         skipped_records: parse.skipped,
         skip_reasons: parse.reasons.clone(),
+        skip_counts: parse.by_kind.clone(),
         data: report,
         seconds: t0.elapsed().as_secs_f64(),
         tokens_per_s: tokens as f64 / train_s.max(1e-9),
@@ -239,8 +265,8 @@ fn check_token_ids(examples: &[Example], vocab_size: usize) -> Result<(), TrainE
     }
 }
 
-/// A resume loads the checkpoint and keeps the log up to its step; a fresh run starts a new
-/// log. Returns the step resumed from.
+/// A resume loads the newest complete checkpoint and keeps the log up to its step; a fresh run
+/// removes old checkpoints and starts a new log. Returns the step resumed from.
 fn start_log(
     trainer: &mut Trainer,
     ck: &Path,
@@ -248,10 +274,14 @@ fn start_log(
     resume: bool,
 ) -> Result<Option<u64>, TrainError> {
     if resume {
+        // a kill may have interrupted a swap: the newest complete checkpoint becomes `ck`
+        store::settle(ck)?;
         let state = trainer.load_checkpoint(ck)?;
         truncate_log(log_path, state.step)?;
         return Ok(Some(state.step));
     }
+    // a fresh run: checkpoints of an earlier run here would be resumed with the wrong log
+    store::clear(ck)?;
     if log_path.exists() {
         std::fs::remove_file(log_path).map_err(|e| TrainError::io(log_path, e))?;
     }
@@ -293,5 +323,5 @@ fn truncate_log(path: &Path, step: u64) -> Result<(), TrainError> {
 
 /// The parse report as JSON (for messages).
 pub fn parse_json(p: &ParseReport) -> Value {
-    json!({"records": p.records, "skipped": p.skipped, "reasons": p.reasons})
+    json!({"records": p.records, "skipped": p.skipped, "by_kind": p.by_kind, "reasons": p.reasons})
 }

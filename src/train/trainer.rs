@@ -234,30 +234,40 @@ impl Trainer {
         Ok((loss, acc.finish(&self.set.params)?, tokens, targets))
     }
 
-    /// Run one optimizer step. A non-finite loss or gradient norm is an error and leaves the
-    /// parameters untouched.
+    /// Run one optimizer step. A non-finite loss or gradient norm is an error that leaves the
+    /// parameters untouched; so are non-finite weights or moments after the update (the
+    /// parameters are then spoiled in memory: the caller must not save them, and stops).
     pub fn train_step(&mut self, factory: &ModelFactory) -> Result<StepStats, TrainError> {
         let k = self.step();
         let t0 = Instant::now();
         let (epoch, _) = self.batch_indices(k);
+        let non_finite = |what: String| TrainError::NonFinite {
+            step: k + 1,
+            what,
+            kept: None,
+        };
         let (loss, mut grads, tokens, targets) = self.loss_and_grads(factory, k)?;
         if !loss.is_finite() {
-            return Err(TrainError::NonFinite {
-                step: k + 1,
-                what: "loss",
-                value: loss,
-            });
+            return Err(non_finite(format!("the loss is {loss}")));
         }
         let norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step: k + 1,
-                what: "gradient norm",
-                value: norm,
-            });
+            return Err(non_finite(format!("the gradient norm is {norm}")));
         }
         let lr = self.schedule().lr(k);
         self.opt.update(&mut self.set.params, &grads, lr)?;
+        // test-only: spoil one weight as a bad update would (tests of the guard below)
+        if crate::fsutil::failpoint_set(&format!("poison-weights-step-{}", k + 1)) {
+            if let Some(p) = self.set.params.first_mut() {
+                let spoiled = p.value_f32()?.affine(f64::NAN, 0.0)?;
+                p.set_f32(&spoiled)?;
+            }
+        }
+        // A finite loss and gradient can still overflow the update (a huge lr, a tiny v); a
+        // checkpoint of such weights would poison every resume.
+        if let Some(what) = self.opt.non_finite(&self.set.params)? {
+            return Err(non_finite(format!("the update made {what} non-finite")));
+        }
         let seconds = t0.elapsed().as_secs_f64();
         let (rss, peak) = memory();
         Ok(StepStats {
@@ -276,68 +286,60 @@ impl Trainer {
         })
     }
 
-    /// Save parameters (f32), optimizer moments and the run state into `dir`, replacing any
-    /// earlier checkpoint there only once the new one is complete.
+    /// Save parameters (f32), optimizer moments and the run state as the checkpoint `dir`, through
+    /// a staging directory swapped in only once complete ([`super::store::save`]).
     pub fn save_checkpoint(&self, dir: &Path, extra: &serde_json::Value) -> Result<(), TrainError> {
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "checkpoint".into());
-        let tmp = parent.join(format!(".{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        let mut params = HashMap::new();
-        for p in &self.set.params {
-            params.insert(p.name.clone(), p.value_f32()?.to_device(&Device::Cpu)?);
-        }
-        save_tensors(&params, &tmp.join(PARAMS_FILE))?;
-        let moments: HashMap<String, Tensor> = self
-            .opt
-            .state_tensors(&self.set.params)
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
-            .collect::<Result<_, candle_core::Error>>()?;
-        save_tensors(&moments, &tmp.join(OPTIMIZER_FILE))?;
-        let state = CheckpointState {
-            format: 1,
-            step: self.step(),
-            total_steps: self.total_steps,
-            config: self.cfg.clone(),
-            examples: self.examples.len(),
-            data_fingerprint: fingerprint(&self.examples),
-            extra: extra.clone(),
-        };
-        let text = serde_json::to_string_pretty(&state)
-            .map_err(|e| TrainError::Internal(e.to_string()))?;
-        let sp = tmp.join(STATE_FILE);
-        std::fs::write(&sp, text).map_err(|e| TrainError::io(&sp, e))?;
-        // Swap in: the old checkpoint is removed only after the new one is in place.
-        let old = parent.join(format!(".{name}.old"));
-        if dir.exists() {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        super::store::save(dir, self.step(), |tmp| {
+            let mut params = HashMap::new();
+            for p in &self.set.params {
+                params.insert(p.name.clone(), p.value_f32()?.to_device(&Device::Cpu)?);
             }
-            std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
-        }
-        Ok(())
+            save_tensors(&params, &tmp.join(PARAMS_FILE))?;
+            crate::fsutil::failpoint("checkpoint-staging-partial");
+            let moments: HashMap<String, Tensor> = self
+                .opt
+                .state_tensors(&self.set.params)
+                .into_iter()
+                .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
+                .collect::<Result<_, candle_core::Error>>()?;
+            save_tensors(&moments, &tmp.join(OPTIMIZER_FILE))?;
+            let state = CheckpointState {
+                format: 1,
+                step: self.step(),
+                total_steps: self.total_steps,
+                config: self.cfg.clone(),
+                examples: self.examples.len(),
+                data_fingerprint: fingerprint(&self.examples),
+                extra: extra.clone(),
+            };
+            let text = serde_json::to_string_pretty(&state)
+                .map_err(|e| TrainError::Internal(e.to_string()))?;
+            let sp = tmp.join(STATE_FILE);
+            std::fs::write(&sp, text).map_err(|e| TrainError::io(&sp, e))
+        })
     }
 
     /// Restore a checkpoint saved by [`Trainer::save_checkpoint`] into a trainer built with the
     /// same configuration and data.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<CheckpointState, TrainError> {
-        let state = read_state(dir)?;
         let origin = dir.display().to_string();
         let bad = |reason: String| TrainError::Resume {
             path: origin.clone(),
             reason,
         };
+        let manifest = super::store::complete(dir).ok_or_else(|| {
+            bad(format!(
+                "not a complete checkpoint (no {} matching its files)",
+                super::store::MANIFEST_FILE
+            ))
+        })?;
+        let state = read_state(dir)?;
+        if state.step != manifest.step {
+            return Err(bad(format!(
+                "{STATE_FILE} is of step {}, the manifest of step {}",
+                state.step, manifest.step
+            )));
+        }
         if state.examples != self.examples.len()
             || state.data_fingerprint != fingerprint(&self.examples)
         {
@@ -415,7 +417,8 @@ pub fn fingerprint(examples: &[Example]) -> String {
     format!("{h:016x}")
 }
 
-/// Write tensors as one safetensors file (through a sibling temporary file and a rename).
+/// Write tensors as one safetensors file (into a checkpoint's staging directory, which makes the
+/// checkpoint atomic as a whole).
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), TrainError> {
     candle_core::safetensors::save(tensors, path).map_err(|e| TrainError::Safetensors {
         path: path.display().to_string(),

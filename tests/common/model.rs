@@ -489,3 +489,24 @@ impl TinyModel {
         dir.to_path_buf()
     }
 }
+
+/// Every tensor of a safetensors file as (dtype, shape, raw bytes), by name: for comparing
+/// weights bit for bit, whatever order or padding the file's header has.
+pub fn tensor_bytes(
+    path: &Path,
+) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let view = (
+                format!("{:?}", v.dtype()),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            );
+            (n, view)
+        })
+        .collect()
+}
