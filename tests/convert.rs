@@ -699,3 +699,60 @@ fn unsupported_type_names_the_tensor() {
     assert!(msg.contains(target) && msg.contains("IQ2_XXS"), "{msg}");
     assert!(!tmp.path().join("out").exists(), "nothing written");
 }
+
+/// `--outtype f16,q8_0,q4_k_m,q2_k -o DIR/` writes, from one read, files byte-identical to the
+/// single-type conversions (bf16 weights: the f32 intermediate must not change the f16 output).
+#[test]
+fn several_outtypes_in_one_pass_equal_single_conversions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    TinyModel::new()
+        .hidden(256)
+        .inter(512)
+        .layers(2)
+        .heads(4)
+        .kv_heads(2)
+        .dtype(common::model::WeightDtype::Bf16)
+        .seed(4)
+        .write(&src);
+    let dir = tmp.path().join("out/");
+    let mut cli = vec![
+        "to-gguf",
+        src.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+    ];
+    cli.extend(["--outtype", "f16,q8_0,q4_k_m,q2_k", "--json"]);
+    let r = bin::run(Bin::Convert, &cli);
+    r.expect_code(0);
+    let j = r.json();
+    assert_eq!(j["files"].as_array().unwrap().len(), 4);
+    for (t, out) in [
+        ("f16", OutType::F16),
+        ("q8_0", OutType::Q8_0),
+        ("q4_k_m", OutType::Q4KM),
+        ("q2_k", OutType::Q2K),
+    ] {
+        let single = tmp.path().join(format!("single-{t}.gguf"));
+        to_gguf(
+            &src,
+            &single,
+            &ToGgufOptions {
+                outtype: out,
+                ..ToGgufOptions::default()
+            },
+        );
+        let many = dir.join(format!("src-{t}.gguf"));
+        let (a, b) = (
+            std::fs::read(&single).unwrap(),
+            std::fs::read(&many).unwrap(),
+        );
+        assert!(
+            a == b,
+            "{t}: the one-pass output differs from the single conversion"
+        );
+    }
+    // a second run without --force keeps the files and fails naming one
+    let r = bin::run(Bin::Convert, &cli);
+    r.expect_code(2);
+}

@@ -324,6 +324,34 @@ impl SafetensorStore {
         }
     }
 
+    /// Drop the resident pages of a tensor read for the last time (a hint: the map stays valid
+    /// and a later read faults the pages back in from the file). Streaming conversions call it
+    /// so that the resident set follows the tensor being converted, not the whole input.
+    pub fn release(&self, name: &str) {
+        let Some(&i) = self.index.get(name) else {
+            return;
+        };
+        let shard = &self.shards[i];
+        let Some(info) = shard.metadata.info(name) else {
+            return;
+        };
+        let (start, end) = info.data_offsets;
+        let page = 4096;
+        // whole pages inside the tensor only: a neighbour's pages stay
+        let lo = (shard.data_start + start).div_ceil(page) * page;
+        let hi = (shard.data_start + end) / page * page;
+        if hi > lo && hi <= shard.map.len() {
+            // SAFETY: the map is a shared read-only mapping of a file abf never writes in place
+            // (see map_file): DontNeed only drops clean pages, which later reads fault back in
+            // from the file unchanged. Errors are ignored: the hint is an optimisation.
+            let _ = unsafe {
+                shard
+                    .map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
     /// A tensor's dtype, shape and raw bytes.
     pub fn tensor_view(&self, name: &str) -> Result<TensorView<'_>, CheckpointError> {
         match self.index.get(name) {

@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod from_gguf;
+pub mod multi;
 pub mod numeric;
 pub mod permute;
 pub mod quant_plan;
@@ -19,6 +20,7 @@ pub use from_gguf::{
     from_gguf, read_hf_tensors, read_hparams, read_rope_freqs, FromGgufOptions, FromGgufReport,
     GgufHparams, HfTensors, OutDtype,
 };
+pub use multi::{write_many, Output};
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};
 pub use tensor_map::{gguf_to_hf, hf_to_gguf, Role, TENSOR_MAP};

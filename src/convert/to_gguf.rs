@@ -322,10 +322,38 @@ fn encode_tensor(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<u8>, Conver
     };
     match numeric::float_dtype(t.ggml_type) {
         Some(to) => Ok(numeric::convert(view.dtype, to, data)),
+        None => encode_f32(t, &numeric::to_f32(view.dtype, data)),
+    }
+}
+
+/// A planned tensor's source as f32 in GGUF row order (q/k rows permuted): what every output
+/// type is encoded from when one read serves several (`convert::multi`).
+pub(crate) fn source_f32(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<f32>, ConvertError> {
+    let Some(src) = &t.source else {
+        return Err(ConvertError::tensor(&t.name, "no source tensor"));
+    };
+    let view = ckpt.weights.tensor_view(src)?;
+    let rows = view.shape.first().copied().unwrap_or(1);
+    let f = numeric::to_f32(view.dtype, view.data);
+    match t.permute_heads {
+        Some(h) => {
+            let bytes = numeric::from_f32(TensorDtype::F32, &f);
+            Ok(numeric::to_f32(
+                TensorDtype::F32,
+                &permute_qk(src, &bytes, rows, h)?,
+            ))
+        }
+        None => Ok(f),
+    }
+}
+
+/// `data` (f32, GGUF row order) encoded as the planned tensor's type.
+pub(crate) fn encode_f32(t: &PlannedTensor, data: &[f32]) -> Result<Vec<u8>, ConvertError> {
+    match numeric::float_dtype(t.ggml_type) {
+        Some(to) => Ok(numeric::from_f32(to, data)),
         None => {
-            let f = numeric::to_f32(view.dtype, data);
             let row_len = t.dims.first().copied().unwrap_or(1) as usize;
-            numeric::quantize(&t.name, t.ggml_type, &f, row_len)
+            numeric::quantize(&t.name, t.ggml_type, data, row_len)
         }
     }
 }
@@ -359,7 +387,12 @@ pub fn write_gguf(
         };
         w.write_tensor_data(&t.name, &bytes)?;
         let input = match &t.source {
-            Some(s) => ckpt.weights.tensor_view(s)?.data.len() as u64,
+            Some(s) => {
+                let n = ckpt.weights.tensor_view(s)?.data.len() as u64;
+                // read for the last time: its pages need not stay resident
+                ckpt.weights.release(s);
+                n
+            }
             None => 0,
         };
         progress(&t.name, input);

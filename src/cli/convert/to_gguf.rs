@@ -9,18 +9,22 @@ use serde_json::json;
 use crate::checkpoint::Checkpoint;
 use crate::cli::args::{out_type, GgufTarget};
 use crate::cli::{print_json, progress, Exit, JsonFlag, RecipeArgs};
-use crate::convert::{plan_to_gguf, write_gguf, OutType, Plan, ToGgufOptions};
+use crate::convert::multi::output_path;
+use crate::convert::{plan_to_gguf, write_gguf, write_many, OutType, Output, Plan, ToGgufOptions};
 
 #[derive(Args, Debug)]
 pub struct ToGgufArgs {
     /// Model directory (config.json, safetensors, tokenizer.json, tokenizer_config.json).
     pub model_dir: PathBuf,
-    /// The GGUF file to write.
+    /// The GGUF file to write. With several --outtype: a directory (NAME-TYPE.gguf inside), a
+    /// path containing `{type}`, or a path whose stem gets `-TYPE` appended.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m.
-    #[arg(long, default_value = "f16", value_parser = out_type(), ignore_case = true)]
-    pub outtype: OutType,
+    /// f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m; several,
+    /// comma-separated, are written in one pass (each tensor read and converted to f32 once).
+    #[arg(long, default_value = "f16", value_parser = out_type(), ignore_case = true,
+          value_delimiter = ',', num_args = 1..)]
+    pub outtype: Vec<OutType>,
     #[command(flatten)]
     pub target: GgufTarget,
     #[command(flatten)]
@@ -48,7 +52,8 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
             .num_threads(n.max(1))
             .build_global();
     }
-    if !args.dry_run && args.output.exists() && !args.force {
+    let several = args.outtype.len() > 1;
+    if !several && !args.dry_run && args.output.exists() && !args.force {
         anyhow::bail!(
             "{} exists (use --force to replace it)",
             args.output.display()
@@ -62,13 +67,16 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         Some(args.recipe.resolve_over(current).context("recipe flags")?)
     };
     let opts = ToGgufOptions {
-        outtype: args.outtype,
+        outtype: args.outtype[0],
         runtime: args.target.runtime,
         recipe,
         allow_approximate: args.target.allow_approximate,
         tokenizer_pre: args.tokenizer_pre.clone(),
         name: None,
     };
+    if several {
+        return run_many(&args, &ckpt, &opts);
+    }
     let plan = plan_to_gguf(&ckpt, &opts).context("planning the conversion")?;
     if args.dry_run {
         print_plan(&plan, args.print.json)?;
@@ -79,7 +87,7 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
     bar.finish_and_clear();
     if args.print.json {
         print_json(&json!({
-            "output": args.output, "outtype": args.outtype.name(),
+            "output": args.output, "outtype": args.outtype[0].name(),
             "runtime": format!("{:?}", args.target.runtime),
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
             "tensors": report.tensors, "input_bytes": report.input_bytes,
@@ -99,6 +107,77 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
             report.output_bytes as f64 / 1e6,
             report.seconds,
             report.gb_per_s()
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+/// Several `--outtype`s: one plan per type, one read of the checkpoint for all of them.
+fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyhow::Result<Exit> {
+    let name = args
+        .model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    if args.output.to_string_lossy().ends_with('/') && !args.dry_run {
+        std::fs::create_dir_all(&args.output)
+            .with_context(|| format!("creating {}", args.output.display()))?;
+    }
+    let mut outputs = Vec::with_capacity(args.outtype.len());
+    for &t in &args.outtype {
+        let opts = ToGgufOptions {
+            outtype: t,
+            ..base.clone()
+        };
+        let plan = plan_to_gguf(ckpt, &opts)
+            .with_context(|| format!("planning the {} output", t.name()))?;
+        let path = output_path(&args.output, &name, t.name(), true);
+        if path.exists() && !args.force && !args.dry_run {
+            anyhow::bail!("{} exists (use --force to replace it)", path.display());
+        }
+        outputs.push(Output { plan, path });
+    }
+    if args.dry_run {
+        for o in &outputs {
+            println!("{}:", o.path.display());
+            print_plan(&o.plan, args.print.json)?;
+        }
+        return Ok(Exit::Ok);
+    }
+    let bar = progress(outputs[0].plan.input_bytes, "to-gguf", args.print.json);
+    let start = std::time::Instant::now();
+    let reports = write_many(ckpt, &outputs, args.force, &|_, n| bar.inc(n))?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    if args.print.json {
+        let files: Vec<_> = outputs
+            .iter()
+            .zip(&reports)
+            .map(|(o, r)| {
+                json!({"output": o.path, "outtype": o.plan.tensors.first().map(|t| t.ggml_type.to_string()),
+                       "notes": o.plan.notes, "tensors": r.tensors, "output_bytes": r.output_bytes})
+            })
+            .collect();
+        print_json(&json!({
+            "outtypes": args.outtype.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "recipe": outputs[0].plan.recipe.to_json_block(),
+            "input_bytes": outputs[0].plan.input_bytes, "seconds": seconds, "files": files,
+        }))?;
+    } else {
+        println!("recipe: {}", outputs[0].plan.recipe);
+        for (o, r) in outputs.iter().zip(&reports) {
+            println!(
+                "wrote {}: {} tensors, {:.1} MB",
+                o.path.display(),
+                r.tensors,
+                r.output_bytes as f64 / 1e6
+            );
+        }
+        println!(
+            "{} outputs from one read of {:.1} MB in {:.2} s",
+            outputs.len(),
+            outputs[0].plan.input_bytes as f64 / 1e6,
+            seconds
         );
     }
     Ok(Exit::Ok)

@@ -1,0 +1,129 @@
+//! One read, many outputs: every planned tensor is read from the mapped checkpoint and turned
+//! into f32 once, then encoded to each output's type and written to each output. The plans come
+//! from the same checkpoint (one per output type), so they list the same tensors in the same
+//! order; only the types differ. Finished tensors' mapped pages are released, so the resident
+//! set stays near one tensor's worth rather than growing to the whole input.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::error::ConvertError;
+use super::numeric;
+use super::to_gguf::{encode_f32, source_f32, Plan, ToGgufReport};
+use crate::checkpoint::{Checkpoint, TensorDtype};
+use crate::gguf::{GgufWriter, TensorSpec};
+
+/// One output of a multi-type conversion.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub plan: Plan,
+    pub path: PathBuf,
+}
+
+/// Plans that cannot share one read (they list different tensors): a planning bug, named.
+fn same_tensors(outputs: &[Output]) -> Result<(), ConvertError> {
+    let Some(first) = outputs.first() else {
+        return Ok(());
+    };
+    for o in &outputs[1..] {
+        let a = first.plan.tensors.iter().map(|t| (&t.name, &t.source));
+        let b = o.plan.tensors.iter().map(|t| (&t.name, &t.source));
+        if !a.eq(b) {
+            return Err(ConvertError::tensor(
+                &o.path.display().to_string(),
+                "its plan lists other tensors than the first output's",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Write every output (each atomic; an existing file is replaced only with `force`). `progress`
+/// is called with each tensor's input bytes once, as it is written to every output. On an error
+/// no output is left behind.
+pub fn write_many(
+    ckpt: &Checkpoint,
+    outputs: &[Output],
+    force: bool,
+    progress: &dyn Fn(&str, u64),
+) -> Result<Vec<ToGgufReport>, ConvertError> {
+    let start = Instant::now();
+    same_tensors(outputs)?;
+    let mut writers = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        let mut w = GgufWriter::create(&o.path, force)?;
+        for (k, v) in o.plan.metadata.iter() {
+            w.add_kv(k, v.clone())?;
+        }
+        for t in &o.plan.tensors {
+            w.add_tensor(TensorSpec::new(
+                t.name.clone(),
+                t.dims.clone(),
+                t.ggml_type,
+            )?)?;
+        }
+        writers.push(w);
+    }
+    let Some(first) = outputs.first() else {
+        return Ok(Vec::new());
+    };
+    for (i, t) in first.plan.tensors.iter().enumerate() {
+        let f32_data = match (&t.source, &first.plan.rope_freqs) {
+            (None, Some(f)) => f.clone(),
+            _ => source_f32(ckpt, t)?,
+        };
+        // the types of one tensor encode side by side (each quantizer is parallel over rows too)
+        let encoded = outputs
+            .par_iter()
+            .map(|o| {
+                let pt = &o.plan.tensors[i];
+                match pt.source {
+                    None => Ok(numeric::from_f32(TensorDtype::F32, &f32_data)),
+                    Some(_) => encode_f32(pt, &f32_data),
+                }
+            })
+            .collect::<Result<Vec<_>, ConvertError>>()?;
+        for (w, bytes) in writers.iter_mut().zip(&encoded) {
+            w.write_tensor_data(&t.name, bytes)?;
+        }
+        let input = match &t.source {
+            Some(s) => {
+                let n = ckpt.weights.tensor_view(s)?.data.len() as u64;
+                ckpt.weights.release(s);
+                n
+            }
+            None => 0,
+        };
+        progress(&t.name, input);
+    }
+    let mut reports = Vec::with_capacity(outputs.len());
+    for (w, o) in writers.into_iter().zip(outputs) {
+        let output_bytes = w.commit()?;
+        reports.push(ToGgufReport {
+            tensors: o.plan.tensors.len(),
+            input_bytes: o.plan.input_bytes,
+            output_bytes,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(reports)
+}
+
+/// The output path of `outtype` for `-o`: a directory gets `NAME-TYPE.gguf`; a path with `{type}`
+/// gets it substituted; anything else is a template only when there is one type.
+pub fn output_path(template: &Path, name: &str, outtype: &str, several: bool) -> PathBuf {
+    let s = template.to_string_lossy();
+    if s.contains("{type}") {
+        return PathBuf::from(s.replace("{type}", outtype));
+    }
+    if template.is_dir() || s.ends_with('/') {
+        return template.join(format!("{name}-{outtype}.gguf"));
+    }
+    if several {
+        let stem = template.with_extension("");
+        return PathBuf::from(format!("{}-{outtype}.gguf", stem.display()));
+    }
+    template.to_path_buf()
+}
