@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod release;
 pub mod rope;
 pub mod runtime;
 pub mod train;

@@ -233,7 +233,7 @@ fn tokens_for(
     ckpt: &Checkpoint,
     len: usize,
     notes: &mut Vec<String>,
-) -> Result<(Vec<u32>, String), VerifyError> {
+) -> Result<(Vec<u32>, String, usize), VerifyError> {
     let vocab = ckpt.config.model.vocab_size;
     let (mut ids, label) = match &opts.source {
         TokenSource::Tokens(t) => (t.clone(), format!("{} given tokens", t.len())),
@@ -260,6 +260,8 @@ fn tokens_for(
             n_vocab: vocab,
         });
     }
+    // the tokens of the source itself, before any repetition
+    let own = ids.len().min(len);
     if ids.len() < len {
         if matches!(opts.source, TokenSource::Tokens(_)) {
             notes.push(format!(
@@ -278,7 +280,7 @@ fn tokens_for(
         }
     }
     ids.truncate(len);
-    Ok((ids, label))
+    Ok((ids, label, own))
 }
 
 /// The GGUF's own vocabulary must tokenize the text as the reference tokenizer does (over the
@@ -347,7 +349,7 @@ pub fn verify_many(
         .map(|gguf| check_file(opts, gguf, &cfg, &want, params))
         .collect::<Result<Vec<_>, _>>()?;
     let len = choose_length(opts, &exact, cfg.vocab_size, &mut notes);
-    let (tokens, token_label) = tokens_for(opts, &ckpt, len, &mut notes)?;
+    let (tokens, token_label, source_len) = tokens_for(opts, &ckpt, len, &mut notes)?;
     let len = tokens.len();
     let band_list = bands(c, len, &opts.lengths);
 
@@ -377,7 +379,8 @@ pub fn verify_many(
     for (gguf, mut file) in ggufs.iter().zip(checked) {
         let mut notes = notes.clone();
         if let TokenSource::Text(text) = &opts.source {
-            match tokenizer_issue(gguf, text, &tokens, len) {
+            // the text's own tokens, not the repetitions that fill the length
+            match tokenizer_issue(gguf, text, &tokens, source_len) {
                 Ok(Some(i)) => file.issues.push(i),
                 Ok(None) => {}
                 Err(e) => notes.push(format!("tokenizer not compared: {e}")),

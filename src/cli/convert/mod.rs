@@ -4,6 +4,7 @@ mod from_gguf;
 mod inspect;
 mod patch_config;
 mod patch_gguf;
+mod release;
 mod rope;
 mod to_gguf;
 
@@ -38,6 +39,8 @@ pub enum Command {
     ToGguf(to_gguf::ToGgufArgs),
     /// Convert a GGUF back to a Hugging Face checkpoint (safetensors, config, tokenizer).
     FromGguf(from_gguf::FromGgufArgs),
+    /// A release: every type in one pass, each verified, release.json, SHA256SUMS, model card.
+    Release(release::ReleaseArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -53,5 +56,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::PatchConfig(args) => patch_config::run(args),
         Command::ToGguf(args) => to_gguf::run(args),
         Command::FromGguf(args) => from_gguf::run(args),
+        Command::Release(args) => release::run(args),
     }
 }
