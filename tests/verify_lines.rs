@@ -6,7 +6,7 @@ mod common;
 
 use abf::gguf::{types, GgmlType};
 use abf::model::round_activations;
-use abf::runtime::{llamacpp_activation_type, BackendKind};
+use abf::runtime::llamacpp_activation_type;
 use abf::verify::lines::{
     LineRule, PassLines, TypeClass, ARITHMETIC_FACTOR, KLD_FLOOR, PLAIN_FACTOR,
 };
@@ -149,11 +149,58 @@ fn lines_follow_their_stated_rules() {
         (o.rule, o.max_kld, o.needs_plain()),
         (LineRule::Override, Some(0.1), false)
     );
-    // arithmetic lines: our reading is f32; llama.cpp by the activation type
-    let c = PassLines::arithmetic(BackendKind::Candle, TypeClass::KQuant);
-    assert_eq!((c.max_nmse, c.max_kld), (Some(1e-6), None));
-    let f = PassLines::arithmetic(BackendKind::LlamaCpp, TypeClass::F16);
-    assert_eq!(f.max_nmse, Some(1e-4));
-    let q = PassLines::arithmetic(BackendKind::LlamaCpp, TypeClass::LowBit);
-    assert_eq!((q.max_nmse, q.max_kld), (None, Some(5e-3)));
+}
+
+fn band(kld: f64, nmse: f64, top1: f64) -> abf::verify::BandMetrics {
+    abf::verify::BandMetrics {
+        band: abf::verify::Band {
+            start: 64,
+            end: 128,
+        },
+        positions: 64,
+        nmse,
+        max_abs_diff: 0.0,
+        kld_mean: kld,
+        kld_p99: kld,
+        kld_max: kld,
+        top1,
+        ppl_ratio: 1.0,
+        non_finite_rows: 0,
+    }
+}
+
+fn failed(checks: &[abf::verify::Check]) -> Vec<&'static str> {
+    checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| c.metric)
+        .collect()
+}
+
+#[test]
+fn consistency_rule_separates_a_runtime_noise_from_a_recipe_fault() {
+    use abf::verify::lines::{consistency, ROUNDING_FACTOR};
+    let rule = abf::verify::LongContextRule::default();
+    let rounding = band(1e-4, 6e-5, 0.99);
+    let reading = band(1.2e-4, 7e-5, 0.98);
+    // the runtime's own noise: the reference recipe costs what the reading costs
+    assert!(failed(&consistency(&reading, &reading, &rounding, &rule)).is_empty());
+    // a fault adds more than (ratio - 1) x the noise: 4.6e-4 against 3 x 1.2e-4 + 1e-6
+    let fault = band(4.6e-4, 2.8e-4, 0.97);
+    assert_eq!(
+        failed(&consistency(&fault, &reading, &rounding, &rule)),
+        ["nmse_vs_reading", "kld_vs_reading"]
+    );
+    // a runtime that does not compute its own keys: its reading exceeds twice the rounding cost
+    let misread = band(ROUNDING_FACTOR * 1e-4 + 2e-6, 7e-5, 0.98);
+    assert_eq!(
+        failed(&consistency(&misread, &misread, &rounding, &rule)),
+        ["reading_kld"]
+    );
+    // our own reading rounds nothing: any difference is a fault
+    let zero = band(0.0, 0.0, 1.0);
+    assert_eq!(
+        failed(&consistency(&band(2e-6, 2e-7, 1.0), &zero, &zero, &rule)),
+        ["kld_vs_reading"]
+    );
 }

@@ -189,8 +189,15 @@ fn render_backend(s: &mut String, b: &BackendResult) {
         s,
         &format!(
             "consistency: against our forward of the file's own weights with the reference \
-             recipe; reading: KLD against what its keys say ({})",
-            b.arithmetic_lines.source
+             recipe{}; reading: KLD against what its keys say",
+            if b.rounding.iter().any(|r| r.kld_mean > 0.0 || r.nmse > 0.0) {
+                format!(
+                    ", activations rounded as it rounds them (cost within c: KLD {})",
+                    sci(b.rounding[0].kld_mean)
+                )
+            } else {
+                String::new()
+            }
         ),
         &b.consistency,
         Some(&b.reading),

@@ -124,8 +124,9 @@ pub struct BackendResult {
     /// Consistency: against our forward of the file's own (dequantized) weights with the
     /// reference recipe: no weight noise, only the runtime's arithmetic and any recipe fault.
     pub consistency: Vec<BandResult>,
-    /// The lines the consistency band within c is judged by (the runtime's arithmetic).
-    pub arithmetic_lines: PassLines,
+    /// Our forward rounded as this runtime rounds against our f32 forward of the same weights,
+    /// band by band: what the rounding costs (zero for a runtime that rounds nothing).
+    pub rounding: Vec<BandMetrics>,
     /// Within c, the runtime against our f32 forward of the file's own weights: what its
     /// arithmetic costs (the plain rule adds it to the fidelity lines).
     pub arithmetic: BandMetrics,
@@ -703,6 +704,14 @@ fn run_candidate(
         )?)
     };
     let own_ref = rounded.as_ref().unwrap_or(cand.own_f32);
+    // what the rounding costs, band by band (no forward: two kept references compared)
+    let rounding = {
+        let mut cmp = Comparison::new(cand.own_f32, cand.tokens, cand.bands.to_vec());
+        for p in 0..own_ref.rows() {
+            cmp.push(p, own_ref.row(p))?;
+        }
+        cmp.finish()?
+    };
     let mut own = Comparison::new(own_ref, cand.tokens, cand.bands.to_vec());
     // the runtime against our forward of what its keys say, rounded alike: its arithmetic noise
     // band by band (the same comparison as `own` when the keys say the reference recipe)
@@ -748,10 +757,10 @@ fn run_candidate(
     Ok(judge(
         Measured {
             backend: name,
-            kind,
             metrics,
             consistency,
             reading,
+            rounding,
             arithmetic,
             kld_position0,
             first_bad_position: first_bad,
@@ -819,18 +828,13 @@ impl VerifyReport {
             .backends
             .iter()
             .map(|b| {
-                let kind = if b.backend == BackendKind::LlamaCpp.name() {
-                    BackendKind::LlamaCpp
-                } else {
-                    BackendKind::Candle
-                };
                 judge(
                     Measured {
                         backend: b.backend.clone(),
-                        kind,
                         metrics: b.bands.iter().map(|x| x.metrics.clone()).collect(),
                         consistency: b.consistency.iter().map(|x| x.metrics.clone()).collect(),
                         reading: b.reading.clone(),
+                        rounding: b.rounding.clone(),
                         arithmetic: b.arithmetic.clone(),
                         kld_position0: b.kld_position0,
                         first_bad_position: b.first_bad_position,
@@ -860,13 +864,14 @@ fn exceeds(x: f64, line: f64) -> bool {
 /// What one backend's run measured, before judgement.
 struct Measured {
     backend: String,
-    kind: BackendKind,
     /// Against the checkpoint.
     metrics: Vec<BandMetrics>,
     /// Against our forward of the file's own weights (activations rounded as the runtime does).
     consistency: Vec<BandMetrics>,
     /// Against our forward of what the file's keys say, rounded alike: the runtime's noise.
     reading: Vec<BandMetrics>,
+    /// Our rounded forward against our f32 forward: what the rounding costs.
+    rounding: Vec<BandMetrics>,
     /// Within c, against our f32 forward of the file's own weights: the runtime's arithmetic.
     arithmetic: BandMetrics,
     kld_position0: f64,
@@ -897,14 +902,13 @@ fn judge(
     file_type: GgmlType,
 ) -> BackendResult {
     let inside = |b: &BandMetrics| b.band.end <= c || b.band.start == 0;
-    let arithmetic_lines = PassLines::arithmetic(m.kind, lines.class);
     let consistency: Vec<BandResult> = m
         .consistency
         .into_iter()
-        .zip(&m.reading)
-        .map(|(b, r)| {
+        .zip(m.reading.iter().zip(&m.rounding))
+        .map(|(b, (r, x))| {
             let i = inside(&b);
-            let checks = consistency(&b, r, &arithmetic_lines, rule);
+            let checks = consistency(&b, r, x, rule);
             band_result(b, i, checks)
         })
         .collect();
@@ -950,7 +954,7 @@ fn judge(
         backend: m.backend,
         bands,
         consistency,
-        arithmetic_lines,
+        rounding: m.rounding,
         arithmetic: m.arithmetic,
         reading: m.reading,
         lines,
