@@ -1,6 +1,7 @@
 //! `abf-convert`: convert and patch checkpoints and GGUF files.
 
 mod from_gguf;
+mod imatrix;
 mod inspect;
 mod patch_config;
 mod patch_gguf;
@@ -38,6 +39,8 @@ pub enum Command {
     ToGguf(to_gguf::ToGgufArgs),
     /// Convert a GGUF back to a Hugging Face checkpoint (safetensors, config, tokenizer).
     FromGguf(from_gguf::FromGgufArgs),
+    /// Compute an importance matrix (llama.cpp's imatrix GGUF) over a text, for to-gguf --imatrix.
+    Imatrix(imatrix::ImatrixArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -53,5 +56,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::PatchConfig(args) => patch_config::run(args),
         Command::ToGguf(args) => to_gguf::run(args),
         Command::FromGguf(args) => from_gguf::run(args),
+        Command::Imatrix(args) => imatrix::run(args),
     }
 }
