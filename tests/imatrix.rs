@@ -593,3 +593,31 @@ fn weighted_quantizer_splits_on_whole_rows() {
     let e = abf::quant::quantize_weighted(q4, &data, n, &w[..10]).unwrap_err();
     assert!(e.to_string().contains("10 values"), "{e}");
 }
+
+#[test]
+fn default_ctx_is_the_recipe_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinyModel::new().context(96).write(&tmp.path().join("m"));
+    let window = Checkpoint::open(&dir).unwrap().config.model.recipe.context;
+    assert_eq!(window, 96);
+    let txt = write_text(tmp.path());
+    let out = tmp.path().join("im.gguf");
+    let j = bin::run(
+        Bin::Convert,
+        &[
+            "imatrix",
+            dir.to_str().unwrap(),
+            "--text",
+            txt.to_str().unwrap(),
+            "--chunks",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .expect_code(0)
+    .json();
+    assert_eq!(j["ctx"], 96);
+    assert_eq!(imatrix::read(&out).unwrap().chunk_size, 96);
+}
