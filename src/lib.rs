@@ -10,6 +10,7 @@ pub mod convert;
 pub mod eval;
 pub mod fsutil;
 pub mod gguf;
+pub mod imatrix;
 pub mod model;
 pub mod quant;
 pub mod release;

@@ -1,5 +1,6 @@
 //! Mutation tests of every parser of user-supplied files: safetensors headers, config.json, the
-//! tokenizer files, a GGUF's vocabulary keys and chat data. Each mutated input (byte flips,
+//! tokenizer files, a GGUF's vocabulary keys, chat data and importance matrices (llama.cpp's
+//! legacy `.dat` form and its GGUF form). Each mutated input (byte flips,
 //! truncations, JSON values swapped for wrong types, huge or negative numbers, "NaN" strings,
 //! deleted keys) parses or gives an error naming the file (or key), and never panics.
 //! `PROPTEST_CASES` bounds them (`make test`).
@@ -413,11 +414,78 @@ fn the_unmutated_inputs_parse() {
         let (convs, report) = abf::train::data::parse_conversations(&b, "chat.jsonl").unwrap();
         assert_eq!((convs.len(), report.skipped), (report.records, 0));
     }
+    let im = imatrix_inputs();
+    let legacy = abf::imatrix::parse_legacy(&im[0], Path::new("a.dat")).unwrap();
+    assert_eq!((legacy.entries.len(), legacy.chunk_count), (2, 3));
+    assert_eq!(
+        abf::imatrix::parse_gguf(&im[1], Path::new("a.gguf"))
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+}
+
+/// Importance matrices: the legacy `.dat` form (two entries and the trailer, laid out as
+/// llama.cpp's `save_imatrix_legacy` writes them) and the GGUF form.
+fn imatrix_inputs() -> Vec<Vec<u8>> {
+    let mut dat = Vec::new();
+    dat.extend(2i32.to_le_bytes());
+    for (name, ncall, vals) in [
+        ("blk.0.attn_q.weight", 3i32, &[1.0f32, 2.0][..]),
+        ("o", 0, &[4.0][..]),
+    ] {
+        dat.extend((name.len() as i32).to_le_bytes());
+        dat.extend(name.as_bytes());
+        dat.extend(ncall.to_le_bytes());
+        dat.extend((vals.len() as i32).to_le_bytes());
+        vals.iter().for_each(|v| dat.extend(v.to_le_bytes()));
+    }
+    dat.extend(3i32.to_le_bytes());
+    dat.extend(4i32.to_le_bytes());
+    dat.extend(b"wiki");
+    let mut entries = std::collections::BTreeMap::new();
+    entries.insert(
+        "blk.0.attn_q.weight".to_string(),
+        abf::imatrix::Entry {
+            sums: vec![1.0, 2.0, 3.0],
+            counts: vec![7],
+        },
+    );
+    let m = abf::imatrix::ImportanceMatrix {
+        entries,
+        datasets: vec!["wiki".into()],
+        chunk_count: 1,
+        chunk_size: 7,
+    };
+    vec![dat, abf::imatrix::to_gguf_bytes(&m).unwrap()]
+}
+
+fn read_imatrix(which: usize, bytes: &[u8]) {
+    let path = Path::new("calib-imatrix.bin");
+    let r = no_panic("imatrix", || match which {
+        0 => abf::imatrix::parse_legacy(bytes, path),
+        _ => abf::imatrix::parse_gguf(bytes, path),
+    });
+    assert_names(&r, "calib-imatrix.bin");
+    if let Ok(m) = r {
+        for e in m.entries.values() {
+            assert!(!e.counts.is_empty() && e.sums.len() % e.counts.len() == 0);
+            let _ = e.weights();
+        }
+    }
 }
 
 // ---- the mutation tests ----
 
 proptest! {
+
+    #[test]
+    fn imatrix_mutations_error_or_read(which in 0..2usize, bytes in byte_edits()) {
+        let mut b = imatrix_inputs().swap_remove(which);
+        mutate_bytes(&mut b, &bytes);
+        read_imatrix(which, &b);
+    }
     #[test]
     fn config_json_mutations_error_or_parse(which in 0..3usize, edits in json_edits(), bytes in byte_edits()) {
         let path = PathBuf::from("/models/m/config.json");

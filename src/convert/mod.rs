@@ -24,4 +24,6 @@ pub use multi::{write_many, Output};
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};
 pub use tensor_map::{gguf_to_hf, hf_to_gguf, Role, TENSOR_MAP};
-pub use to_gguf::{plan_to_gguf, write_gguf, Plan, PlannedTensor, ToGgufOptions, ToGgufReport};
+pub use to_gguf::{
+    plan_to_gguf, write_gguf, ImportanceWeights, Plan, PlannedTensor, ToGgufOptions, ToGgufReport,
+};

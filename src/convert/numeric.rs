@@ -144,6 +144,18 @@ pub fn quantize(
     crate::quant::quantize(ty, data, row_len).map_err(|e| ConvertError::tensor(name, e.to_string()))
 }
 
+/// [`quantize`] weighted per column by `weights` (`crate::quant::quantize_weighted`).
+pub fn quantize_weighted(
+    name: &str,
+    ty: GgmlType,
+    data: &[f32],
+    row_len: usize,
+    weights: &[f32],
+) -> Result<Vec<u8>, ConvertError> {
+    crate::quant::quantize_weighted(ty, data, row_len, weights)
+        .map_err(|e| ConvertError::tensor(name, e.to_string()))
+}
+
 /// Dequantize `n` elements of a block type to f32; a type `crate::quant` does not handle is
 /// an error naming the tensor.
 pub fn dequantize(

@@ -4,14 +4,16 @@
 //! per-tensor types from `quant_plan`. Streaming: one tensor at a time from the mapped
 //! safetensors to the atomic output.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::ConvertError;
 use super::numeric;
 use super::permute::permute_qk;
 use super::quant_plan::{choose_type, OutType, PlanContext};
-use super::tensor_map::{hf_index, hf_to_gguf, Role, ROPE_FREQS};
+use super::tensor_map::{gguf_to_hf, hf_index, hf_to_gguf, Role, ROPE_FREQS};
 use super::tokenizer_gguf::vocab_from_dir;
 use crate::checkpoint::{Checkpoint, TensorDtype};
 use crate::gguf::keys::{self, ArchKey};
@@ -19,6 +21,10 @@ use crate::gguf::{
     apply_recipe_with_freq_factors, GgmlType, GgufWriter, Metadata, TensorSpec, Value,
 };
 use crate::rope::{base_inv_freq, Recipe, RopeMethod, Target};
+
+/// Per-column importance by GGUF weight name (`abf::imatrix::ImportanceMatrix::weights`):
+/// llama.cpp's importance matrix, each sum divided by its count.
+pub type ImportanceWeights = BTreeMap<String, Vec<f32>>;
 
 /// What to convert to.
 #[derive(Debug, Clone)]
@@ -33,6 +39,8 @@ pub struct ToGgufOptions {
     pub tokenizer_pre: Option<String>,
     /// `general.name` (default: config `_name_or_path`, else the directory name).
     pub name: Option<String>,
+    /// Importance weights for the k-quants that take them (None: plain quantization).
+    pub imatrix: Option<Arc<ImportanceWeights>>,
 }
 
 impl Default for ToGgufOptions {
@@ -44,6 +52,7 @@ impl Default for ToGgufOptions {
             allow_approximate: false,
             tokenizer_pre: None,
             name: None,
+            imatrix: None,
         }
     }
 }
@@ -62,6 +71,9 @@ pub struct PlannedTensor {
     pub permute_heads: Option<usize>,
     /// Why the type differs from the output type's rule, when it fell back.
     pub note: Option<String>,
+    /// Per-column importance weights the quantizer takes (the type has a weighted kernel and
+    /// the importance matrix has the tensor).
+    pub importance: Option<Vec<f32>>,
 }
 
 /// Everything to write, decided before any tensor is read.
@@ -72,6 +84,8 @@ pub struct Plan {
     /// The recipe written (after the flags).
     pub recipe: Recipe,
     pub notes: Vec<String>,
+    /// What the user should look at: tensors missing from the importance matrix.
+    pub warnings: Vec<String>,
     /// Bytes of checkpoint tensors read.
     pub input_bytes: u64,
     /// Llama 3 frequency factors (`rope_freqs.weight`).
@@ -162,12 +176,17 @@ pub fn plan_to_gguf(ckpt: &Checkpoint, opts: &ToGgufOptions) -> Result<Plan, Con
         None => cfg.recipe.clone(),
     };
     let (meta, mut notes, rope_freqs) = plan_metadata(ckpt, &recipe, opts)?;
-    let (tensors, input_bytes) = plan_tensors(ckpt, opts, rope_freqs.as_deref(), &mut notes)?;
+    let (mut tensors, input_bytes) = plan_tensors(ckpt, opts, rope_freqs.as_deref(), &mut notes)?;
+    let warnings = match &opts.imatrix {
+        Some(w) => plan_importance(&mut tensors, w, &mut notes)?,
+        None => Vec::new(),
+    };
     Ok(Plan {
         metadata: meta,
         tensors,
         recipe,
         notes,
+        warnings,
         input_bytes,
         rope_freqs,
     })
@@ -271,6 +290,7 @@ fn plan_tensors(
             bytes: 4 * f.len() as u64,
             permute_heads: None,
             note: None,
+            importance: None,
         });
     }
     let mut input_bytes = 0u64;
@@ -300,9 +320,77 @@ fn plan_tensors(
             bytes,
             permute_heads,
             note,
+            importance: None,
         });
     }
     Ok((tensors, input_bytes))
+}
+
+/// Attach importance weights to the tensors whose type takes them (llama.cpp's quantize looks
+/// them up by GGUF name; q/k row permutation leaves the input columns alone). A matrix entry
+/// whose column count differs from the tensor's rows is an error naming the tensor; a tensor
+/// that would take weights but has none is quantized plainly with a warning. Returns the
+/// warnings.
+fn plan_importance(
+    tensors: &mut [PlannedTensor],
+    weights: &ImportanceWeights,
+    notes: &mut Vec<String>,
+) -> Result<Vec<String>, ConvertError> {
+    let mut warnings = Vec::new();
+    let mut unweighted = std::collections::BTreeSet::new();
+    let has_output = tensors
+        .iter()
+        .any(|t| gguf_to_hf(&t.name).is_some_and(|(_, role, _)| role == Role::Output));
+    for t in tensors.iter_mut() {
+        let row_len = t.dims.first().copied().unwrap_or(1) as usize;
+        let entry = weights.get(&t.name);
+        if let Some(w) = entry {
+            if t.dims.len() < 2 || w.len() != row_len {
+                return Err(ConvertError::tensor(
+                    &t.name,
+                    format!(
+                        "the importance matrix has {} columns, the tensor has dims {:?}",
+                        w.len(),
+                        t.dims
+                    ),
+                ));
+            }
+        }
+        if t.dims.len() < 2 || numeric::float_dtype(t.ggml_type).is_some() {
+            continue;
+        }
+        if !crate::quant::supports_weights(t.ggml_type) {
+            if entry.is_some() {
+                unweighted.insert(t.ggml_type.to_string());
+            }
+            continue;
+        }
+        match entry {
+            Some(w) => t.importance = Some(w.clone()),
+            // an untied embedding is only looked up, never multiplied: no matrix has it
+            None if lookup_only(&t.name, has_output) => notes.push(format!(
+                "{} is a lookup table, not in the importance matrix: plain {} quantization",
+                t.name, t.ggml_type
+            )),
+            None => warnings.push(format!(
+                "{} is not in the importance matrix: plain {} quantization",
+                t.name, t.ggml_type
+            )),
+        }
+    }
+    if !unweighted.is_empty() {
+        let types: Vec<String> = unweighted.into_iter().collect();
+        notes.push(format!(
+            "{} has no importance-weighted quantizer here: quantized without the matrix",
+            types.join(", ")
+        ));
+    }
+    Ok(warnings)
+}
+
+/// Whether `name` is the embedding of a model with a separate output head.
+fn lookup_only(name: &str, has_output: bool) -> bool {
+    has_output && gguf_to_hf(name).is_some_and(|(_, role, _)| role == Role::Embedding)
 }
 
 /// The bytes of one planned tensor, ready to write.
@@ -353,7 +441,10 @@ pub(crate) fn encode_f32(t: &PlannedTensor, data: &[f32]) -> Result<Vec<u8>, Con
         Some(to) => Ok(numeric::from_f32(to, data)),
         None => {
             let row_len = t.dims.first().copied().unwrap_or(1) as usize;
-            numeric::quantize(&t.name, t.ggml_type, data, row_len)
+            match &t.importance {
+                Some(w) => numeric::quantize_weighted(&t.name, t.ggml_type, data, row_len, w),
+                None => numeric::quantize(&t.name, t.ggml_type, data, row_len),
+            }
         }
     }
 }

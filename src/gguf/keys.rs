@@ -12,6 +12,8 @@ pub const GENERAL_NAME: &str = "general.name";
 pub const GENERAL_FILE_TYPE: &str = "general.file_type";
 pub const GENERAL_ALIGNMENT: &str = "general.alignment";
 pub const GENERAL_QUANTIZATION_VERSION: &str = "general.quantization_version";
+/// What a GGUF holds when it is not a model (llama.cpp's imatrix writer sets `"imatrix"`).
+pub const GENERAL_TYPE: &str = "general.type";
 
 /// Default `general.alignment` (ggml `GGUF_DEFAULT_ALIGNMENT`).
 pub const DEFAULT_ALIGNMENT: u64 = 32;
@@ -92,6 +94,22 @@ pub mod tokenizer {
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 }
 
+/// llama.cpp's importance-matrix files (`common/imatrix-loader.h`, `tools/imatrix/imatrix.cpp`):
+/// keys, the `general.type` value, and the tensor-name suffixes after the weight's GGUF name.
+pub mod imatrix {
+    pub const GENERAL_TYPE_IMATRIX: &str = "imatrix";
+    /// Array of strings: the calibration texts.
+    pub const DATASETS: &str = "imatrix.datasets";
+    /// u32: chunks evaluated.
+    pub const CHUNK_COUNT: &str = "imatrix.chunk_count";
+    /// u32: tokens per chunk.
+    pub const CHUNK_SIZE: &str = "imatrix.chunk_size";
+    /// F32 `[n_per_row, n_mat]`: per input column, the sum of squared activations.
+    pub const SUFFIX_IN_SUM2: &str = ".in_sum2";
+    /// F32 `[1, n_mat]`: activation rows summed.
+    pub const SUFFIX_COUNTS: &str = ".counts";
+}
+
 impl ArchKey {
     fn row(self) -> &'static (ArchKey, &'static str, ValueType) {
         &ARCH_KEYS[self as usize]
@@ -123,7 +141,8 @@ pub fn required_type(meta_arch: Option<&str>, key: &str) -> Option<ValueType> {
         GENERAL_ALIGNMENT | GENERAL_FILE_TYPE | GENERAL_QUANTIZATION_VERSION => {
             return Some(ValueType::U32)
         }
-        GENERAL_ARCHITECTURE | GENERAL_NAME => return Some(ValueType::String),
+        GENERAL_ARCHITECTURE | GENERAL_NAME | GENERAL_TYPE => return Some(ValueType::String),
+        imatrix::CHUNK_COUNT | imatrix::CHUNK_SIZE => return Some(ValueType::U32),
         _ => {}
     }
     let arch = meta_arch?;

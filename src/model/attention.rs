@@ -31,6 +31,8 @@ pub struct Attention {
     o_proj: Tensor,
     /// Activation rounding before q, k, v, o (a runtime's arithmetic; None in training).
     pub(crate) act: [ops::ActRound; 4],
+    /// Input sums of q, k, v, o (the importance matrix; None otherwise).
+    pub(crate) probe: [ops::InputProbe; 4],
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -56,6 +58,7 @@ impl Attention {
             v_proj: vb.get((kv * d, hidden), "v_proj.weight")?,
             o_proj: vb.get((hidden, h * d), "o_proj.weight")?,
             act: [None; 4],
+            probe: Default::default(),
             num_heads: h,
             num_kv_heads: kv,
             head_dim: d,
@@ -90,13 +93,13 @@ impl Attention {
         let cdt = compute_dtype(dtype);
 
         // [b, t, heads * d] -> [b, heads, t, d]
-        let q = ops::linear_rounded(x, &self.q_proj, self.act[0])?
+        let q = ops::linear_probed(x, &self.q_proj, self.act[0], &self.probe[0])?
             .reshape((b, t, h, d))?
             .transpose(1, 2)?;
-        let k = ops::linear_rounded(x, &self.k_proj, self.act[1])?
+        let k = ops::linear_probed(x, &self.k_proj, self.act[1], &self.probe[1])?
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?;
-        let v = ops::linear_rounded(x, &self.v_proj, self.act[2])?
+        let v = ops::linear_probed(x, &self.v_proj, self.act[2], &self.probe[2])?
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -152,7 +155,7 @@ impl Attention {
         };
         drop(outs);
         let o = o.transpose(1, 2)?.reshape((b, t, h * d))?;
-        ops::linear_rounded(&o, &self.o_proj, self.act[3])
+        ops::linear_probed(&o, &self.o_proj, self.act[3], &self.probe[3])
     }
 }
 

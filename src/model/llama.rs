@@ -18,6 +18,8 @@ pub struct Mlp {
     down_proj: Tensor,
     /// Activation rounding before gate, up, down (a runtime's arithmetic; None in training).
     act: [ops::ActRound; 3],
+    /// Input sums of gate, up, down (the importance matrix; None otherwise).
+    probe: [ops::InputProbe; 3],
 }
 
 impl Mlp {
@@ -28,14 +30,15 @@ impl Mlp {
             up_proj: vb.get((inter, hidden), "up_proj.weight")?,
             down_proj: vb.get((hidden, inter), "down_proj.weight")?,
             act: [None; 3],
+            probe: Default::default(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // silu is a plain unary op with a backward pass, so both paths share this.
-        let g = ops::linear_rounded(x, &self.gate_proj, self.act[0])?.silu()?;
-        let u = ops::linear_rounded(x, &self.up_proj, self.act[1])?;
-        ops::linear_rounded(&(g * u)?, &self.down_proj, self.act[2])
+        let g = ops::linear_probed(x, &self.gate_proj, self.act[0], &self.probe[0])?.silu()?;
+        let u = ops::linear_probed(x, &self.up_proj, self.act[1], &self.probe[1])?;
+        ops::linear_probed(&(g * u)?, &self.down_proj, self.act[2], &self.probe[2])
     }
 }
 
@@ -189,11 +192,31 @@ impl Llama {
                 l.mlp.act[j] = round(&format!("{p}.mlp.{n}.weight"));
             }
         }
-        self.head_act = if self.cfg.tie_word_embeddings {
-            round("model.embed_tokens.weight")
+        self.head_act = round(self.head_name());
+    }
+
+    /// Sum the inputs of every decoder layer's linear layers into `probe(name)` (Hugging Face
+    /// weight names): the importance matrix's collector, which sums the head's input itself from
+    /// [`Llama::head_input`]. None everywhere removes them.
+    pub fn set_input_probes(&mut self, probe: &dyn Fn(&str) -> ops::InputProbe) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (j, n) in ["q_proj", "k_proj", "v_proj", "o_proj"].iter().enumerate() {
+                l.self_attn.probe[j] = probe(&format!("{p}.self_attn.{n}.weight"));
+            }
+            for (j, n) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
+                l.mlp.probe[j] = probe(&format!("{p}.mlp.{n}.weight"));
+            }
+        }
+    }
+
+    /// The Hugging Face name of the output head's weight.
+    pub fn head_name(&self) -> &'static str {
+        if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            round("lm_head.weight")
-        };
+            "lm_head.weight"
+        }
     }
 
     /// Run the same weights under another recipe (the verifier's consistency reference: a GGUF's
@@ -287,6 +310,17 @@ impl Llama {
     pub fn head(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps, path)?;
         ops::linear_rounded(&h, &self.lm_head, self.head_act)?.to_dtype(compute_dtype(self.dtype()))
+    }
+
+    /// What the output head multiplies: the final norm of the last layer's output
+    /// (`[batch, seq, hidden]`, fast path), without computing the logits.
+    pub fn head_input(&self, tokens: &Tensor, start_pos: usize) -> Result<Tensor> {
+        let mut x = self.embed(tokens)?;
+        let pos = self.positions(start_pos, x.dim(1)?)?;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, &x, &pos, Path::Fast)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, Path::Fast)
     }
 
     /// Logits `[batch, seq, vocab]` (f32) of `tokens` (`[batch, seq]` u32) placed at absolute

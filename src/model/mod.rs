@@ -38,7 +38,7 @@ mod rope;
 pub use attention::{Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
 pub use llama::{DecoderLayer, Llama, Mlp};
 pub use ops::{
-    compute_dtype, entropy, linear, linear_rounded, rms_norm, rope as apply_rope,
-    round_activations, softmax, ActRound, Path,
+    compute_dtype, entropy, linear, linear_probed, linear_rounded, record_input, rms_norm,
+    rope as apply_rope, round_activations, softmax, ActRound, InputProbe, InputSums, Path,
 };
 pub use rope::{Positions, Rope};

@@ -104,6 +104,58 @@ pub fn round_activations(x: &Tensor, ty: crate::gguf::GgmlType) -> Result<Tensor
     Tensor::from_vec(r, x.shape(), x.device())?.to_dtype(dtype)
 }
 
+/// Per input column of one linear layer, over every activation row it multiplied: the sum of
+/// squared activations (llama.cpp's importance matrix `in_sum2`) and the number of rows.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct InputSums {
+    pub sum2: Vec<f64>,
+    pub rows: u64,
+}
+
+/// Where a linear layer's inputs are summed; None: nowhere (the default).
+pub type InputProbe = Option<std::sync::Arc<std::sync::Mutex<InputSums>>>;
+
+/// Add the rows of `x` (`[.., in]`) to `probe`: squares summed over rows in f64, so the sums of
+/// many chunks lose nothing to accumulation (llama.cpp sums in f32). Inference only.
+pub fn record_input(x: &Tensor, probe: &InputProbe) -> Result<()> {
+    let Some(p) = probe else { return Ok(()) };
+    let k = x.dims().last().copied().unwrap_or(1);
+    let rows = x.elem_count() / k.max(1);
+    let sq = x
+        .detach()
+        .to_dtype(DType::F64)?
+        .reshape((rows, k))?
+        .sqr()?
+        .sum(0)?
+        .to_vec1::<f64>()?;
+    let mut s = p
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("input sums: poisoned lock".into()))?;
+    if s.sum2.is_empty() {
+        s.sum2 = vec![0.0; k];
+    }
+    if s.sum2.len() != k {
+        candle_core::bail!("input sums: {k} columns after {}", s.sum2.len())
+    }
+    for (a, b) in s.sum2.iter_mut().zip(sq) {
+        *a += b;
+    }
+    s.rows += rows as u64;
+    Ok(())
+}
+
+/// [`linear_rounded`] with the (unrounded) input first added to `probe`, as llama.cpp's
+/// collector sees a matmul's f32 input before the kernel rounds it.
+pub fn linear_probed(
+    x: &Tensor,
+    w: &Tensor,
+    round: ActRound,
+    probe: &InputProbe,
+) -> Result<Tensor> {
+    record_input(x, probe)?;
+    linear_rounded(x, w, round)
+}
+
 /// [`linear`] with the activations first rounded as `round` says.
 pub fn linear_rounded(x: &Tensor, w: &Tensor, round: ActRound) -> Result<Tensor> {
     match round {

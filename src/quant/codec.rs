@@ -2,8 +2,9 @@
 //!
 //! Blocks are independent, so any split of a tensor on block boundaries gives the same bytes as
 //! one sequential pass; we split into fixed chunks of whole blocks (never straddling a row,
-//! since rows are whole blocks) and let rayon schedule them. To pick the thread count, call
-//! these inside `rayon::ThreadPool::install`.
+//! since rows are whole blocks) and let rayon schedule them. The importance-weighted kernels
+//! index their per-column weights by the block's place in its row, so their chunks are whole
+//! rows. To pick the thread count, call these inside `rayon::ThreadPool::install`.
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -34,7 +35,7 @@ unsafe trait PlainBlock: CandleBlock + 'static {}
 /// The one map between our type table and candle's block structs: each row declares the block
 /// plain (with a compile-time check of its size against the table) and makes it a [`Codec`].
 macro_rules! plain_blocks {
-    ($($block:ty => $info:path),* $(,)?) => {
+    ($($block:ty => $info:path $(, $weighted:ident)?;)*) => {
         $(
             // SAFETY: see `PlainBlock`; candle declares these `#[repr(C)]` from ggml's structs.
             unsafe impl PlainBlock for $block {}
@@ -50,7 +51,7 @@ macro_rules! plain_blocks {
             let info = ty.info()?;
             $(
                 if info.code == $info.code {
-                    return Some(Codec::of::<$block>(&$info));
+                    return Some(Codec::of::<$block>(&$info)$(.$weighted::<$block>())?);
                 }
             )*
             None
@@ -58,21 +59,23 @@ macro_rules! plain_blocks {
     };
 }
 
+// `weighted`: candle 0.11 implements `from_float_imatrix` (ggml's `quantize_row_*_impl` with
+// `quant_weights`) for these; calling it on the others panics.
 plain_blocks! {
-    f32 => types::F32,
-    f16 => types::F16,
-    bf16 => types::BF16,
-    BlockQ4_0 => types::Q4_0,
-    BlockQ4_1 => types::Q4_1,
-    BlockQ5_0 => types::Q5_0,
-    BlockQ5_1 => types::Q5_1,
-    BlockQ8_0 => types::Q8_0,
-    BlockQ2K => types::Q2_K,
-    BlockQ3K => types::Q3_K,
-    BlockQ4K => types::Q4_K,
-    BlockQ5K => types::Q5_K,
-    BlockQ6K => types::Q6_K,
-    BlockQ8K => types::Q8_K,
+    f32 => types::F32;
+    f16 => types::F16;
+    bf16 => types::BF16;
+    BlockQ4_0 => types::Q4_0;
+    BlockQ4_1 => types::Q4_1;
+    BlockQ5_0 => types::Q5_0;
+    BlockQ5_1 => types::Q5_1;
+    BlockQ8_0 => types::Q8_0;
+    BlockQ2K => types::Q2_K, weighted;
+    BlockQ3K => types::Q3_K, weighted;
+    BlockQ4K => types::Q4_K, weighted;
+    BlockQ5K => types::Q5_K, weighted;
+    BlockQ6K => types::Q6_K, weighted;
+    BlockQ8K => types::Q8_K;
 }
 
 fn block_bytes<T: PlainBlock>(blocks: &[T]) -> &[u8] {
@@ -107,12 +110,28 @@ fn dequantize_chunk<T: PlainBlock>(src: &[u8], dst: &mut [f32]) {
     T::to_float(&blocks, dst);
 }
 
-/// The two kernels of one supported type.
+/// `src` holds whole rows of `row_len`; `weights` has one entry per column of a row.
+fn quantize_weighted_chunk<T: PlainBlock>(
+    src: &[f32],
+    dst: &mut [u8],
+    weights: &[f32],
+    row_len: usize,
+) {
+    let mut blocks = vec![T::zeros(); src.len() / T::BLCK_SIZE];
+    T::from_float_imatrix(src, &mut blocks, weights, row_len);
+    dst.copy_from_slice(block_bytes(&blocks));
+}
+
+/// An importance-weighted quantizer: (rows, out, per-column weights, row length).
+type WeightedKernel = fn(&[f32], &mut [u8], &[f32], usize);
+
+/// The kernels of one supported type.
 #[derive(Clone, Copy)]
 struct Codec {
     info: &'static TypeInfo,
     quantize: fn(&[f32], &mut [u8]),
     dequantize: fn(&[u8], &mut [f32]),
+    quantize_weighted: Option<WeightedKernel>,
 }
 
 impl Codec {
@@ -121,6 +140,14 @@ impl Codec {
             info,
             quantize: quantize_chunk::<T>,
             dequantize: dequantize_chunk::<T>,
+            quantize_weighted: None,
+        }
+    }
+
+    fn weighted<T: PlainBlock>(self) -> Codec {
+        Codec {
+            quantize_weighted: Some(quantize_weighted_chunk::<T>),
+            ..self
         }
     }
 
@@ -212,6 +239,77 @@ pub fn quantize_into(
         .zip(out.par_chunks_mut(chunk * c.type_size()))
         .for_each(|(src, dst)| (c.quantize)(src, dst));
     Ok(())
+}
+
+/// Whether [`quantize_weighted`] takes importance weights for `ty` (else it is [`quantize`]).
+pub fn supports_weights(ty: GgmlType) -> bool {
+    codec(ty).is_some_and(|c| c.quantize_weighted.is_some())
+}
+
+/// Quantize `data` (rows of `row_len`) to `ty`, minimising the error weighted per column by
+/// `weights` (`row_len` values: llama.cpp's importance matrix, mean squared activation of each
+/// input column). Types without a weighted kernel ([`supports_weights`]) quantize plainly, as
+/// ggml does for Q8_0. Parallel over chunks of whole rows.
+pub fn quantize_weighted(
+    ty: GgmlType,
+    data: &[f32],
+    row_len: usize,
+    weights: &[f32],
+) -> Result<Vec<u8>, QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    let Some(kernel) = c.quantize_weighted else {
+        return quantize(ty, data, row_len);
+    };
+    check_rows(&c, ty, data.len(), row_len)?;
+    if weights.len() != row_len {
+        return Err(QuantError::WeightsLength {
+            ty,
+            row_len,
+            got: weights.len(),
+        });
+    }
+    if let Some((column, w)) = weights
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !w.is_finite() || **w < 0.0)
+    {
+        return Err(QuantError::BadWeight {
+            ty,
+            column,
+            value: w.to_string(),
+        });
+    }
+    let mut out = vec![0u8; quantized_size(ty, data.len())?];
+    let row_bytes = row_len / c.block_size() * c.type_size();
+    let rows = (CHUNK_ELEMENTS / row_len).max(1);
+    data.par_chunks(rows * row_len)
+        .zip(out.par_chunks_mut(rows * row_bytes))
+        .for_each(|(src, dst)| kernel(src, dst, weights, row_len));
+    Ok(out)
+}
+
+/// Single-threaded [`quantize_weighted`], for tests that check the parallel split.
+pub fn quantize_weighted_sequential(
+    ty: GgmlType,
+    data: &[f32],
+    row_len: usize,
+    weights: &[f32],
+) -> Result<Vec<u8>, QuantError> {
+    let c = codec(ty).ok_or(QuantError::Unsupported { ty })?;
+    let Some(kernel) = c.quantize_weighted else {
+        return quantize_sequential(ty, data, row_len);
+    };
+    check_rows(&c, ty, data.len(), row_len)?;
+    if weights.len() != row_len {
+        return Err(QuantError::WeightsLength {
+            ty,
+            row_len,
+            got: weights.len(),
+        });
+    }
+    let mut out = vec![0u8; quantized_size(ty, data.len())?];
+    kernel(data, &mut out, weights, row_len);
+    Ok(out)
 }
 
 /// `got` bytes must be exactly the size of `n_elements` of `ty`.

@@ -33,6 +33,18 @@ pub enum QuantError {
         expected: usize,
         got: usize,
     },
+    #[error("{ty}: importance weights have {got} values for rows of {row_len}")]
+    WeightsLength {
+        ty: GgmlType,
+        row_len: usize,
+        got: usize,
+    },
+    #[error("{ty}: importance weight of column {column} is {value}, not finite and non-negative")]
+    BadWeight {
+        ty: GgmlType,
+        column: usize,
+        value: String,
+    },
     #[error("{ty}: {n_elements} elements overflow the address space")]
     TooLarge { ty: GgmlType, n_elements: usize },
 }

@@ -5,6 +5,7 @@ mod error;
 
 pub use codec::{
     dequantize, dequantize_into, dequantize_sequential, is_supported, quantize, quantize_into,
-    quantize_sequential, quantized_size, supported_types,
+    quantize_sequential, quantize_weighted, quantize_weighted_sequential, quantized_size,
+    supported_types, supports_weights,
 };
 pub use error::QuantError;

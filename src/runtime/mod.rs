@@ -18,6 +18,6 @@ pub use gguf_candle::{load_gguf_model, BackendKind, GgufModel, GgufModelError};
 #[cfg(feature = "llamacpp")]
 pub use llamacpp::{LlamaCpp, LlamaCppOptions};
 pub use open::{
-    is_gguf, load_llama, model_source, open_backend, open_dir, open_model, original_context,
-    Encoder, ModelDir, ModelSource, OpenModel,
+    is_gguf, load_llama, model_source, open_backend, open_dir, open_forward, open_model,
+    original_context, Encoder, ModelDir, ModelSource, OpenModel,
 };

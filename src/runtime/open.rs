@@ -253,6 +253,25 @@ pub fn open_dir(path: &Path, dtype: DType, device: &Device) -> Result<ModelDir, 
     })
 }
 
+/// A model directory (in `dtype`) or a GGUF file (in f32, as llama.cpp reads its keys) as our
+/// forward on `device`, with its tokenizer: for measurements inside the model of either form
+/// (the importance matrix).
+pub fn open_forward(path: &Path, dtype: DType, device: &Device) -> Result<ModelDir, RuntimeError> {
+    match model_source(path)? {
+        ModelSource::Dir => open_dir(path, dtype, device),
+        ModelSource::Gguf => {
+            let encoder = Encoder::open(path)?;
+            let m = load_gguf_model(path, device)?;
+            Ok(ModelDir {
+                path: path.to_path_buf(),
+                original_context: m.runtime.recipe.original_context,
+                model: m.model,
+                encoder,
+            })
+        }
+    }
+}
+
 /// The weights of `ckpt` as our forward under `cfg`: its own config, or one whose recipe the
 /// caller replaced (the verifier's runtime form, `abf-eval logits`' recipe flags).
 pub fn load_llama(

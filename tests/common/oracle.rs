@@ -390,6 +390,20 @@ pub fn oracle(
     entropy_at: &[usize],
     round_scale: &dyn Fn(f64) -> f64,
 ) -> OracleOut {
+    oracle_probed(cfg, w, toks, start, entropy_at, round_scale, &mut |_, _| {})
+}
+
+/// [`oracle`] that also hands `probe` every input vector of every matrix product, with the
+/// Hugging Face name of the weight (the head is `model.embed_tokens.weight` when tied).
+pub fn oracle_probed(
+    cfg: &ModelConfig,
+    w: &Weights,
+    toks: &[u32],
+    start: usize,
+    entropy_at: &[usize],
+    round_scale: &dyn Fn(f64) -> f64,
+    probe: &mut dyn FnMut(&str, &[f64]),
+) -> OracleOut {
     let r = &cfg.recipe;
     let (h, d, nh, nkv) = (
         cfg.hidden_size,
@@ -426,6 +440,9 @@ pub fn oracle(
         let mut v = vec![vec![0.0; nkv * d]; t];
         for i in 0..t {
             let hn = rmsnorm(&x[i], g("input_layernorm.weight"), eps);
+            for n in ["q_proj", "k_proj", "v_proj"] {
+                probe(&format!("{p}.self_attn.{n}.weight"), &hn);
+            }
             q[i] = matvec(g("self_attn.q_proj.weight"), &hn, nh * d);
             k[i] = matvec(g("self_attn.k_proj.weight"), &hn, nkv * d);
             v[i] = matvec(g("self_attn.v_proj.weight"), &hn, nkv * d);
@@ -478,11 +495,14 @@ pub fn oracle(
         }
         entropy.push(layer_entropy);
         for i in 0..t {
+            probe(&format!("{p}.self_attn.o_proj.weight"), &attn[i]);
             let o = matvec(g("self_attn.o_proj.weight"), &attn[i], h);
             for e in 0..h {
                 x[i][e] += o[e];
             }
             let hn = rmsnorm(&x[i], g("post_attention_layernorm.weight"), eps);
+            probe(&format!("{p}.mlp.gate_proj.weight"), &hn);
+            probe(&format!("{p}.mlp.up_proj.weight"), &hn);
             let gate = matvec(g("mlp.gate_proj.weight"), &hn, cfg.intermediate_size);
             let up = matvec(g("mlp.up_proj.weight"), &hn, cfg.intermediate_size);
             let act: Vec<f64> = gate
@@ -490,21 +510,24 @@ pub fn oracle(
                 .zip(&up)
                 .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
                 .collect();
+            probe(&format!("{p}.mlp.down_proj.weight"), &act);
             let down = matvec(g("mlp.down_proj.weight"), &act, h);
             for e in 0..h {
                 x[i][e] += down[e];
             }
         }
     }
-    let head = if cfg.tie_word_embeddings {
-        w.get("model.embed_tokens.weight")
+    let head_name = if cfg.tie_word_embeddings {
+        "model.embed_tokens.weight"
     } else {
-        w.get("lm_head.weight")
+        "lm_head.weight"
     };
+    let head = w.get(head_name);
     let logits = x
         .iter()
         .map(|xi| {
             let hn = rmsnorm(xi, w.get("model.norm.weight"), eps);
+            probe(head_name, &hn);
             matvec(head, &hn, cfg.vocab_size)
         })
         .collect();

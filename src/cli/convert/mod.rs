@@ -1,6 +1,7 @@
 //! `abf-convert`: convert and patch checkpoints and GGUF files.
 
 mod from_gguf;
+mod imatrix;
 mod inspect;
 mod patch_config;
 mod patch_gguf;
@@ -41,6 +42,8 @@ pub enum Command {
     FromGguf(from_gguf::FromGgufArgs),
     /// A release: every type in one pass, each verified, release.json, SHA256SUMS, model card.
     Release(release::ReleaseArgs),
+    /// Compute an importance matrix (llama.cpp's imatrix GGUF) over a text, for to-gguf --imatrix.
+    Imatrix(imatrix::ImatrixArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -57,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::ToGguf(args) => to_gguf::run(args),
         Command::FromGguf(args) => from_gguf::run(args),
         Command::Release(args) => release::run(args),
+        Command::Imatrix(args) => imatrix::run(args),
     }
 }

@@ -32,6 +32,10 @@ pub struct ToGgufArgs {
     /// tokenizer.ggml.pre to write instead of the recognised one (byte-level BPE tokenizers).
     #[arg(long, value_name = "NAME")]
     pub tokenizer_pre: Option<String>,
+    /// An importance matrix (llama.cpp's GGUF or legacy .dat form, or `abf-convert imatrix`'s)
+    /// for the k-quants: each column's error weighted by its mean squared activation.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// Threads for conversion and quantization (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -73,11 +77,18 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         allow_approximate: args.target.allow_approximate,
         tokenizer_pre: args.tokenizer_pre.clone(),
         name: None,
+        imatrix: match &args.imatrix {
+            Some(p) => Some(std::sync::Arc::new(crate::imatrix::read(p)?.weights())),
+            None => None,
+        },
     };
     if several {
         return run_many(&args, &ckpt, &opts);
     }
     let plan = plan_to_gguf(&ckpt, &opts).context("planning the conversion")?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
     if args.dry_run {
         print_plan(&plan, args.print.json)?;
         return Ok(Exit::Ok);
@@ -90,6 +101,8 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
             "output": args.output, "outtype": args.outtype[0].name(),
             "runtime": format!("{:?}", args.target.runtime),
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
+            "warnings": plan.warnings, "imatrix": args.imatrix,
+            "imatrix_tensors": plan.tensors.iter().filter(|t| t.importance.is_some()).count(),
             "tensors": report.tensors, "input_bytes": report.input_bytes,
             "output_bytes": report.output_bytes, "seconds": report.seconds,
             "gb_per_s": report.gb_per_s(),
@@ -191,7 +204,8 @@ fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|t| {
                 json!({"name": t.name, "source": t.source, "dims": t.dims,
-                       "type": t.ggml_type.to_string(), "bytes": t.bytes, "note": t.note})
+                       "type": t.ggml_type.to_string(), "bytes": t.bytes, "note": t.note,
+                       "imatrix": t.importance.is_some()})
             })
             .collect();
         let meta: serde_json::Map<_, _> = plan
@@ -201,7 +215,7 @@ fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
             .collect();
         return print_json(&json!({
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
-            "input_bytes": plan.input_bytes, "output_tensor_bytes": plan.output_tensor_bytes(),
+            "warnings": plan.warnings, "input_bytes": plan.input_bytes, "output_tensor_bytes": plan.output_tensor_bytes(),
             "tensors": tensors, "metadata": meta,
         }));
     }
