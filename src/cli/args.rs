@@ -249,7 +249,7 @@ mod tests {
             root.clone().debug_assert();
             leaves(root, &mut all);
         }
-        assert_eq!(all.len(), 7 + 4 + 1 + 1);
+        assert_eq!(all.len(), 8 + 4 + 1 + 1);
         let help = |cmd: &clap::Command| {
             let arg = cmd
                 .get_arguments()
