@@ -756,3 +756,33 @@ fn several_outtypes_in_one_pass_equal_single_conversions() {
     let r = bin::run(Bin::Convert, &cli);
     r.expect_code(2);
 }
+
+/// An output that cannot be renamed into place (a directory is in the way) fails with exit 2
+/// and leaves no temporary file behind.
+#[test]
+fn a_failed_rename_leaves_no_temporary_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    TinyModel::new().write(&src);
+    let blocked = tmp.path().join("out.gguf");
+    std::fs::create_dir(&blocked).unwrap();
+    std::fs::write(blocked.join("keep"), b"x").unwrap();
+    let r = bin::run(
+        Bin::Convert,
+        &[
+            "to-gguf",
+            src.to_str().unwrap(),
+            "-o",
+            blocked.to_str().unwrap(),
+            "--force",
+        ],
+    );
+    r.expect_code(2);
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(blocked.join("keep").is_file());
+}

@@ -152,13 +152,31 @@ fn tiny_abf_release_passes_end_to_end() {
     let before = std::fs::read(out.join("release.json")).unwrap();
     bin::run(Bin::Convert, &args[..args.len() - 1]).expect_code(2);
     assert_eq!(std::fs::read(out.join("release.json")).unwrap(), before);
+    // --force with a calibration text: the k-quant is importance-weighted, imatrix.gguf kept
+    let calib = tmp.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "In the beginning was the word, and the word was with God. ".repeat(20),
+    )
+    .unwrap();
     let mut forced = args.to_vec();
-    forced[5] = "q8_0";
-    forced.push("--force");
+    forced[5] = "q4_k_m";
+    forced.extend(["--force", "--calibration", calib.to_str().unwrap()]);
     bin::run(Bin::Convert, &forced).expect_code(0);
     let m = card_matches_manifest(&out);
     assert_eq!(m.files.len(), 1);
     assert!(!out.join("tiny-f16.gguf").exists());
+    let matrix = abf::imatrix::read(&out.join(abf::release::IMATRIX_FILE)).unwrap();
+    assert!(matrix.entries.contains_key("blk.0.ffn_down.weight"));
+    assert!(m
+        .imatrix
+        .as_deref()
+        .is_some_and(|i| i.contains("calib.txt")));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("importance matrix"), "{card}");
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert!(sums.contains(abf::release::IMATRIX_FILE));
+    sha256sum_checks(&out);
 }
 
 #[test]

@@ -8,4 +8,4 @@ pub mod manifest;
 pub mod run;
 
 pub use manifest::{BackendSummary, FileEntry, Manifest, Summary};
-pub use run::{release, ReleaseError, ReleaseOptions};
+pub use run::{release, ImatrixSource, ReleaseError, ReleaseOptions, IMATRIX_FILE};

@@ -32,6 +32,10 @@ pub enum ReleaseError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Imatrix(#[from] crate::imatrix::ImatrixError),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReleaseError + '_ {
@@ -53,7 +57,24 @@ pub struct ReleaseOptions {
     /// Verification lengths (default: the recipe's target window, at least 4 x c).
     pub lengths: Vec<usize>,
     pub source: TokenSource,
+    /// How the importance matrix comes (none: plain quantization).
+    pub imatrix: ImatrixSource,
     pub force: bool,
+}
+
+/// Where a release's importance matrix comes from.
+#[derive(Debug, Clone)]
+pub enum ImatrixSource {
+    None,
+    /// Collected over this text (its name, its contents) in chunks of `ctx` tokens (None: the
+    /// recipe's target window, or the whole text when it is shorter).
+    Calibration {
+        name: String,
+        text: String,
+        ctx: Option<usize>,
+    },
+    /// A matrix llama.cpp or abf wrote (GGUF or legacy .dat).
+    File(PathBuf),
 }
 
 /// Stages of a release, for progress: (stage, done, total).
@@ -68,6 +89,64 @@ fn name_of(opts: &ReleaseOptions) -> String {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     })
+}
+
+/// The importance matrix's file name in a release.
+pub const IMATRIX_FILE: &str = "imatrix.gguf";
+
+type Weights = Option<std::sync::Arc<crate::convert::to_gguf::ImportanceWeights>>;
+
+/// Collect or read the importance matrix, write it to `dir/imatrix.gguf`, and return the
+/// quantizers' weights and a line for the card.
+fn importance(
+    opts: &ReleaseOptions,
+    dir: &Path,
+    progress: Progress,
+) -> Result<(Weights, Option<String>), ReleaseError> {
+    use crate::imatrix::{collect, read, write_gguf, CollectOptions};
+    let out = dir.join(IMATRIX_FILE);
+    let (matrix, note) = match &opts.imatrix {
+        ImatrixSource::None => return Ok((None, None)),
+        ImatrixSource::File(p) => {
+            let m = read(p)?;
+            let note = format!(
+                "{IMATRIX_FILE} (from {}: {} chunks of {} tokens)",
+                p.display(),
+                m.chunk_count,
+                m.chunk_size
+            );
+            (m, note)
+        }
+        ImatrixSource::Calibration { name, text, ctx } => {
+            let mut m = crate::runtime::open_forward(
+                &opts.model_dir,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            let tokens = m.encoder.encode(text)?;
+            let window = m.model.config().recipe.context as usize;
+            let ctx = ctx.unwrap_or_else(|| window.min(tokens.len()));
+            let copts = CollectOptions {
+                ctx,
+                max_chunks: None,
+                dataset: name.clone(),
+                bos: m.encoder.bos,
+            };
+            let total = (tokens.len() / ctx.max(1) * ctx) as u64;
+            let mut done = 0u64;
+            let (matrix, report) = collect(&mut m.model, &tokens, &copts, &mut |n| {
+                done += n as u64;
+                progress("imatrix", done, total)
+            })?;
+            let note = format!(
+                "{IMATRIX_FILE} (collected by abf over {name}: {} chunks of {ctx} tokens)",
+                report.chunks
+            );
+            (matrix, note)
+        }
+    };
+    write_gguf(&matrix, &out, false)?;
+    Ok((Some(std::sync::Arc::new(matrix.weights())), Some(note)))
 }
 
 /// Make the release; the manifest says which files passed.
@@ -101,12 +180,16 @@ pub fn release(opts: &ReleaseOptions, progress: Progress) -> Result<Manifest, Re
     };
     let dir = staged.path().to_path_buf();
 
+    // the importance matrix, kept in the release as imatrix.gguf
+    let (weights, imatrix_note) = importance(opts, &dir, progress)?;
+
     // every type in one pass
     let mut outputs = Vec::with_capacity(opts.types.len());
     for &t in &opts.types {
         let topts = ToGgufOptions {
             outtype: t,
             name: Some(name.clone()),
+            imatrix: weights.clone(),
             ..ToGgufOptions::default()
         };
         let plan = plan_to_gguf(&ckpt, &topts)?;
@@ -168,11 +251,15 @@ pub fn release(opts: &ReleaseOptions, progress: Progress) -> Result<Manifest, Re
         parameters: params,
         verified_tokens: first.tokens.clone(),
         verified_length: first.length,
-        imatrix: None,
+        imatrix: imatrix_note,
         pass: entries.iter().all(|e| e.pass),
         files: entries,
         abf_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    if manifest.imatrix.is_some() {
+        let p = dir.join(IMATRIX_FILE);
+        sums.push((IMATRIX_FILE.into(), sha256_file(&p).map_err(io(&p))?));
+    }
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
     let manifest_path = dir.join("release.json");
     write_atomic(&manifest_path, json.as_bytes(), false).map_err(io(&manifest_path))?;

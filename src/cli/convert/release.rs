@@ -9,7 +9,7 @@ use clap::Args;
 use crate::cli::args::{out_type, read_text_file, Backends};
 use crate::cli::{print_json, progress, Exit, JsonFlag};
 use crate::convert::OutType;
-use crate::release::{release, ReleaseOptions};
+use crate::release::{release, ImatrixSource, ReleaseOptions};
 use crate::verify::TokenSource;
 
 #[derive(Args, Debug)]
@@ -23,6 +23,16 @@ pub struct ReleaseArgs {
     #[arg(long, default_value = "f16,q8_0,q6_k,q5_k_m,q4_k_m", value_parser = out_type(),
           ignore_case = true, value_delimiter = ',', num_args = 1..)]
     pub types: Vec<OutType>,
+    /// Calibration text: an importance matrix is collected over it (chunks of the recipe's
+    /// target window) and the k-quants are importance-weighted; kept as imatrix.gguf.
+    #[arg(long, value_name = "FILE", conflicts_with = "imatrix")]
+    pub calibration: Option<PathBuf>,
+    /// Tokens per calibration chunk (default: the recipe's target window).
+    #[arg(long, requires = "calibration")]
+    pub ctx: Option<usize>,
+    /// An importance matrix to quantize with (llama.cpp's or abf's; GGUF or legacy .dat).
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// Text to verify with (tokenized with the model's tokenizer); default random tokens.
     #[arg(long, value_name = "FILE")]
     pub verify_text: Option<PathBuf>,
@@ -47,6 +57,18 @@ pub fn run(args: ReleaseArgs) -> anyhow::Result<Exit> {
         Some(p) => TokenSource::Text(read_text_file(p)?),
         None => TokenSource::Random { seed: 0 },
     };
+    let imatrix = match (&args.calibration, &args.imatrix) {
+        (Some(p), _) => ImatrixSource::Calibration {
+            name: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            text: read_text_file(p)?,
+            ctx: args.ctx,
+        },
+        (None, Some(p)) => ImatrixSource::File(p.clone()),
+        (None, None) => ImatrixSource::None,
+    };
     let opts = ReleaseOptions {
         model_dir: args.model_dir.clone(),
         out_dir: args.output.clone(),
@@ -55,6 +77,7 @@ pub fn run(args: ReleaseArgs) -> anyhow::Result<Exit> {
         backends: args.backend.kinds(),
         lengths: args.lengths.clone(),
         source,
+        imatrix,
         force: args.force,
     };
     let bar = progress(0, "release", args.print.json);
