@@ -587,14 +587,7 @@ fn cli_dry_run_force_and_errors() {
 fn quantized_outputs_round_trip_within_their_noise() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    TinyModel::new()
-        .hidden(256)
-        .inter(512)
-        .layers(2)
-        .heads(4)
-        .kv_heads(2)
-        .seed(9)
-        .write(&src);
+    TinyModel::new().kquant_shape().seed(9).write(&src);
     let a = SafetensorStore::open(&src).unwrap();
     // relative RMS error bounds per type: 8-bit ~0.4%, 4-bit k-quants ~10%
     for (out, bound) in [
@@ -707,11 +700,7 @@ fn several_outtypes_in_one_pass_equal_single_conversions() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     TinyModel::new()
-        .hidden(256)
-        .inter(512)
-        .layers(2)
-        .heads(4)
-        .kv_heads(2)
+        .kquant_shape()
         .dtype(common::model::WeightDtype::Bf16)
         .seed(4)
         .write(&src);

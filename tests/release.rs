@@ -8,7 +8,6 @@ use std::path::Path;
 
 use abf::release::card;
 use abf::release::{BackendSummary, FileEntry, Manifest, Summary};
-use abf::rope::{BaseRope, Recipe, RopeMethod};
 use common::bin::{self, Bin};
 use common::model::{Init, TinyModel};
 
@@ -21,21 +20,12 @@ fn backend() -> &'static str {
 }
 
 fn tiny(dir: &Path) {
-    let t = TinyModel {
-        hidden: 256,
-        inter: 512,
-        init: Init::Scaled(None),
-        ..TinyModel::new()
-    };
-    let mut r = Recipe::for_method(
-        RopeMethod::Abf,
-        BaseRope {
-            base: 10000.0,
-            context: t.context,
-        },
-    );
-    r.scale_law = Recipe::default_step(t.context);
-    t.seed(21).recipe(r).write(dir);
+    TinyModel::new()
+        .kquant_shape()
+        .init(Init::Scaled(None))
+        .abf_step()
+        .seed(21)
+        .write(dir);
 }
 
 /// The card's table rows: file -> cells.

@@ -14,7 +14,6 @@ use abf::checkpoint::Checkpoint;
 use abf::convert::quant_plan::OutType;
 use abf::convert::{plan_to_gguf, write_gguf, ToGgufOptions};
 use abf::gguf::{open_mmap, rewrite, ArchKey, GgufWriter, Metadata, TensorSpec, Value};
-use abf::rope::{BaseRope, Recipe, RopeMethod};
 use abf::runtime::BackendKind;
 use abf::verify::{verify, TokenSource, VerifyOptions, VerifyReport};
 use common::model::{Init, TinyModel};
@@ -30,15 +29,7 @@ fn backends() -> Vec<BackendKind> {
 const ARCH: &str = "mistral3";
 
 fn model() -> TinyModel {
-    TinyModel {
-        hidden: 256,
-        inter: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        init: Init::Scaled(None),
-        ..TinyModel::new()
-    }
+    TinyModel::new().kquant_shape().init(Init::Scaled(None))
 }
 
 struct Fixture {
@@ -51,16 +42,7 @@ fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let dir = root.join("tiny");
-    let t = model();
-    let mut r = Recipe::for_method(
-        RopeMethod::Abf,
-        BaseRope {
-            base: 10000.0,
-            context: t.context,
-        },
-    );
-    r.scale_law = Recipe::default_step(t.context);
-    t.seed(11).recipe(r).write(&dir);
+    model().abf_step().seed(11).write(&dir);
     Fixture {
         _tmp: tmp,
         dir,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::error::ConvertError;
 use super::numeric;
-use super::to_gguf::{encode_f32, source_f32, Plan, ToGgufReport};
+use super::to_gguf::{done_with_source, encode_f32, source_f32, Plan, ToGgufReport};
 use crate::checkpoint::{Checkpoint, TensorDtype};
 use crate::gguf::{GgufWriter, TensorSpec};
 
@@ -88,15 +88,7 @@ pub fn write_many(
         for (w, bytes) in writers.iter_mut().zip(&encoded) {
             w.write_tensor_data(&t.name, bytes)?;
         }
-        let input = match &t.source {
-            Some(s) => {
-                let n = ckpt.weights.tensor_view(s)?.data.len() as u64;
-                ckpt.weights.release(s);
-                n
-            }
-            None => 0,
-        };
-        progress(&t.name, input);
+        progress(&t.name, done_with_source(ckpt, t)?);
     }
     let mut reports = Vec::with_capacity(outputs.len());
     for (w, o) in writers.into_iter().zip(outputs) {

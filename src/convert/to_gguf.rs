@@ -414,6 +414,19 @@ fn encode_tensor(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<u8>, Conver
     }
 }
 
+/// A tensor's source has been read for the last time: its mapped pages need not stay resident.
+/// Returns its input bytes (for progress).
+pub(crate) fn done_with_source(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<u64, ConvertError> {
+    match &t.source {
+        Some(s) => {
+            let n = ckpt.weights.tensor_view(s)?.data.len() as u64;
+            ckpt.weights.release(s);
+            Ok(n)
+        }
+        None => Ok(0),
+    }
+}
+
 /// A planned tensor's source as f32 in GGUF row order (q/k rows permuted): what every output
 /// type is encoded from when one read serves several (`convert::multi`).
 pub(crate) fn source_f32(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<f32>, ConvertError> {
@@ -477,16 +490,7 @@ pub fn write_gguf(
             _ => encode_tensor(ckpt, t)?,
         };
         w.write_tensor_data(&t.name, &bytes)?;
-        let input = match &t.source {
-            Some(s) => {
-                let n = ckpt.weights.tensor_view(s)?.data.len() as u64;
-                // read for the last time: its pages need not stay resident
-                ckpt.weights.release(s);
-                n
-            }
-            None => 0,
-        };
-        progress(&t.name, input);
+        progress(&t.name, done_with_source(ckpt, t)?);
     }
     let output_bytes = w.commit()?;
     Ok(ToGgufReport {

@@ -205,6 +205,25 @@ impl TinyModel {
         }
     }
 
+    /// Every matrix's rows a whole number of 256-element k-quant blocks: hidden 256,
+    /// intermediate 512, 2 layers, 4 heads, 2 KV heads (the rest unchanged).
+    pub fn kquant_shape(self) -> Self {
+        self.hidden(256).inter(512).layers(2).heads(4).kv_heads(2)
+    }
+
+    /// ABF base 500000 from 10000 with the step law (beta 1/ln c, L = c) at this model's context.
+    pub fn abf_step(self) -> Self {
+        let mut r = Recipe::for_method(
+            abf::rope::RopeMethod::Abf,
+            abf::rope::BaseRope {
+                base: 10000.0,
+                context: self.context,
+            },
+        );
+        r.scale_law = Recipe::default_step(self.context);
+        self.recipe(r)
+    }
+
     /// [`Init::Scaled`] with these scales.
     pub fn scales(self, s: Scales) -> Self {
         self.init(Init::Scaled(Some(s)))
