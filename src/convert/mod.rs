@@ -22,4 +22,6 @@ pub use from_gguf::{
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};
 pub use tensor_map::{gguf_to_hf, hf_to_gguf, Role, TENSOR_MAP};
-pub use to_gguf::{plan_to_gguf, write_gguf, Plan, PlannedTensor, ToGgufOptions, ToGgufReport};
+pub use to_gguf::{
+    plan_to_gguf, write_gguf, write_gguf_split, Plan, PlannedTensor, ToGgufOptions, ToGgufReport,
+};

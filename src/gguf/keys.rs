@@ -92,6 +92,27 @@ pub mod tokenizer {
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 }
 
+/// `split.*`: the keys of a split set (llama.cpp `LLM_KV_SPLIT_*`, gguf-split). Every part carries
+/// all three; llama.cpp reads them with these exact types.
+pub mod split {
+    use super::ValueType;
+
+    /// The part's index, 0-based.
+    pub const NO: &str = "split.no";
+    /// How many parts the set has.
+    pub const COUNT: &str = "split.count";
+    /// Tensors over all parts.
+    pub const TENSORS_COUNT: &str = "split.tensors.count";
+    /// The keys and the types llama.cpp requires (`uint16_t`, `uint16_t`, `int`).
+    pub const KEYS: [(&str, ValueType); 3] = [
+        (NO, ValueType::U16),
+        (COUNT, ValueType::U16),
+        (TENSORS_COUNT, ValueType::I32),
+    ];
+    /// The prefix every split key starts with.
+    pub const PREFIX: &str = "split.";
+}
+
 impl ArchKey {
     fn row(self) -> &'static (ArchKey, &'static str, ValueType) {
         &ARCH_KEYS[self as usize]
@@ -124,6 +145,8 @@ pub fn required_type(meta_arch: Option<&str>, key: &str) -> Option<ValueType> {
             return Some(ValueType::U32)
         }
         GENERAL_ARCHITECTURE | GENERAL_NAME => return Some(ValueType::String),
+        split::NO | split::COUNT => return Some(ValueType::U16),
+        split::TENSORS_COUNT => return Some(ValueType::I32),
         _ => {}
     }
     let arch = meta_arch?;

@@ -1,23 +1,31 @@
 //! `abf-convert to-gguf`: a Hugging Face LLaMA-family checkpoint to a llama.cpp GGUF.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::args::{out_type, GgufTarget};
+use crate::cli::args::{byte_size, out_type, GgufTarget};
 use crate::cli::{print_json, progress, Exit, JsonFlag, RecipeArgs};
-use crate::convert::{plan_to_gguf, write_gguf, OutType, Plan, ToGgufOptions};
+use crate::convert::{plan_to_gguf, write_gguf_split, OutType, Plan, ToGgufOptions};
+use crate::gguf::{output_prefix, plan_parts, split_path, SplitLimits};
 
 #[derive(Args, Debug)]
 pub struct ToGgufArgs {
     /// Model directory (config.json, safetensors, tokenizer.json, tokenizer_config.json).
     pub model_dir: PathBuf,
-    /// The GGUF file to write.
+    /// The GGUF file to write; with a split, the set's prefix (less `.gguf`): parts
+    /// PREFIX-00001-of-0000N.gguf.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Split into parts of at most this many tensor bytes: N, NK, NM or NG (decimal units).
+    #[arg(long, value_name = "N[K|M|G]", value_parser = byte_size)]
+    pub split_max_size: Option<u64>,
+    /// Split into parts of at most this many tensors.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub split_max_tensors: Option<u64>,
     /// f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m.
     #[arg(long, default_value = "f16", value_parser = out_type(), ignore_case = true)]
     pub outtype: OutType,
@@ -48,12 +56,10 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
             .num_threads(n.max(1))
             .build_global();
     }
-    if !args.dry_run && args.output.exists() && !args.force {
-        anyhow::bail!(
-            "{} exists (use --force to replace it)",
-            args.output.display()
-        );
-    }
+    let limits = SplitLimits {
+        max_tensors: args.split_max_tensors.map(|n| n as usize),
+        max_bytes: args.split_max_size,
+    };
     let ckpt = Checkpoint::open(&args.model_dir)?;
     let recipe = if args.recipe.is_empty() {
         None
@@ -70,16 +76,24 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         name: None,
     };
     let plan = plan_to_gguf(&ckpt, &opts).context("planning the conversion")?;
+    let parts = part_paths(&plan, &args.output, &limits)?;
     if args.dry_run {
-        print_plan(&plan, args.print.json)?;
+        print_plan(&plan, &parts, args.print.json)?;
         return Ok(Exit::Ok);
     }
+    if !args.force {
+        if let Some(p) = parts.iter().find(|p| p.exists()) {
+            anyhow::bail!("{} exists (use --force to replace it)", p.display());
+        }
+    }
     let bar = progress(plan.input_bytes, "to-gguf", args.print.json);
-    let report = write_gguf(&ckpt, &plan, &args.output, args.force, &|_, n| bar.inc(n))?;
+    let report = write_gguf_split(&ckpt, &plan, &args.output, &limits, args.force, &|_, n| {
+        bar.inc(n)
+    })?;
     bar.finish_and_clear();
     if args.print.json {
         print_json(&json!({
-            "output": args.output, "outtype": args.outtype.name(),
+            "output": report.parts[0], "parts": report.parts, "outtype": args.outtype.name(),
             "runtime": format!("{:?}", args.target.runtime),
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
             "tensors": report.tensors, "input_bytes": report.input_bytes,
@@ -91,9 +105,18 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         for n in &plan.notes {
             println!("note: {n}");
         }
+        if report.parts.len() > 1 {
+            for p in &report.parts {
+                println!("part {}", p.display());
+            }
+        }
         println!(
-            "wrote {}: {} tensors, {:.1} MB in, {:.1} MB out, {:.2} s, {:.2} GB/s",
-            args.output.display(),
+            "wrote {}{}: {} tensors, {:.1} MB in, {:.1} MB out, {:.2} s, {:.2} GB/s",
+            report.parts[0].display(),
+            match report.parts.len() {
+                1 => String::new(),
+                n => format!(" and {} more part(s)", n - 1),
+            },
             report.tensors,
             report.input_bytes as f64 / 1e6,
             report.output_bytes as f64 / 1e6,
@@ -104,8 +127,21 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// `--dry-run`: the recipe, notes, metadata and tensors that would be written.
-fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
+/// The files the plan is written to under `limits`: `out`, or the parts of a split set.
+fn part_paths(plan: &Plan, out: &Path, limits: &SplitLimits) -> anyhow::Result<Vec<PathBuf>> {
+    let sizes: Vec<u64> = plan.tensors.iter().map(|t| t.bytes).collect();
+    let groups = plan_parts(&sizes, plan.metadata.alignment()?, limits)?;
+    let n = groups.len() as u32;
+    Ok(match n {
+        1 => vec![out.to_path_buf()],
+        _ => (0..n)
+            .map(|k| split_path(&output_prefix(out), k, n))
+            .collect(),
+    })
+}
+
+/// `--dry-run`: the recipe, notes, metadata, tensors and files that would be written.
+fn print_plan(plan: &Plan, parts: &[PathBuf], json: bool) -> anyhow::Result<()> {
     if json {
         let tensors: Vec<_> = plan
             .tensors
@@ -123,7 +159,7 @@ fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
         return print_json(&json!({
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
             "input_bytes": plan.input_bytes, "output_tensor_bytes": plan.output_tensor_bytes(),
-            "tensors": tensors, "metadata": meta,
+            "tensors": tensors, "metadata": meta, "parts": parts,
         }));
     }
     println!("recipe: {}", plan.recipe);
@@ -149,6 +185,9 @@ fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
                 .map(|n| format!("  ({n})"))
                 .unwrap_or_default()
         );
+    }
+    for p in parts {
+        println!("file: {}", p.display());
     }
     println!(
         "{} tensors, {} input bytes -> {} tensor bytes",
