@@ -94,6 +94,80 @@ impl AtomicFile {
 }
 
 impl AtomicFile {
+    /// Flush and fsync the temporary file, keeping it open (and removed on drop).
+    fn sync(&mut self) -> io::Result<()> {
+        let w = self.writer();
+        w.flush()?;
+        w.get_ref().sync_all()
+    }
+
+    /// Close the synced temporary file and rename it over the target (no directory sync); the
+    /// temporary is removed when the rename fails.
+    fn rename_into_place(mut self) -> io::Result<()> {
+        drop(self.writer.take());
+        fs::rename(&self.tmp, &self.target).map_err(|e| {
+            let _ = fs::remove_file(&self.tmp);
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "renaming {} to {}: {e}",
+                    self.tmp.display(),
+                    self.target.display()
+                ),
+            )
+        })
+    }
+}
+
+/// Commit several files as one output (the parts of a split GGUF): every file is synced before
+/// any is renamed, so a failure while writing or syncing leaves no output (each dropped file
+/// removes its temporary). The first file names the set (readers open it and find the others
+/// by name), so an existing file at its path is removed before any rename and the first file
+/// is renamed last: an interruption between the renames leaves no first file beside a mix of
+/// old and new parts. A failed rename removes the files renamed before it.
+pub fn commit_all(mut files: Vec<AtomicFile>) -> io::Result<()> {
+    for f in &mut files {
+        f.sync()?;
+    }
+    if let Some(first) = files.first() {
+        match fs::remove_file(&first.target) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("removing {}: {e}", first.target.display()),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut renamed: Vec<PathBuf> = Vec::new();
+    while let Some(f) = files.pop() {
+        let target = f.target.clone();
+        if let Err(e) = f.rename_into_place() {
+            for t in &renamed {
+                let _ = fs::remove_file(t);
+            }
+            return Err(e);
+        }
+        failpoint("commit-all-after-first-rename");
+        let dir = target.parent().map(Path::to_path_buf).unwrap_or_default();
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+        renamed.push(target);
+    }
+    for d in dirs {
+        sync_dir(if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            &d
+        })?;
+    }
+    Ok(())
+}
+
+impl AtomicFile {
     /// Flush the buffer and ask the kernel to begin writing back what was written since the last
     /// call (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait). Only a hint: the
     /// durability of the output still comes from the `sync_all` in `commit`.
@@ -169,7 +243,9 @@ pub const FAILPOINT_ENV: &str = "ABF_FAILPOINT";
 /// `checkpoint-staging-partial` (src/train/trainer.rs, `save_checkpoint`: parameters written,
 /// the rest not), `checkpoint-staged`, `checkpoint-old-aside`, `checkpoint-new-in`
 /// (src/train/store.rs, `save`: before, in the middle of and after the swap), `export-partial`
-/// (src/train/hf.rs, `export`: weights and tokenizer files moved in, config.json not).
+/// (src/train/hf.rs, `export`: weights and tokenizer files moved in, config.json not),
+/// `commit-all-after-first-rename` ([`commit_all`]: the last part of a split set in place, the
+/// others not).
 pub fn failpoint(name: &str) {
     if failpoint_set(name) {
         // SAFETY: kill(2) on our own pid with a constant signal has no memory-safety conditions.

@@ -192,6 +192,31 @@ pub fn out_type() -> impl TypedValueParser<Value = OutType> {
     PossibleValuesParser::new(OUT_TYPES.iter().map(|r| r.1)).try_map(|s| s.parse::<OutType>())
 }
 
+/// A byte count: `N`, `NK`, `NM` or `NG` in decimal units (1K = 1000 bytes), as gguf-split and
+/// `convert_hf_to_gguf.py --split-max-size` read it; at least 1.
+pub fn byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, ' '),
+    };
+    let scale: u64 = match unit {
+        ' ' => 1,
+        'K' => 1_000,
+        'M' => 1_000_000,
+        'G' => 1_000_000_000,
+        other => return Err(format!("{text:?}: unit {other:?} is not K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected N, NK, NM or NG with N a whole number"))?;
+    match n.checked_mul(scale) {
+        Some(0) => Err(format!("{text:?}: must be at least 1 byte")),
+        Some(b) => Ok(b),
+        None => Err(format!("{text:?}: too large")),
+    }
+}
+
 /// A learning-rate schedule: `cosine` or `constant`.
 pub fn schedule() -> impl TypedValueParser<Value = ScheduleKind> {
     PossibleValuesParser::new(["cosine", "constant"]).try_map(|s| s.parse::<ScheduleKind>())
@@ -214,6 +239,17 @@ pub fn read_text_file(path: &Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn byte_sizes_are_decimal_like_gguf_split() {
+        assert_eq!(byte_size("4096"), Ok(4096));
+        assert_eq!(byte_size("2K"), Ok(2_000));
+        assert_eq!(byte_size("3m"), Ok(3_000_000));
+        assert_eq!(byte_size("5G"), Ok(5_000_000_000));
+        for bad in ["", "0", "0M", "1.5G", "-1", "7T", "G", "99999999999999G"] {
+            assert!(byte_size(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn device_names() {

@@ -20,7 +20,7 @@ use crate::checkpoint::{
     patch_config, HfConfig, ModelType, TensorData, TensorDtype, CONFIG_FILE, DEFAULT_SHARD_BYTES,
 };
 use crate::gguf::keys::{self, ArchKey};
-use crate::gguf::{open_mmap, read_recipe, Metadata};
+use crate::gguf::{open_set, read_recipe, GgufSet, Metadata};
 use crate::rope::{Recipe, Target};
 
 /// The element type of the written safetensors.
@@ -131,15 +131,15 @@ pub struct HfTensors {
     pub input_bytes: u64,
 }
 
-/// Every LLaMA tensor of `file` (`bytes` is the whole file) under its Hugging Face name, as
+/// Every LLaMA tensor of `set` (a file or every part of a split set) under its Hugging Face name, as
 /// `dtype`: float types converted, block types dequantized through `crate::quant`, q/k rows
 /// un-permuted (llama.cpp's interleaved pairs back to rotate-half).
 pub fn read_hf_tensors(
-    file: &crate::gguf::GgufFile,
-    bytes: &[u8],
+    set: &GgufSet,
     hp: &GgufHparams,
     dtype: TensorDtype,
 ) -> Result<HfTensors, ConvertError> {
+    let file = &set.file;
     let mut tensors: Vec<TensorData<'static>> = Vec::with_capacity(file.tensors.len());
     let mut vocab_rows = None;
     let mut has_output = false;
@@ -151,8 +151,8 @@ pub fn read_hf_tensors(
         let (hf, role, _) = gguf_to_hf(&t.name).ok_or_else(|| ConvertError::UnknownGgufTensor {
             tensor: t.name.clone(),
         })?;
-        let data = file
-            .tensor_bytes(bytes, i)
+        let data = set
+            .tensor_data(i)
             .ok_or_else(|| ConvertError::tensor(&t.name, "data outside the file"))?;
         input_bytes += data.len() as u64;
         let n = usize::try_from(t.elements())
@@ -194,16 +194,14 @@ pub fn read_hf_tensors(
 }
 
 /// `rope_freqs.weight` as f32 (llama.cpp's per-frequency divisors), None when absent.
-pub fn read_rope_freqs(
-    file: &crate::gguf::GgufFile,
-    bytes: &[u8],
-) -> Result<Option<Vec<f32>>, ConvertError> {
+pub fn read_rope_freqs(set: &GgufSet) -> Result<Option<Vec<f32>>, ConvertError> {
+    let file = &set.file;
     let Some(i) = file.tensors.iter().position(|t| t.name == ROPE_FREQS) else {
         return Ok(None);
     };
     let t = &file.tensors[i];
-    let data = file
-        .tensor_bytes(bytes, i)
+    let data = set
+        .tensor_data(i)
         .ok_or_else(|| ConvertError::tensor(ROPE_FREQS, "data outside the file"))?;
     let n = usize::try_from(t.elements())
         .map_err(|_| ConvertError::tensor(ROPE_FREQS, "too many elements"))?;
@@ -214,15 +212,15 @@ pub fn read_rope_freqs(
     Ok(Some(f))
 }
 
-/// Convert `path` into the directory `out`.
+/// Convert `path` (a GGUF file, or the first part of a split set) into the directory `out`.
 pub fn from_gguf(
     path: &Path,
     out: &Path,
     opts: &FromGgufOptions,
 ) -> Result<FromGgufReport, ConvertError> {
     let start = Instant::now();
-    let mapped = open_mmap(path)?;
-    let file = &mapped.file;
+    let set = open_set(path)?;
+    let file = &set.file;
     let meta = &file.metadata;
     let mut notes = Vec::new();
     let hp = read_hparams(meta)?;
@@ -244,7 +242,7 @@ pub fn from_gguf(
     }
 
     // tensors
-    let read = read_hf_tensors(file, mapped.bytes(), &hp, opts.dtype)?;
+    let read = read_hf_tensors(&set, &hp, opts.dtype)?;
     let tensors = read.tensors;
     let (vocab_rows, has_output, input_bytes) =
         (read.vocab_rows, read.has_output, read.input_bytes);

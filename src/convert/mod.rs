@@ -25,5 +25,6 @@ pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};
 pub use tensor_map::{gguf_to_hf, hf_to_gguf, Role, TENSOR_MAP};
 pub use to_gguf::{
-    plan_to_gguf, write_gguf, ImportanceWeights, Plan, PlannedTensor, ToGgufOptions, ToGgufReport,
+    plan_to_gguf, write_gguf, write_gguf_split, ImportanceWeights, Plan, PlannedTensor,
+    ToGgufOptions, ToGgufReport,
 };

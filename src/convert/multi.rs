@@ -98,6 +98,7 @@ pub fn write_many(
             input_bytes: o.plan.input_bytes,
             output_bytes,
             seconds: start.elapsed().as_secs_f64(),
+            parts: vec![o.path.clone()],
         });
     }
     Ok(reports)

@@ -2,10 +2,10 @@
 //! writes them, every hyperparameter key with the type llama.cpp requires, the recipe through
 //! `gguf::apply_recipe` (Llama 3 factors as the `rope_freqs.weight` tensor), the tokenizer, and
 //! per-tensor types from `quant_plan`. Streaming: one tensor at a time from the mapped
-//! safetensors to the atomic output.
+//! safetensors to the atomic output, one file or llama.cpp's split parts.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +18,8 @@ use super::tokenizer_gguf::vocab_from_dir;
 use crate::checkpoint::{Checkpoint, TensorDtype};
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{
-    apply_recipe_with_freq_factors, GgmlType, GgufWriter, Metadata, TensorSpec, Value,
+    apply_recipe_with_freq_factors, plan_parts, write_parts, GgmlType, Metadata, SplitLimits,
+    TensorSpec, Value,
 };
 use crate::rope::{base_inv_freq, Recipe, RopeMethod, Target};
 
@@ -105,6 +106,8 @@ pub struct ToGgufReport {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub seconds: f64,
+    /// The files written: `out`, or the parts of a split set, the first first.
+    pub parts: Vec<PathBuf>,
 }
 
 impl ToGgufReport {
@@ -471,32 +474,42 @@ pub fn write_gguf(
     force: bool,
     progress: &dyn Fn(&str, u64),
 ) -> Result<ToGgufReport, ConvertError> {
+    write_gguf_split(ckpt, plan, out, &SplitLimits::default(), force, progress)
+}
+
+/// Write the plan as llama.cpp's split layout under `limits` (`gguf::write_parts`: parts
+/// `PREFIX-0000k-of-0000N.gguf` with PREFIX `out` less `.gguf`, or the plain file `out` when
+/// everything fits one part), all parts or none.
+pub fn write_gguf_split(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    out: &Path,
+    limits: &SplitLimits,
+    force: bool,
+    progress: &dyn Fn(&str, u64),
+) -> Result<ToGgufReport, ConvertError> {
     let start = Instant::now();
     let specs = plan
         .tensors
         .iter()
         .map(|t| TensorSpec::new(t.name.clone(), t.dims.clone(), t.ggml_type))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut w = GgufWriter::create(out, force)?;
-    for (k, v) in plan.metadata.iter() {
-        w.add_kv(k, v.clone())?;
-    }
-    for s in specs {
-        w.add_tensor(s)?;
-    }
-    for t in &plan.tensors {
+    let sizes: Vec<u64> = specs.iter().map(|s| s.size).collect();
+    let groups = plan_parts(&sizes, plan.metadata.alignment()?, limits)?;
+    let written = write_parts(out, &plan.metadata, &specs, &groups, force, |i| {
+        let t = &plan.tensors[i];
         let bytes = match (&t.source, &plan.rope_freqs) {
             (None, Some(f)) => numeric::from_f32(TensorDtype::F32, f),
             _ => encode_tensor(ckpt, t)?,
         };
-        w.write_tensor_data(&t.name, &bytes)?;
         progress(&t.name, done_with_source(ckpt, t)?);
-    }
-    let output_bytes = w.commit()?;
+        Ok::<_, ConvertError>(bytes)
+    })?;
     Ok(ToGgufReport {
         tensors: plan.tensors.len(),
         input_bytes: plan.input_bytes,
-        output_bytes,
+        output_bytes: written.bytes,
         seconds: start.elapsed().as_secs_f64(),
+        parts: written.paths,
     })
 }

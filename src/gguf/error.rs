@@ -113,6 +113,54 @@ pub enum GgufError {
     MissingKey { key: String },
     #[error("{0}")]
     Refused(String),
+    #[error("{}: split part {no} of {count} is missing (looked for {})", first.display(), part.display())]
+    SplitPartMissing {
+        first: PathBuf,
+        part: PathBuf,
+        no: u32,
+        count: u16,
+    },
+    #[error("split part {}: {source}", part.display())]
+    InSplitPart {
+        part: PathBuf,
+        source: Box<GgufError>,
+    },
+    #[error("{}: {key} is {count} but the file is not named PREFIX{postfix}", path.display())]
+    SplitName {
+        path: PathBuf,
+        key: &'static str,
+        count: u16,
+        postfix: String,
+    },
+    #[error("{}: is part {no} of a split set of {count}; open the first part{}", path.display(), first.as_ref().map(|f| format!(" {}", f.display())).unwrap_or_default())]
+    SplitNotFirst {
+        path: PathBuf,
+        no: u32,
+        count: u16,
+        first: Option<PathBuf>,
+    },
+    #[error("split part {}: {key} is {found}, expected {expected}", part.display())]
+    SplitKey {
+        part: PathBuf,
+        key: &'static str,
+        found: String,
+        expected: i64,
+    },
+    #[error("{}: the split set holds {found} tensors but {key} says {expected}", first.display())]
+    SplitTensorCount {
+        first: PathBuf,
+        key: &'static str,
+        found: u64,
+        expected: i64,
+    },
+    #[error("tensor {name:?} is in both split parts {} and {}", first.display(), second.display())]
+    SplitDuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("split: {0}")]
+    Split(String),
     #[error("recipe: {0}")]
     Recipe(#[from] crate::rope::RecipeError),
     #[error("{path}: {source}")]

@@ -110,6 +110,27 @@ pub mod imatrix {
     pub const SUFFIX_COUNTS: &str = ".counts";
 }
 
+/// `split.*`: the keys of a split set (llama.cpp `LLM_KV_SPLIT_*`, gguf-split). Every part carries
+/// all three; llama.cpp reads them with these exact types.
+pub mod split {
+    use super::ValueType;
+
+    /// The part's index, 0-based.
+    pub const NO: &str = "split.no";
+    /// How many parts the set has.
+    pub const COUNT: &str = "split.count";
+    /// Tensors over all parts.
+    pub const TENSORS_COUNT: &str = "split.tensors.count";
+    /// The keys and the types llama.cpp requires (`uint16_t`, `uint16_t`, `int`).
+    pub const KEYS: [(&str, ValueType); 3] = [
+        (NO, ValueType::U16),
+        (COUNT, ValueType::U16),
+        (TENSORS_COUNT, ValueType::I32),
+    ];
+    /// The prefix every split key starts with.
+    pub const PREFIX: &str = "split.";
+}
+
 impl ArchKey {
     fn row(self) -> &'static (ArchKey, &'static str, ValueType) {
         &ARCH_KEYS[self as usize]
@@ -143,6 +164,8 @@ pub fn required_type(meta_arch: Option<&str>, key: &str) -> Option<ValueType> {
         }
         GENERAL_ARCHITECTURE | GENERAL_NAME | GENERAL_TYPE => return Some(ValueType::String),
         imatrix::CHUNK_COUNT | imatrix::CHUNK_SIZE => return Some(ValueType::U32),
+        split::NO | split::COUNT => return Some(ValueType::U16),
+        split::TENSORS_COUNT => return Some(ValueType::I32),
         _ => {}
     }
     let arch = meta_arch?;

@@ -7,6 +7,8 @@ pub mod metadata;
 pub mod patch;
 pub mod reader;
 pub mod recipe;
+pub mod set;
+pub mod split;
 pub mod types;
 pub mod value;
 pub mod writer;
@@ -19,6 +21,10 @@ pub use reader::{open_mmap, FieldSpan, GgufFile, MappedGguf, TensorInfo};
 pub use recipe::{
     apply_recipe, apply_recipe_with_freq_factors, read_recipe, rope_dim, runtime_recipe,
     RuntimeRecipe,
+};
+pub use set::{open_set, GgufSet, SetPart};
+pub use split::{
+    output_prefix, plan_parts, split_path, split_prefix, write_parts, PartsWritten, SplitLimits,
 };
 pub use types::{GgmlType, TypeInfo};
 pub use value::{Array, Value, ValueType};

@@ -21,7 +21,7 @@ use crate::checkpoint::{ModelConfig, ModelType};
 use crate::convert::tokenizer_gguf::GgufVocab;
 use crate::convert::{read_hf_tensors, read_hparams, read_rope_freqs, GgufHparams};
 use crate::gguf::keys::ArchKey;
-use crate::gguf::{open_mmap, runtime_recipe, RuntimeRecipe};
+use crate::gguf::{open_set, runtime_recipe, RuntimeRecipe};
 use crate::model::Llama;
 
 /// Why a GGUF could not be read into our forward. Messages name the file and key or tensor.
@@ -50,15 +50,15 @@ pub struct GgufModel {
     pub hparams: GgufHparams,
 }
 
-/// Load `path` into our forward: tensors of every supported type dequantized to f32 and q/k
+/// Load `path` (a GGUF file, or the first part of a split set) into our forward: tensors of every supported type dequantized to f32 and q/k
 /// un-permuted (`convert::read_hf_tensors`), the recipe from the runtime keys.
 pub fn load_gguf_model(path: &Path, device: &Device) -> Result<GgufModel, GgufModelError> {
     let read = |reason: String| GgufModelError::Read {
         path: path.to_path_buf(),
         reason,
     };
-    let mapped = open_mmap(path).map_err(|x| read(x.to_string()))?;
-    let file = &mapped.file;
+    let set = open_set(path).map_err(|x| read(x.to_string()))?;
+    let file = &set.file;
     let hp = read_hparams(&file.metadata).map_err(|x| read(x.to_string()))?;
     let runtime = runtime_recipe(&file.metadata, hp.head_dim).map_err(|e| GgufModelError::Key {
         path: path.to_path_buf(),
@@ -76,14 +76,9 @@ pub fn load_gguf_model(path: &Path, device: &Device) -> Result<GgufModel, GgufMo
         });
     }
     // llama3 scaling: llama.cpp divides frequency j by rope_freqs[j] on top of the keys' recipe
-    let freq_factors = read_rope_freqs(file, mapped.bytes()).map_err(|x| read(x.to_string()))?;
-    let tensors = read_hf_tensors(
-        file,
-        mapped.bytes(),
-        &hp,
-        crate::checkpoint::TensorDtype::F32,
-    )
-    .map_err(|x| read(x.to_string()))?;
+    let freq_factors = read_rope_freqs(&set).map_err(|x| read(x.to_string()))?;
+    let tensors = read_hf_tensors(&set, &hp, crate::checkpoint::TensorDtype::F32)
+        .map_err(|x| read(x.to_string()))?;
     let vocab = tensors
         .vocab_rows
         .ok_or_else(|| read("no token_embd.weight".into()))?;

@@ -16,7 +16,7 @@ use super::gguf_candle::{load_gguf_model, BackendKind};
 use crate::checkpoint::{Checkpoint, ModelConfig, TokenizerFiles};
 use crate::convert::tokenizer_gguf::GgufVocab;
 use crate::gguf::recipe::read_recipe;
-use crate::gguf::{open_mmap, Metadata};
+use crate::gguf::{open_set, Metadata};
 use crate::model::Llama;
 
 /// What a model path holds.
@@ -24,11 +24,10 @@ use crate::model::Llama;
 pub enum ModelSource {
     /// A checkpoint directory: config.json, safetensors weights, tokenizer files.
     Dir,
-    /// One GGUF file.
+    /// One GGUF file, or the first part of a split set (`name-00001-of-0000N.gguf`): every
+    /// opener below reads it through `gguf::open_set`, which finds and checks the other parts,
+    /// and llama.cpp loads the set from the same path.
     Gguf,
-    // Split GGUF sets (`name-00001-of-0000N.gguf`) get a variant of their own here, recognised by
-    // `model_source` from the first shard's `split.*` keys; every opener below matches on this
-    // enum, so the compiler lists the places that must learn to read them.
 }
 
 /// Whether `path` is a GGUF file (by its magic), as opposed to a model directory.
@@ -81,7 +80,7 @@ impl Encoder {
         match model_source(path)? {
             ModelSource::Dir => Encoder::from_checkpoint(&Checkpoint::open(path)?),
             ModelSource::Gguf => {
-                let mapped = open_mmap(path).map_err(|e| gguf_err(path, e))?;
+                let mapped = open_set(path).map_err(|e| gguf_err(path, e))?;
                 Encoder::from_gguf(path, &mapped.file.metadata)
             }
         }
@@ -198,7 +197,7 @@ pub fn open_model(
         }
         ModelSource::Gguf => {
             let (encoder, original_context) = {
-                let mapped = open_mmap(path).map_err(|e| gguf_err(path, e))?;
+                let mapped = open_set(path).map_err(|e| gguf_err(path, e))?;
                 let meta = &mapped.file.metadata;
                 (
                     Encoder::from_gguf(path, meta)?,
@@ -293,7 +292,7 @@ pub fn original_context(path: &Path) -> Result<u64, RuntimeError> {
     match model_source(path)? {
         ModelSource::Dir => Ok(Checkpoint::open(path)?.config.model.recipe.original_context),
         ModelSource::Gguf => {
-            let mapped = open_mmap(path).map_err(|e| gguf_err(path, e))?;
+            let mapped = open_set(path).map_err(|e| gguf_err(path, e))?;
             gguf_original_context(path, &mapped.file.metadata)
         }
     }
@@ -336,6 +335,9 @@ fn gguf_backend(
 
 #[cfg(feature = "llamacpp")]
 fn open_llama_cpp(path: &Path) -> Result<Box<dyn LogitsBackend>, RuntimeError> {
+    // llama.cpp finds a split set's parts itself, but says only "failed to load" of a missing
+    // or mismatched one: check the set first for an error that names the part
+    drop(open_set(path).map_err(|e| gguf_err(path, e))?);
     Ok(Box::new(super::LlamaCpp::load(path)?))
 }
 

@@ -13,7 +13,7 @@ use super::metrics::{bands, BandMetrics, Comparison, MetricsError, Reference};
 use super::weights::{check_weights, plain_model, WeightCheck};
 use crate::checkpoint::{Checkpoint, CheckpointError, ModelConfig};
 use crate::convert::read_hparams;
-use crate::gguf::{open_mmap, GgmlType, GgufError};
+use crate::gguf::{open_set, GgmlType, GgufError};
 use crate::model::Llama;
 use crate::rope::{runtime_form, Recipe, Target};
 use crate::runtime::{
@@ -196,7 +196,7 @@ pub fn parameter_count(c: &ModelConfig) -> u64 {
 
 /// The type that carries most weight elements of the 2-D tensors.
 fn dominant_type(path: &Path) -> Result<GgmlType, VerifyError> {
-    let m = open_mmap(path).map_err(|e| gguf_err(path, e))?;
+    let m = open_set(path).map_err(|e| gguf_err(path, e))?;
     let mut counts: Vec<(GgmlType, u64)> = Vec::new();
     for t in m.file.tensors.iter().filter(|t| t.dims.len() >= 2) {
         match counts.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
@@ -445,7 +445,7 @@ pub fn verify_many(
 
 /// Whether the runtime keys of `gguf` say exactly `want` (and it has no `rope_freqs.weight`).
 fn reads_as(gguf: &Path, want: &Recipe) -> Result<bool, VerifyError> {
-    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let mapped = open_set(gguf).map_err(|e| gguf_err(gguf, e))?;
     let meta = &mapped.file.metadata;
     let Ok(hp) = read_hparams(meta) else {
         return Ok(false);
@@ -530,18 +530,14 @@ fn file_weights(
     gguf: &Path,
     progress: Progress,
 ) -> Result<WeightCheck, VerifyError> {
-    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let mapped = open_set(gguf).map_err(|e| gguf_err(gguf, e))?;
     let hp = read_hparams(&mapped.file.metadata).map_err(|e| VerifyError::Backend {
         backend: "weights".into(),
         source: Box::new(RuntimeError::consumer(e)),
     })?;
-    Ok(check_weights(
-        ckpt,
-        &mapped.file,
-        mapped.bytes(),
-        &hp,
-        &mut |i, n| progress("weights", i, n),
-    ))
+    Ok(check_weights(ckpt, &mapped, &hp, &mut |i, n| {
+        progress("weights", i, n)
+    }))
 }
 
 /// What a plain quantization of the checkpoint to the file's types costs in our forward, band
@@ -557,7 +553,7 @@ fn plain_cost(
     band_list: &[super::metrics::Band],
     progress: Progress,
 ) -> Result<Vec<BandMetrics>, VerifyError> {
-    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let mapped = open_set(gguf).map_err(|e| gguf_err(gguf, e))?;
     let mut pcfg = cfg.clone();
     pcfg.recipe = want.clone();
     let model = plain_model(ckpt, &mapped.file, &pcfg, &Device::Cpu).map_err(|reason| {
@@ -595,7 +591,7 @@ fn check_file(
     want: &Recipe,
     params: u64,
 ) -> Result<CheckedFile, VerifyError> {
-    let mapped = open_mmap(gguf).map_err(|e| gguf_err(gguf, e))?;
+    let mapped = open_set(gguf).map_err(|e| gguf_err(gguf, e))?;
     let got = runtime_recipe(&mapped.file.metadata, cfg.head_dim);
     let issues = check(&mapped.file.metadata, got.as_ref(), cfg, want);
     let runtime_text = got
@@ -689,7 +685,7 @@ fn run_candidate(
     // the consistency reference rounds activations as this backend does (llama.cpp), else it
     // is the f32 one
     let round = {
-        let mapped = open_mmap(cand.gguf).map_err(|e| gguf_err(cand.gguf, e))?;
+        let mapped = open_set(cand.gguf).map_err(|e| gguf_err(cand.gguf, e))?;
         activation_rounding(&mapped.file, kind)
     };
     let rounded = if round.is_empty() {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::convert::tensor_map::{gguf_to_hf, Role, ROPE_FREQS};
 use crate::convert::{numeric, unpermute_qk, GgufHparams};
-use crate::gguf::{GgmlType, GgufFile};
+use crate::gguf::{GgmlType, GgufFile, GgufSet};
 use crate::quant;
 
 /// A tensor may differ from the checkpoint's by at most this times the relative error of a
@@ -103,15 +103,14 @@ fn plain_round_trip(ty: GgmlType, data: &[f32], row_len: usize) -> Option<Vec<f3
 
 /// The file's tensor as f32 in Hugging Face layout, and its raw (still permuted) rows.
 fn file_tensor(
-    file: &GgufFile,
-    bytes: &[u8],
+    set: &GgufSet,
     i: usize,
     role: Role,
     hp: &GgufHparams,
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
-    let t = &file.tensors[i];
-    let data = file
-        .tensor_bytes(bytes, i)
+    let t = &set.file.tensors[i];
+    let data = set
+        .tensor_data(i)
         .ok_or_else(|| "data outside the file".to_string())?;
     let n = usize::try_from(t.elements()).map_err(|_| "too many elements".to_string())?;
     let raw = match numeric::float_dtype(t.ggml_type) {
@@ -128,14 +127,15 @@ fn file_tensor(
     Ok((f32_from_bytes(&hf), raw))
 }
 
-/// Check every tensor of `file` against `ckpt`; `progress(done, total)` per tensor.
+/// Check every tensor of `set` (a file or every part of a split set) against `ckpt`;
+/// `progress(done, total)` per tensor.
 pub fn check_weights(
     ckpt: &Checkpoint,
-    file: &GgufFile,
-    bytes: &[u8],
+    set: &GgufSet,
     hp: &GgufHparams,
     progress: &mut dyn FnMut(usize, usize),
 ) -> WeightCheck {
+    let file = &set.file;
     let mut out = WeightCheck::default();
     let total = file.tensors.len();
     for (i, t) in file.tensors.iter().enumerate() {
@@ -165,7 +165,7 @@ pub fn check_weights(
             }
         };
         let want = numeric::to_f32(view.dtype, view.data);
-        let (got, raw) = match file_tensor(file, bytes, i, role, hp) {
+        let (got, raw) = match file_tensor(set, i, role, hp) {
             Ok(x) => x,
             Err(e) => {
                 out.unchecked.push(format!("{}: {e}", t.name));
@@ -237,14 +237,8 @@ pub fn check_weights_at(
     hp: &GgufHparams,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<WeightCheck, crate::gguf::GgufError> {
-    let mapped = crate::gguf::open_mmap(path)?;
-    Ok(check_weights(
-        ckpt,
-        &mapped.file,
-        mapped.bytes(),
-        hp,
-        progress,
-    ))
+    let set = crate::gguf::open_set(path)?;
+    Ok(check_weights(ckpt, &set, hp, progress))
 }
 
 /// The checkpoint's weights rounded through each tensor's type in `file` by ggml's reference

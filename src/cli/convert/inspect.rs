@@ -8,14 +8,14 @@ use serde_json::json;
 
 use crate::cli::{print_json, Exit, JsonFlag};
 use crate::gguf::keys::{self, ArchKey};
-use crate::gguf::{open_mmap, read_recipe, GgufFile, Value};
+use crate::gguf::{open_set, read_recipe, GgufFile, GgufSet, Value};
 
 /// Arrays longer than this are summarized unless `--full`.
 const SHOWN_ITEMS: usize = 8;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// The GGUF file.
+    /// The GGUF file (of a split set: the first part; the others are read too).
     pub file: PathBuf,
     #[command(flatten)]
     pub print: JsonFlag,
@@ -61,9 +61,8 @@ fn summary_line(s: &serde_json::Value) -> String {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
-    let mapped =
-        open_mmap(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let file = &mapped.file;
+    let set = open_set(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let file = &set.file;
     let max = (!args.full).then_some(SHOWN_ITEMS);
     let recipe = read_recipe(&file.metadata);
     // what llama.cpp cannot run of the recorded recipe (static NTK needs the rotary dimension)
@@ -81,10 +80,12 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
         let tensors: Vec<_> = file
             .tensors
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 json!({
                     "name": t.name, "type": t.ggml_type.to_string(), "type_code": t.ggml_type.code(),
                     "known": t.is_known(), "shape": t.dims, "offset": t.offset, "size": t.size,
+                    "part": set.tensor_part(i),
                 })
             })
             .collect();
@@ -105,6 +106,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
             "recipe_gaps": recipe.as_ref().ok().and_then(|r| r.as_ref()).map(gaps),
             "keys": keys,
             "tensors": tensors,
+            "parts": parts_json(&set),
         }))?;
         return Ok(Exit::Ok);
     }
@@ -118,6 +120,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
         file.data_start,
         file.file_len
     );
+    if set.is_split() {
+        for (k, p) in set.parts.iter().enumerate() {
+            println!(
+                "part {}/{}: {}, {} tensors, {} bytes",
+                k + 1,
+                set.parts.len(),
+                p.path.display(),
+                p.mapped.file.tensors.len(),
+                p.mapped.file.file_len
+            );
+        }
+    }
     println!("summary: {}", summary_line(&summary));
     match &recipe {
         Ok(Some(r)) => {
@@ -138,14 +152,18 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
         println!("  {k:<48} {:<14} {shown}", v.type_label());
     }
     println!("tensors:");
-    for t in &file.tensors {
+    for (i, t) in file.tensors.iter().enumerate() {
         let unknown = if t.is_known() {
             ""
         } else {
             " (unknown type, carried through)"
         };
+        let part = match set.tensor_part(i) {
+            Some(p) if set.is_split() => format!(" part {}", p + 1),
+            _ => String::new(),
+        };
         println!(
-            "  {:<40} {:<8} {:<24} offset {}{unknown}",
+            "  {:<40} {:<8} {:<24} offset {}{part}{unknown}",
             t.name,
             t.ggml_type.to_string(),
             format!("{:?}", t.dims),
@@ -153,6 +171,21 @@ pub fn run(args: InspectArgs) -> anyhow::Result<Exit> {
         );
     }
     Ok(Exit::Ok)
+}
+
+/// Each part of the set: path, tensors, sizes (one entry for a plain file). The top-level
+/// `file_len`/`data_start` are the first part's.
+fn parts_json(set: &GgufSet) -> Vec<serde_json::Value> {
+    set.parts
+        .iter()
+        .map(|p| {
+            let f = &p.mapped.file;
+            json!({
+                "path": p.path.display().to_string(), "tensors": f.tensors.len(),
+                "keys": f.metadata.len(), "data_start": f.data_start, "file_len": f.file_len,
+            })
+        })
+        .collect()
 }
 
 /// What llama.cpp cannot run of a recorded recipe (`rope::runtime_form`; static NTK needs the

@@ -1,5 +1,7 @@
 //! `abf-convert patch-gguf`: edit a GGUF's metadata (set, delete, relabel, apply a recipe),
 //! in place when every length is kept, else by rewriting the header and copying the tensors.
+//! A split set is edited through its first part, which holds all the metadata: in place or
+//! rewritten alone (the other parts are untouched), or with `-o` written as a new set.
 
 use std::path::{Path, PathBuf};
 
@@ -11,16 +13,18 @@ use crate::cli::args::GgufTarget;
 use crate::cli::{print_json, Exit, JsonFlag, RecipeArgs};
 use crate::gguf::keys::{self, ArchKey};
 use crate::gguf::{
-    apply_recipe, diff, in_place_writes, open_mmap, read_recipe, rewrite, write_in_place, Change,
-    InPlaceWrite, Metadata, Value, ValueType,
+    apply_recipe, diff, in_place_writes, open_set, output_prefix, read_recipe, rewrite, split_path,
+    write_in_place, write_parts, Change, GgufSet, InPlaceWrite, Metadata, TensorSpec, Value,
+    ValueType,
 };
 use crate::rope::BaseRope;
 
 #[derive(Args, Debug)]
 pub struct PatchArgs {
-    /// The GGUF file to patch.
+    /// The GGUF file to patch (of a split set: the first part, which holds the metadata).
     pub input: PathBuf,
-    /// Write the result here (the input is left untouched).
+    /// Write the result here (the input is left untouched); a split set is written as a set
+    /// with this prefix (less `.gguf`): PREFIX-00001-of-0000N.gguf.
     #[arg(short, long, conflicts_with = "in_place")]
     pub output: Option<PathBuf>,
     /// Patch the input itself (only same-size edits, unless --allow-rewrite).
@@ -142,20 +146,35 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
     if args.output.is_none() && !args.in_place && !args.dry_run {
         bail!("give -o OUT, --in-place or --dry-run");
     }
-    if let Some(out) = &args.output {
-        if same_file(&args.input, out) {
-            bail!("-o names the input file; use --in-place");
+    let set = open_set(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let out_paths = match &args.output {
+        Some(out) => output_paths(&set, out),
+        None => Vec::new(),
+    };
+    for out in &out_paths {
+        if set.parts.iter().any(|p| same_file(&p.path, out)) {
+            bail!(
+                "-o names the input ({} is one of its files); use --in-place",
+                out.display()
+            );
         }
     }
-    let mapped =
-        open_mmap(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
-    let old = &mapped.file;
+    // all metadata lives in the first part: it is the one edited (in place or rewritten)
+    let old = &set.first().file;
     let mut meta = old.metadata.clone();
     let mut notes = edit(&args, &mut meta)?;
+    for (key, _) in keys::split::KEYS {
+        if old.metadata.get(key) != meta.get(key) {
+            bail!("{key}: the split keys describe how the file is split; patch-gguf does not edit them");
+        }
+    }
     let changes = diff(&old.metadata, &meta);
     let in_place = in_place_writes(old, &meta);
     let mode = choose_mode(&args, &in_place, &mut notes)?;
-    let target = args.output.clone().unwrap_or_else(|| args.input.clone());
+    let target = out_paths
+        .first()
+        .cloned()
+        .unwrap_or_else(|| args.input.clone());
     let mut bytes_written = 0u64;
     if !args.dry_run {
         match mode {
@@ -164,21 +183,33 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
                     .as_ref()
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .clone();
-                drop(mapped);
+                drop(set);
                 bytes_written = write_in_place(&args.input, &writes)?;
             }
-            "rewrite" => {
+            "rewrite" if args.in_place || !set.is_split() => {
+                // a set's other parts carry only the split keys, which no edit changes
                 let overwrite = args.in_place || args.force;
                 bytes_written = rewrite(&args.input, old, &meta, &target, overwrite)
+                    .with_context(|| format!("writing {}", target.display()))?;
+            }
+            "rewrite" => {
+                let out = args.output.as_ref().expect("-o given");
+                bytes_written = rewrite_set(&set, &meta, out, args.force)
                     .with_context(|| format!("writing {}", target.display()))?;
             }
             _ => {}
         }
     }
+    let written: Vec<String> = match (mode, out_paths.is_empty()) {
+        ("in-place" | "rewrite", true) => vec![args.input.display().to_string()],
+        ("rewrite", false) => out_paths.iter().map(|p| p.display().to_string()).collect(),
+        _ => Vec::new(),
+    };
     if args.print.json {
         print_json(&json!({
             "input": args.input.display().to_string(),
             "output": target.display().to_string(),
+            "files_written": written,
             "mode": mode,
             "dry_run": args.dry_run,
             "changes": changes.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
@@ -189,6 +220,44 @@ pub fn run(args: PatchArgs) -> anyhow::Result<Exit> {
         print_text(&args, &target, mode, &changes, &notes);
     }
     Ok(Exit::Ok)
+}
+
+/// The files `-o out` names for `set`: `out` for a plain file, the parts of a set with the
+/// prefix `out` (less `.gguf`) for a split one.
+fn output_paths(set: &GgufSet, out: &Path) -> Vec<PathBuf> {
+    let n = set.parts.len() as u32;
+    match n {
+        1 => vec![out.to_path_buf()],
+        _ => (0..n)
+            .map(|k| split_path(&output_prefix(out), k, n))
+            .collect(),
+    }
+}
+
+/// Write `set` with metadata `meta` as a new set at `out`: the same parts, the first with the
+/// new header, every tensor's bytes copied verbatim; all parts or none.
+fn rewrite_set(set: &GgufSet, meta: &Metadata, out: &Path, force: bool) -> anyhow::Result<u64> {
+    let specs: Vec<TensorSpec> = set
+        .file
+        .tensors
+        .iter()
+        .map(|t| TensorSpec::with_size(t.name.clone(), t.dims.clone(), t.ggml_type, t.size))
+        .collect();
+    let mut groups = Vec::with_capacity(set.parts.len());
+    let mut start = 0;
+    for p in &set.parts {
+        let n = p.mapped.file.tensors.len();
+        groups.push(start..start + n);
+        start += n;
+    }
+    let written = write_parts(out, meta, &specs, &groups, force, |i| {
+        set.tensor_data(i)
+            .ok_or_else(|| crate::gguf::GgufError::TensorData {
+                name: specs[i].name.clone(),
+                reason: "data outside its part".into(),
+            })
+    })?;
+    Ok(written.bytes)
 }
 
 /// How the edit is written: "none", "in-place", "rewrite", or (dry run only) "refused".

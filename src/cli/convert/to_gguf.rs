@@ -1,25 +1,35 @@
 //! `abf-convert to-gguf`: a Hugging Face LLaMA-family checkpoint to a llama.cpp GGUF.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::args::{out_type, GgufTarget};
+use crate::cli::args::{byte_size, out_type, GgufTarget};
 use crate::cli::{print_json, progress, Exit, JsonFlag, RecipeArgs};
 use crate::convert::multi::output_path;
-use crate::convert::{plan_to_gguf, write_gguf, write_many, OutType, Output, Plan, ToGgufOptions};
+use crate::convert::{
+    plan_to_gguf, write_gguf_split, write_many, OutType, Output, Plan, ToGgufOptions,
+};
+use crate::gguf::{output_prefix, plan_parts, split_path, SplitLimits};
 
 #[derive(Args, Debug)]
 pub struct ToGgufArgs {
     /// Model directory (config.json, safetensors, tokenizer.json, tokenizer_config.json).
     pub model_dir: PathBuf,
-    /// The GGUF file to write. With several --outtype: a directory (NAME-TYPE.gguf inside), a
+    /// The GGUF file to write; with a split, the set's prefix (less `.gguf`): parts
+    /// PREFIX-00001-of-0000N.gguf. With several --outtype: a directory (NAME-TYPE.gguf inside), a
     /// path containing `{type}`, or a path whose stem gets `-TYPE` appended.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Split into parts of at most this many tensor bytes: N, NK, NM or NG (decimal units).
+    #[arg(long, value_name = "N[K|M|G]", value_parser = byte_size)]
+    pub split_max_size: Option<u64>,
+    /// Split into parts of at most this many tensors.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub split_max_tensors: Option<u64>,
     /// f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m; several,
     /// comma-separated, are written in one pass (each tensor read and converted to f32 once).
     #[arg(long, default_value = "f16", value_parser = out_type(), ignore_case = true,
@@ -57,11 +67,12 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
             .build_global();
     }
     let several = args.outtype.len() > 1;
-    if !several && !args.dry_run && args.output.exists() && !args.force {
-        anyhow::bail!(
-            "{} exists (use --force to replace it)",
-            args.output.display()
-        );
+    let limits = SplitLimits {
+        max_tensors: args.split_max_tensors.map(|n| n as usize),
+        max_bytes: args.split_max_size,
+    };
+    if several && (limits.max_tensors.is_some() || limits.max_bytes.is_some()) {
+        anyhow::bail!("--split-max-size/--split-max-tensors take one --outtype at a time");
     }
     let ckpt = Checkpoint::open(&args.model_dir)?;
     let recipe = if args.recipe.is_empty() {
@@ -89,16 +100,24 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
     for w in &plan.warnings {
         eprintln!("warning: {w}");
     }
+    let parts = part_paths(&plan, &args.output, &limits)?;
     if args.dry_run {
-        print_plan(&plan, args.print.json)?;
+        print_plan(&plan, &parts, args.print.json)?;
         return Ok(Exit::Ok);
     }
+    if !args.force {
+        if let Some(p) = parts.iter().find(|p| p.exists()) {
+            anyhow::bail!("{} exists (use --force to replace it)", p.display());
+        }
+    }
     let bar = progress(plan.input_bytes, "to-gguf", args.print.json);
-    let report = write_gguf(&ckpt, &plan, &args.output, args.force, &|_, n| bar.inc(n))?;
+    let report = write_gguf_split(&ckpt, &plan, &args.output, &limits, args.force, &|_, n| {
+        bar.inc(n)
+    })?;
     bar.finish_and_clear();
     if args.print.json {
         print_json(&json!({
-            "output": args.output, "outtype": args.outtype[0].name(),
+            "output": report.parts[0], "parts": report.parts, "outtype": args.outtype[0].name(),
             "runtime": format!("{:?}", args.target.runtime),
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
             "warnings": plan.warnings, "imatrix": args.imatrix,
@@ -112,9 +131,18 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         for n in &plan.notes {
             println!("note: {n}");
         }
+        if report.parts.len() > 1 {
+            for p in &report.parts {
+                println!("part {}", p.display());
+            }
+        }
         println!(
-            "wrote {}: {} tensors, {:.1} MB in, {:.1} MB out, {:.2} s, {:.2} GB/s",
-            args.output.display(),
+            "wrote {}{}: {} tensors, {:.1} MB in, {:.1} MB out, {:.2} s, {:.2} GB/s",
+            report.parts[0].display(),
+            match report.parts.len() {
+                1 => String::new(),
+                n => format!(" and {} more part(s)", n - 1),
+            },
             report.tensors,
             report.input_bytes as f64 / 1e6,
             report.output_bytes as f64 / 1e6,
@@ -153,7 +181,7 @@ fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyho
     if args.dry_run {
         for o in &outputs {
             println!("{}:", o.path.display());
-            print_plan(&o.plan, args.print.json)?;
+            print_plan(&o.plan, std::slice::from_ref(&o.path), args.print.json)?;
         }
         return Ok(Exit::Ok);
     }
@@ -196,8 +224,21 @@ fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyho
     Ok(Exit::Ok)
 }
 
-/// `--dry-run`: the recipe, notes, metadata and tensors that would be written.
-fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
+/// The files the plan is written to under `limits`: `out`, or the parts of a split set.
+fn part_paths(plan: &Plan, out: &Path, limits: &SplitLimits) -> anyhow::Result<Vec<PathBuf>> {
+    let sizes: Vec<u64> = plan.tensors.iter().map(|t| t.bytes).collect();
+    let groups = plan_parts(&sizes, plan.metadata.alignment()?, limits)?;
+    let n = groups.len() as u32;
+    Ok(match n {
+        1 => vec![out.to_path_buf()],
+        _ => (0..n)
+            .map(|k| split_path(&output_prefix(out), k, n))
+            .collect(),
+    })
+}
+
+/// `--dry-run`: the recipe, notes, metadata, tensors and files that would be written.
+fn print_plan(plan: &Plan, parts: &[PathBuf], json: bool) -> anyhow::Result<()> {
     if json {
         let tensors: Vec<_> = plan
             .tensors
@@ -216,7 +257,7 @@ fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
         return print_json(&json!({
             "recipe": plan.recipe.to_json_block(), "notes": plan.notes,
             "warnings": plan.warnings, "input_bytes": plan.input_bytes, "output_tensor_bytes": plan.output_tensor_bytes(),
-            "tensors": tensors, "metadata": meta,
+            "tensors": tensors, "metadata": meta, "parts": parts,
         }));
     }
     println!("recipe: {}", plan.recipe);
@@ -242,6 +283,9 @@ fn print_plan(plan: &Plan, json: bool) -> anyhow::Result<()> {
                 .map(|n| format!("  ({n})"))
                 .unwrap_or_default()
         );
+    }
+    for p in parts {
+        println!("file: {}", p.display());
     }
     println!(
         "{} tensors, {} input bytes -> {} tensor bytes",
