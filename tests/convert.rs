@@ -744,6 +744,42 @@ fn several_outtypes_in_one_pass_equal_single_conversions() {
     // a second run without --force keeps the files and fails naming one
     let r = bin::run(Bin::Convert, &cli);
     r.expect_code(2);
+
+    // split sets from one pass equal the single-type split sets, part by part
+    let split_dir = tmp.path().join("split/");
+    let mut cli = vec![
+        "to-gguf",
+        src.to_str().unwrap(),
+        "-o",
+        split_dir.to_str().unwrap(),
+    ];
+    cli.extend(["--outtype", "q8_0,q4_k_m", "--split-max-tensors", "7"]);
+    bin::run(Bin::Convert, &cli).expect_code(0);
+    for t in ["q8_0", "q4_k_m"] {
+        let single = tmp.path().join(format!("single-split-{t}.gguf"));
+        bin::run(
+            Bin::Convert,
+            &[
+                "to-gguf",
+                src.to_str().unwrap(),
+                "-o",
+                single.to_str().unwrap(),
+                "--outtype",
+                t,
+                "--split-max-tensors",
+                "7",
+            ],
+        )
+        .expect_code(0);
+        let n = 3; // 21 tensors in parts of 7
+        for k in 1..=n {
+            let part = |prefix: &str| tmp.path().join(format!("{prefix}-{k:05}-of-{n:05}.gguf"));
+            let a = std::fs::read(part(&format!("single-split-{t}"))).unwrap();
+            let b =
+                std::fs::read(split_dir.join(format!("src-{t}-{k:05}-of-{n:05}.gguf"))).unwrap();
+            assert!(a == b, "{t} part {k} differs");
+        }
+    }
 }
 
 /// An output that cannot be renamed into place (a directory is in the way) fails with exit 2

@@ -114,6 +114,8 @@ fn tiny_abf_release_passes_end_to_end() {
         "f16,q8_0,q4_k_m,q2_k",
         "--backend",
         backend(),
+        "--split-max-tensors",
+        "12",
         "--json",
     ];
     let r = bin::run(Bin::Convert, &args);
@@ -123,7 +125,16 @@ fn tiny_abf_release_passes_end_to_end() {
     assert_eq!(m.files.len(), 4);
     assert_eq!((m.original_context, m.context), (64, 256));
     for f in &m.files {
-        assert!(out.join(&f.files[0]).is_file());
+        // 21 tensors in parts of 12: two parts per type, each listed and summed
+        assert_eq!(f.files.len(), 2, "{f:?}");
+        assert_eq!(f.sha256.len(), 2);
+        assert!(f.files[0].ends_with("-00001-of-00002.gguf"), "{f:?}");
+        let total: u64 = f
+            .files
+            .iter()
+            .map(|p| std::fs::metadata(out.join(p)).unwrap().len())
+            .sum();
+        assert_eq!(total, f.bytes);
         // within and beyond the window, on every backend
         for b in &f.backends {
             assert!(b.within.is_some() && b.beyond.is_some(), "{f:?}");

@@ -13,7 +13,7 @@ use super::error::ConvertError;
 use super::numeric;
 use super::to_gguf::{done_with_source, encode_f32, source_f32, Plan, ToGgufReport};
 use crate::checkpoint::{Checkpoint, TensorDtype};
-use crate::gguf::{GgufWriter, TensorSpec};
+use crate::gguf::{plan_parts, SplitLimits, SplitWriter, TensorSpec};
 
 /// One output of a multi-type conversion.
 #[derive(Debug, Clone)]
@@ -40,12 +40,13 @@ fn same_tensors(outputs: &[Output]) -> Result<(), ConvertError> {
     Ok(())
 }
 
-/// Write every output (each atomic; an existing file is replaced only with `force`). `progress`
-/// is called with each tensor's input bytes once, as it is written to every output. On an error
-/// no output is left behind.
+/// Write every output (each atomic, split as `limits` says; an existing file is replaced only
+/// with `force`). `progress` is called with each tensor's input bytes once, as it is written to
+/// every output. On an error no output is left behind.
 pub fn write_many(
     ckpt: &Checkpoint,
     outputs: &[Output],
+    limits: &SplitLimits,
     force: bool,
     progress: &dyn Fn(&str, u64),
 ) -> Result<Vec<ToGgufReport>, ConvertError> {
@@ -53,18 +54,21 @@ pub fn write_many(
     same_tensors(outputs)?;
     let mut writers = Vec::with_capacity(outputs.len());
     for o in outputs {
-        let mut w = GgufWriter::create(&o.path, force)?;
-        for (k, v) in o.plan.metadata.iter() {
-            w.add_kv(k, v.clone())?;
-        }
-        for t in &o.plan.tensors {
-            w.add_tensor(TensorSpec::new(
-                t.name.clone(),
-                t.dims.clone(),
-                t.ggml_type,
-            )?)?;
-        }
-        writers.push(w);
+        let specs = o
+            .plan
+            .tensors
+            .iter()
+            .map(|t| TensorSpec::new(t.name.clone(), t.dims.clone(), t.ggml_type))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sizes: Vec<u64> = specs.iter().map(|s| s.size).collect();
+        let groups = plan_parts(&sizes, o.plan.metadata.alignment()?, limits)?;
+        writers.push(SplitWriter::create(
+            &o.path,
+            &o.plan.metadata,
+            &specs,
+            &groups,
+            force,
+        )?);
     }
     let Some(first) = outputs.first() else {
         return Ok(Vec::new());
@@ -86,19 +90,19 @@ pub fn write_many(
             })
             .collect::<Result<Vec<_>, ConvertError>>()?;
         for (w, bytes) in writers.iter_mut().zip(&encoded) {
-            w.write_tensor_data(&t.name, bytes)?;
+            w.write(i, bytes)?;
         }
         progress(&t.name, done_with_source(ckpt, t)?);
     }
     let mut reports = Vec::with_capacity(outputs.len());
     for (w, o) in writers.into_iter().zip(outputs) {
-        let output_bytes = w.commit()?;
+        let written = w.commit()?;
         reports.push(ToGgufReport {
             tensors: o.plan.tensors.len(),
             input_bytes: o.plan.input_bytes,
-            output_bytes,
+            output_bytes: written.bytes,
             seconds: start.elapsed().as_secs_f64(),
-            parts: vec![o.path.clone()],
+            parts: written.paths,
         });
     }
     Ok(reports)

@@ -25,6 +25,7 @@ pub use recipe::{
 pub use set::{open_set, GgufSet, SetPart};
 pub use split::{
     output_prefix, plan_parts, split_path, split_prefix, write_parts, PartsWritten, SplitLimits,
+    SplitWriter,
 };
 pub use types::{GgmlType, TypeInfo};
 pub use value::{Array, Value, ValueType};

@@ -131,12 +131,9 @@ pub struct PartsWritten {
     pub bytes: u64,
 }
 
-/// Write `meta` and `tensors` as the parts `groups` (consecutive ranges covering `tensors`).
-/// One group is the plain file `out`, without split keys (as `convert_hf_to_gguf.py` writes a
-/// set that fits one part); more are [`split_path`]s of [`output_prefix`]`(out)`, the first with
-/// `meta` and the others with only the split keys. `data(i)` gives tensor `i`'s bytes, asked in
-/// order. Each part is written to a temporary sibling and the parts are renamed into place
-/// together at the end ([`commit_all`]); an error leaves no part behind.
+/// Write `tensors` as the parts `groups` says (see [`SplitWriter`]); `data(i)` gives tensor
+/// `i`'s bytes, asked in order. One group is the plain file `out`, without split keys (as
+/// `convert_hf_to_gguf.py` writes a set that fits one part). An error leaves no part behind.
 pub fn write_parts<E, B, F>(
     out: &Path,
     meta: &Metadata,
@@ -150,56 +147,146 @@ where
     B: AsRef<[u8]>,
     F: FnMut(usize) -> Result<B, E>,
 {
-    let covered = groups.first().map(|g| g.start) == Some(0)
-        && groups.last().map(|g| g.end) == Some(tensors.len())
-        && groups.windows(2).all(|w| w[0].end == w[1].start);
-    if !covered {
-        return Err(GgufError::Split(format!(
-            "parts {groups:?} do not cover the {} tensors in order",
-            tensors.len()
-        ))
-        .into());
+    let mut w = SplitWriter::create(out, meta, tensors, groups, overwrite)?;
+    for i in 0..tensors.len() {
+        w.write(i, data(i)?.as_ref())?;
     }
-    let count = groups.len();
-    let write = |path: &Path, meta: &Metadata, range: &Range<usize>, data: &mut F| {
-        let mut w = GgufWriter::with_header(
-            AtomicFile::create(path, overwrite).map_err(|e| GgufError::io(path, e))?,
-            meta,
-            tensors[range.clone()].to_vec(),
-        )?;
-        for i in range.clone() {
-            w.write_tensor_data(&tensors[i].name, data(i)?.as_ref())?;
+    Ok(w.commit()?)
+}
+
+/// A file or a split set written tensor by tensor, in order: the part a tensor belongs to is
+/// opened when its first tensor comes. More than one group gives [`split_path`]s of
+/// [`output_prefix`]`(out)`, the first part with `meta` and the others with only the split keys
+/// (gguf-split); each part goes to a temporary sibling and all are renamed into place together
+/// by [`SplitWriter::commit`] ([`commit_all`]). Dropped uncommitted, it leaves nothing behind.
+pub struct SplitWriter {
+    out: PathBuf,
+    meta: Metadata,
+    tensors: Vec<TensorSpec>,
+    groups: Vec<Range<usize>>,
+    overwrite: bool,
+    current: Option<(usize, GgufWriter<AtomicFile>)>,
+    done: Vec<AtomicFile>,
+    paths: Vec<PathBuf>,
+    bytes: u64,
+    next: usize,
+}
+
+impl SplitWriter {
+    pub fn create(
+        out: &Path,
+        meta: &Metadata,
+        tensors: &[TensorSpec],
+        groups: &[Range<usize>],
+        overwrite: bool,
+    ) -> Result<SplitWriter, GgufError> {
+        let covered = groups.first().map(|g| g.start) == Some(0)
+            && groups.last().map(|g| g.end) == Some(tensors.len())
+            && groups.windows(2).all(|w| w[0].end == w[1].start);
+        if !covered {
+            return Err(GgufError::Split(format!(
+                "parts {groups:?} do not cover the {} tensors in order",
+                tensors.len()
+            )));
         }
-        Ok::<_, E>(w.finish()?)
-    };
-    if count == 1 {
-        let (f, bytes) = write(out, meta, &groups[0], &mut data)?;
-        f.commit().map_err(|e| GgufError::io(out, e))?;
-        return Ok(PartsWritten {
-            paths: vec![out.to_path_buf()],
-            bytes,
-        });
+        Ok(SplitWriter {
+            out: out.to_path_buf(),
+            meta: meta.clone(),
+            tensors: tensors.to_vec(),
+            groups: groups.to_vec(),
+            overwrite,
+            current: None,
+            done: Vec::new(),
+            paths: Vec::new(),
+            bytes: 0,
+            next: 0,
+        })
     }
-    let prefix = output_prefix(out);
-    let mut files = Vec::with_capacity(count);
-    let mut paths = Vec::with_capacity(count);
-    let mut bytes = 0u64;
-    for (no, range) in groups.iter().enumerate() {
-        let path = split_path(&prefix, no as u32, count as u32);
-        // the first part carries the metadata, the others only the split keys (gguf-split)
+
+    fn path_of(&self, no: usize) -> PathBuf {
+        match self.groups.len() {
+            1 => self.out.clone(),
+            n => split_path(&output_prefix(&self.out), no as u32, n as u32),
+        }
+    }
+
+    /// Finish the open part, if any.
+    fn close(&mut self) -> Result<(), GgufError> {
+        if let Some((no, w)) = self.current.take() {
+            let (f, n) = w.finish()?;
+            self.done.push(f);
+            self.paths.push(self.path_of(no));
+            self.bytes += n;
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, no: usize) -> Result<(), GgufError> {
+        let path = self.path_of(no);
+        let count = self.groups.len();
         let mut part_meta = if no == 0 {
-            meta.clone()
+            self.meta.clone()
         } else {
             Metadata::new()
         };
-        set_split_keys(&mut part_meta, no, count, tensors.len())?;
-        let (f, n) = write(&path, &part_meta, range, &mut data)?;
-        files.push(f);
-        paths.push(path);
-        bytes += n;
+        if count > 1 {
+            set_split_keys(&mut part_meta, no, count, self.tensors.len())?;
+        }
+        let file =
+            AtomicFile::create(&path, self.overwrite).map_err(|e| GgufError::io(&path, e))?;
+        let w = GgufWriter::with_header(
+            file,
+            &part_meta,
+            self.tensors[self.groups[no].clone()].to_vec(),
+        )?;
+        self.current = Some((no, w));
+        Ok(())
     }
-    commit_all(files).map_err(|e| GgufError::io(&paths[0], e))?;
-    Ok(PartsWritten { paths, bytes })
+
+    /// Tensor `i`'s bytes; tensors come in order.
+    pub fn write(&mut self, i: usize, data: &[u8]) -> Result<(), GgufError> {
+        if i != self.next {
+            return Err(GgufError::WriterState(format!(
+                "tensor {i} written when {} is next",
+                self.next
+            )));
+        }
+        let no = self
+            .groups
+            .iter()
+            .position(|g| g.contains(&i))
+            .ok_or_else(|| GgufError::Split(format!("tensor {i} is in no part")))?;
+        if self.current.as_ref().map(|(n, _)| *n) != Some(no) {
+            self.close()?;
+            self.open(no)?;
+        }
+        if let Some((_, w)) = self.current.as_mut() {
+            w.write_tensor_data(&self.tensors[i].name, data)?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Rename every part into place together.
+    pub fn commit(mut self) -> Result<PartsWritten, GgufError> {
+        self.close()?;
+        let first = self
+            .paths
+            .first()
+            .cloned()
+            .unwrap_or_else(|| self.out.clone());
+        let files = std::mem::take(&mut self.done);
+        if files.len() == 1 {
+            let f = files.into_iter().next().expect("one part");
+            f.commit().map_err(|e| GgufError::io(&first, e))?;
+        } else {
+            commit_all(files).map_err(|e| GgufError::io(&first, e))?;
+        }
+        Ok(PartsWritten {
+            paths: std::mem::take(&mut self.paths),
+            bytes: self.bytes,
+        })
+    }
 }
 
 #[cfg(test)]

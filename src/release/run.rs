@@ -59,6 +59,8 @@ pub struct ReleaseOptions {
     pub source: TokenSource,
     /// How the importance matrix comes (none: plain quantization).
     pub imatrix: ImatrixSource,
+    /// Split every file into llama.cpp's parts (`--split-max-size` / `--split-max-tensors`).
+    pub split: crate::gguf::SplitLimits,
     pub force: bool,
 }
 
@@ -199,7 +201,7 @@ pub fn release(opts: &ReleaseOptions, progress: Progress) -> Result<Manifest, Re
     let total = outputs[0].plan.input_bytes;
     let cell = std::cell::RefCell::new(progress);
     let done = std::cell::Cell::new(0u64);
-    write_many(&ckpt, &outputs, false, &|_, n| {
+    let written = write_many(&ckpt, &outputs, &opts.split, false, &|_, n| {
         done.set(done.get() + n);
         let mut p = cell.borrow_mut();
         (*p)("convert", done.get(), total)
@@ -207,7 +209,8 @@ pub fn release(opts: &ReleaseOptions, progress: Progress) -> Result<Manifest, Re
     let progress = cell.into_inner();
 
     // every file verified against the checkpoint, the reference computed once
-    let files: Vec<PathBuf> = outputs.iter().map(|o| o.path.clone()).collect();
+    // a split set is verified by its first part, as llama.cpp loads it
+    let files: Vec<PathBuf> = written.iter().map(|w| w.parts[0].clone()).collect();
     let mut vopts = VerifyOptions::new(&opts.model_dir, &files[0]);
     vopts.backends = opts.backends.clone();
     vopts.lengths = opts.lengths.clone();
@@ -219,21 +222,25 @@ pub fn release(opts: &ReleaseOptions, progress: Progress) -> Result<Manifest, Re
     let params = parameter_count(&ckpt.config.model);
     let mut entries = Vec::with_capacity(outputs.len());
     let mut sums = Vec::new();
-    for ((o, t), r) in outputs.iter().zip(&opts.types).zip(&reports) {
-        let file = o
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let bytes = std::fs::metadata(&o.path).map_err(io(&o.path))?.len();
-        let sha = sha256_file(&o.path).map_err(io(&o.path))?;
-        sums.push((file.clone(), sha.clone()));
+    for (((o, t), r), w) in outputs.iter().zip(&opts.types).zip(&reports).zip(&written) {
+        let (mut files, mut shas, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        for p in &w.parts {
+            let file = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            bytes += std::fs::metadata(p).map_err(io(p))?.len();
+            let sha = sha256_file(p).map_err(io(p))?;
+            sums.push((file.clone(), sha.clone()));
+            files.push(file);
+            shas.push(sha);
+        }
         entries.push(FileEntry {
-            files: vec![file],
+            files,
             outtype: t.name().to_string(),
             bytes,
             bits_per_weight: o.plan.output_tensor_bytes() as f64 * 8.0 / params.max(1) as f64,
-            sha256: vec![sha],
+            sha256: shas,
             backends: backend_summaries(r),
             pass: r.pass,
             findings: findings(r),

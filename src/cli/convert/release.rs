@@ -42,6 +42,12 @@ pub struct ReleaseArgs {
     /// Verify on our candle reading, real llama.cpp, or both.
     #[arg(long, value_enum, default_value_t = Backends::default_for_build())]
     pub backend: Backends,
+    /// Split every file into parts of at most this many tensor bytes: N, NK, NM or NG.
+    #[arg(long, value_name = "N[K|M|G]", value_parser = crate::cli::args::byte_size)]
+    pub split_max_size: Option<u64>,
+    /// Split every file into parts of at most this many tensors.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub split_max_tensors: Option<u64>,
     /// Name of the release (file prefix and card title; default: the directory's name).
     #[arg(long)]
     pub name: Option<String>,
@@ -78,6 +84,10 @@ pub fn run(args: ReleaseArgs) -> anyhow::Result<Exit> {
         lengths: args.lengths.clone(),
         source,
         imatrix,
+        split: crate::gguf::SplitLimits {
+            max_tensors: args.split_max_tensors.map(|n| n as usize),
+            max_bytes: args.split_max_size,
+        },
         force: args.force,
     };
     let bar = progress(0, "release", args.print.json);

@@ -71,9 +71,6 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         max_tensors: args.split_max_tensors.map(|n| n as usize),
         max_bytes: args.split_max_size,
     };
-    if several && (limits.max_tensors.is_some() || limits.max_bytes.is_some()) {
-        anyhow::bail!("--split-max-size/--split-max-tensors take one --outtype at a time");
-    }
     let ckpt = Checkpoint::open(&args.model_dir)?;
     let recipe = if args.recipe.is_empty() {
         None
@@ -94,7 +91,7 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
         },
     };
     if several {
-        return run_many(&args, &ckpt, &opts);
+        return run_many(&args, &ckpt, &opts, &limits);
     }
     let plan = plan_to_gguf(&ckpt, &opts).context("planning the conversion")?;
     for w in &plan.warnings {
@@ -154,7 +151,12 @@ pub fn run(args: ToGgufArgs) -> anyhow::Result<Exit> {
 }
 
 /// Several `--outtype`s: one plan per type, one read of the checkpoint for all of them.
-fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyhow::Result<Exit> {
+fn run_many(
+    args: &ToGgufArgs,
+    ckpt: &Checkpoint,
+    base: &ToGgufOptions,
+    limits: &SplitLimits,
+) -> anyhow::Result<Exit> {
     let name = args
         .model_dir
         .file_name()
@@ -173,8 +175,13 @@ fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyho
         let plan = plan_to_gguf(ckpt, &opts)
             .with_context(|| format!("planning the {} output", t.name()))?;
         let path = output_path(&args.output, &name, t.name(), true);
-        if path.exists() && !args.force && !args.dry_run {
-            anyhow::bail!("{} exists (use --force to replace it)", path.display());
+        if !args.force && !args.dry_run {
+            if let Some(p) = part_paths(&plan, &path, limits)?
+                .iter()
+                .find(|p| p.exists())
+            {
+                anyhow::bail!("{} exists (use --force to replace it)", p.display());
+            }
         }
         outputs.push(Output { plan, path });
     }
@@ -187,7 +194,7 @@ fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyho
     }
     let bar = progress(outputs[0].plan.input_bytes, "to-gguf", args.print.json);
     let start = std::time::Instant::now();
-    let reports = write_many(ckpt, &outputs, args.force, &|_, n| bar.inc(n))?;
+    let reports = write_many(ckpt, &outputs, limits, args.force, &|_, n| bar.inc(n))?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     if args.print.json {
@@ -195,7 +202,8 @@ fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyho
             .iter()
             .zip(&reports)
             .map(|(o, r)| {
-                json!({"output": o.path, "outtype": o.plan.tensors.first().map(|t| t.ggml_type.to_string()),
+                json!({"output": r.parts[0], "parts": r.parts,
+                       "outtype": o.plan.tensors.first().map(|t| t.ggml_type.to_string()),
                        "notes": o.plan.notes, "tensors": r.tensors, "output_bytes": r.output_bytes})
             })
             .collect();
@@ -206,10 +214,14 @@ fn run_many(args: &ToGgufArgs, ckpt: &Checkpoint, base: &ToGgufOptions) -> anyho
         }))?;
     } else {
         println!("recipe: {}", outputs[0].plan.recipe);
-        for (o, r) in outputs.iter().zip(&reports) {
+        for r in &reports {
             println!(
-                "wrote {}: {} tensors, {:.1} MB",
-                o.path.display(),
+                "wrote {}{}: {} tensors, {:.1} MB",
+                r.parts[0].display(),
+                match r.parts.len() {
+                    1 => String::new(),
+                    n => format!(" and {} more part(s)", n - 1),
+                },
                 r.tensors,
                 r.output_bytes as f64 / 1e6
             );
