@@ -67,29 +67,11 @@ impl AtomicFile {
     /// Flush, sync, rename into place, and sync the directory so the rename itself survives a
     /// crash (POSIX: a rename is durable only once its directory is).
     pub fn commit(mut self) -> io::Result<()> {
-        let writer = self.writer.take().expect("writer present until commit");
-        let renamed = writer
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|file| file.sync_all())
-            .and_then(|()| {
-                fs::rename(&self.tmp, &self.target).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "renaming {} to {}: {e}",
-                            self.tmp.display(),
-                            self.target.display()
-                        ),
-                    )
-                })
-            });
-        if let Err(e) = renamed {
-            // nothing half-written stays behind: the temporary file goes with the error
-            let _ = fs::remove_file(&self.tmp);
-            return Err(e);
-        }
-        sync_parent(&self.target)
+        // sync while open (a failure drops self, which removes the temporary), then rename
+        self.sync()?;
+        let target = self.target.clone();
+        self.rename_into_place()?;
+        sync_parent(&target)
     }
 }
 
