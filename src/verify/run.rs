@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::lines::{consistency, fidelity, Check, LongContextRule, PassLines};
 use super::metadata::{check, Issue};
 use super::metrics::{bands, BandMetrics, Comparison, MetricsError, Reference};
-use super::weights::{check_weights, plain_model, WeightCheck};
+use super::weights::{check_weights, plain_model, PlainWeights, WeightCheck};
 use crate::checkpoint::{Checkpoint, CheckpointError, ModelConfig};
 use crate::convert::read_hparams;
 use crate::gguf::{open_set, GgmlType, GgufError};
@@ -387,10 +387,10 @@ pub fn verify_many(
                 Err(e) => notes.push(format!("tokenizer not compared: {e}")),
             }
         }
-        let weights = file_weights(&ckpt, gguf, progress)?;
+        let (weights, plain) = file_weights(&ckpt, gguf, file.lines.needs_plain(), progress)?;
         let plain_quantization = if file.lines.needs_plain() {
             let m = plain_cost(
-                &ckpt, gguf, &cfg, &want, &reference, &tokens, &band_list, progress,
+                plain, gguf, &cfg, &want, &reference, &tokens, &band_list, progress,
             )?;
             file.lines = file.lines.clone().with_plain(m[0].kld_mean);
             Some(m)
@@ -528,23 +528,28 @@ fn weight_diagnosis(weights: &WeightCheck, results: &mut [BackendResult]) {
 fn file_weights(
     ckpt: &Checkpoint,
     gguf: &Path,
+    keep_plain: bool,
     progress: Progress,
-) -> Result<WeightCheck, VerifyError> {
+) -> Result<(WeightCheck, PlainWeights), VerifyError> {
     let mapped = open_set(gguf).map_err(|e| gguf_err(gguf, e))?;
     let hp = read_hparams(&mapped.file.metadata).map_err(|e| VerifyError::Backend {
         backend: "weights".into(),
         source: Box::new(RuntimeError::consumer(e)),
     })?;
-    Ok(check_weights(ckpt, &mapped, &hp, &mut |i, n| {
-        progress("weights", i, n)
-    }))
+    Ok(check_weights(
+        ckpt,
+        &mapped,
+        &hp,
+        keep_plain,
+        &mut |i, n| progress("weights", i, n),
+    ))
 }
 
 /// What a plain quantization of the checkpoint to the file's types costs in our forward, band
 /// by band against the reference (the plain-quantization rule's measure).
 #[allow(clippy::too_many_arguments)]
 fn plain_cost(
-    ckpt: &Checkpoint,
+    plain: PlainWeights,
     gguf: &Path,
     cfg: &ModelConfig,
     want: &Recipe,
@@ -553,16 +558,12 @@ fn plain_cost(
     band_list: &[super::metrics::Band],
     progress: Progress,
 ) -> Result<Vec<BandMetrics>, VerifyError> {
-    let mapped = open_set(gguf).map_err(|e| gguf_err(gguf, e))?;
     let mut pcfg = cfg.clone();
     pcfg.recipe = want.clone();
-    let model = plain_model(ckpt, &mapped.file, &pcfg, &Device::Cpu).map_err(|reason| {
-        VerifyError::Plain {
-            path: gguf.to_path_buf(),
-            reason,
-        }
+    let model = plain_model(plain, &pcfg, &Device::Cpu).map_err(|reason| VerifyError::Plain {
+        path: gguf.to_path_buf(),
+        reason,
     })?;
-    drop(mapped);
     let mut backend = CandleBackend::new(model, "plain quantization");
     let mut cmp = Comparison::new(reference, tokens, band_list.to_vec());
     let total = tokens.len();
@@ -701,12 +702,20 @@ fn run_candidate(
     };
     let own_ref = rounded.as_ref().unwrap_or(cand.own_f32);
     // what the rounding costs, band by band (no forward: two kept references compared)
-    let rounding = {
-        let mut cmp = Comparison::new(cand.own_f32, cand.tokens, cand.bands.to_vec());
-        for p in 0..own_ref.rows() {
-            cmp.push(p, own_ref.row(p))?;
+    // (nothing to compare when the runtime rounds nothing: the two references are one)
+    let rounding = match &rounded {
+        Some(r) => {
+            let mut cmp = Comparison::new(cand.own_f32, cand.tokens, cand.bands.to_vec());
+            for p in 0..r.rows() {
+                cmp.push(p, r.row(p))?;
+            }
+            cmp.finish()?
         }
-        cmp.finish()?
+        None => cand
+            .bands
+            .iter()
+            .map(|&b| BandMetrics::identical(b))
+            .collect(),
     };
     let mut own = Comparison::new(own_ref, cand.tokens, cand.bands.to_vec());
     // the runtime against our forward of what its keys say, rounded alike: its arithmetic noise
@@ -720,8 +729,10 @@ fn run_candidate(
         .as_ref()
         .map(|r| Comparison::new(r, cand.tokens, cand.bands.to_vec()));
     // what the runtime's arithmetic costs against f32 (the plain rule's allowance)
-    let within = cand.bands[..1].to_vec();
-    let mut arith = Comparison::new(cand.own_f32, cand.tokens, within);
+    // against f32 when the consistency reference is rounded; else the consistency band within c
+    let mut arith = rounded
+        .as_ref()
+        .map(|_| Comparison::new(cand.own_f32, cand.tokens, cand.bands[..1].to_vec()));
     let c0 = cand.bands[0].end;
     let total = cand.tokens.len();
     run_backend(backend.as_mut(), cand.tokens, &mut |pos, row| {
@@ -730,8 +741,8 @@ fn run_candidate(
         if let Some(r) = reading.as_mut() {
             r.push(pos, row).map_err(RuntimeError::consumer)?;
         }
-        if pos < c0 {
-            arith.push(pos, row).map_err(RuntimeError::consumer)?;
+        if let Some(a) = arith.as_mut().filter(|_| pos < c0) {
+            a.push(pos, row).map_err(RuntimeError::consumer)?;
         }
         if pos % 64 == 0 || pos + 1 == total {
             progress(&name, pos + 1, total);
@@ -746,7 +757,10 @@ fn run_candidate(
         Some(r) => r.finish()?,
         None => consistency.clone(),
     };
-    let arithmetic = arith.finish()?.remove(0);
+    let arithmetic = match arith {
+        Some(a) => a.finish()?.remove(0),
+        None => consistency[0].clone(),
+    };
     let kld_position0 = kl.first().copied().unwrap_or(0.0);
     let gross = gross_kld(&file.lines);
     let first_bad = kl.iter().position(|&k| exceeds(k, gross));

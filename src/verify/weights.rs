@@ -4,14 +4,12 @@
 //! the tensor that is wrong (swapped, not permuted, rounded worse than its type) where the
 //! logits only show that something is.
 
-use std::path::Path;
-
 use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::convert::tensor_map::{gguf_to_hf, Role, ROPE_FREQS};
 use crate::convert::{numeric, unpermute_qk, GgufHparams};
-use crate::gguf::{GgmlType, GgufFile, GgufSet};
+use crate::gguf::{GgmlType, GgufSet};
 use crate::quant;
 
 /// A tensor may differ from the checkpoint's by at most this times the relative error of a
@@ -127,16 +125,23 @@ fn file_tensor(
     Ok((f32_from_bytes(&hf), raw))
 }
 
+/// The checkpoint's tensors rounded through the file's types (Hugging Face name -> shape, f32
+/// values): what the weight check compares with, kept for the plain-quantization rule.
+pub type PlainWeights = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Check every tensor of `set` (a file or every part of a split set) against `ckpt`;
-/// `progress(done, total)` per tensor.
+/// `progress(done, total)` per tensor. With `keep_plain`, the plain quantizations the check
+/// makes are returned too (for [`plain_model`], which would otherwise quantize them again).
 pub fn check_weights(
     ckpt: &Checkpoint,
     set: &GgufSet,
     hp: &GgufHparams,
+    keep_plain: bool,
     progress: &mut dyn FnMut(usize, usize),
-) -> WeightCheck {
+) -> (WeightCheck, PlainWeights) {
     let file = &set.file;
     let mut out = WeightCheck::default();
+    let mut kept = PlainWeights::new();
     let total = file.tensors.len();
     for (i, t) in file.tensors.iter().enumerate() {
         progress(i, total);
@@ -224,46 +229,29 @@ pub fn check_weights(
             pass,
             finding,
         });
+        if keep_plain {
+            kept.insert(hf, (view.shape.to_vec(), plain));
+        }
     }
     progress(total, total);
     out.pass = out.tensors.iter().all(|t| t.pass);
-    out
+    (out, kept)
 }
 
-/// Check the file at `path` (see [`check_weights`]).
-pub fn check_weights_at(
-    ckpt: &Checkpoint,
-    path: &Path,
-    hp: &GgufHparams,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<WeightCheck, crate::gguf::GgufError> {
-    let set = crate::gguf::open_set(path)?;
-    Ok(check_weights(ckpt, &set, hp, progress))
-}
-
-/// The checkpoint's weights rounded through each tensor's type in `file` by ggml's reference
-/// quantizers, as our forward under `cfg`: what a plain quantization to the file's types costs,
-/// the measure of the plain-quantization rule (`lines::LineRule::Plain`).
+/// The checkpoint's weights rounded through each tensor's type of the file by ggml's reference
+/// quantizers ([`check_weights`] with `keep_plain`), as our forward under `cfg`: what a plain
+/// quantization to the file's types costs, the measure of the plain-quantization rule
+/// (`lines::LineRule::Plain`).
 pub fn plain_model(
-    ckpt: &Checkpoint,
-    file: &GgufFile,
+    plain: PlainWeights,
     cfg: &crate::checkpoint::ModelConfig,
     device: &candle_core::Device,
 ) -> Result<crate::model::Llama, String> {
     use candle_core::{DType, Tensor};
-    let mut map = std::collections::HashMap::new();
-    for t in file.tensors.iter().filter(|t| t.name != ROPE_FREQS) {
-        let Some((hf, _, _)) = gguf_to_hf(&t.name) else {
-            continue;
-        };
-        let view = ckpt.weights.tensor_view(&hf).map_err(|e| e.to_string())?;
-        let want = numeric::to_f32(view.dtype, view.data);
-        let row_len = t.dims.first().copied().unwrap_or(1) as usize;
-        let plain = plain_round_trip(t.ggml_type, &want, row_len)
-            .ok_or_else(|| format!("{}: abf cannot quantize {}", t.name, t.ggml_type))?;
-        let tensor =
-            Tensor::from_vec(plain, view.shape, device).map_err(|e| format!("{}: {e}", t.name))?;
-        map.insert(hf, tensor);
+    let mut map = std::collections::HashMap::with_capacity(plain.len());
+    for (name, (shape, values)) in plain {
+        let tensor = Tensor::from_vec(values, shape, device).map_err(|e| format!("{name}: {e}"))?;
+        map.insert(name, tensor);
     }
     let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, device);
     crate::model::Llama::load(vb, cfg).map_err(|e| e.to_string())
