@@ -3,6 +3,7 @@
 //!
 //! step_bench --shape llama2-7b --seq-len 16384 [--lora 8] [--steps 3] [--dtype bf16]
 //!            [--device cuda:0] [--forward] [--matmul-n 8192] [--no-recompute]
+//!            [--no-blocked-attention]
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -31,6 +32,9 @@ struct Args {
     matmul_n: usize,
     #[arg(long)]
     no_recompute: bool,
+    /// Recompute each layer as one graph (attention memory quadratic in length), for comparison.
+    #[arg(long)]
+    no_blocked_attention: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             steps: a.steps,
             dtype,
             recompute: !a.no_recompute,
+            blocked_attention: !a.no_blocked_attention,
             seed: 1,
         };
         serde_json::to_value(step_bench(&spec, &device, rate)?)?

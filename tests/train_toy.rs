@@ -64,10 +64,12 @@ fn recomputation_equals_plain_backward_and_finite_differences() {
     let plain = BackwardPlan {
         recompute: false,
         head_chunk: 1 << 20,
+        blocked_attention: false,
     };
     let rec = BackwardPlan {
         recompute: true,
         head_chunk: 3,
+        blocked_attention: true,
     };
     let (l0, g0) = grads(&set, &model, &batch, plain);
     let (l1, g1) = grads(&set, &model, &batch, rec);

@@ -183,6 +183,7 @@ fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
         save_every: cli.save_every,
         head_chunk: cli.head_chunk,
         recompute: !cli.no_recompute,
+        blocked_attention: true,
     };
     train.validate()?;
     let seq_len = cli.seq_len.unwrap_or(recipe.context as usize);

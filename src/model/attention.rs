@@ -65,6 +65,15 @@ impl Attention {
         })
     }
 
+    /// The same block with its weights detached from autograd.
+    pub fn detached(&self) -> Attention {
+        let mut a = self.clone();
+        for w in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+            *w = w.detach();
+        }
+        a
+    }
+
     /// The four projection weights, in `q, k, v, o` order.
     pub fn weights(&self) -> [&Tensor; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
@@ -78,8 +87,24 @@ impl Attention {
         layer: usize,
         path: Path,
         query_block: usize,
-        mut probe: Option<&mut EntropyProbe>,
+        probe: Option<&mut EntropyProbe>,
     ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x, pos, layer, path)?;
+        let o = attend(&q, &k, &v, path, query_block, probe)?;
+        drop((q, k, v));
+        self.project_out(&o)
+    }
+
+    /// What attention multiplies, from `x` (`[b, t, hidden]`, already normed): q rotated and
+    /// scaled by the recipe's logit scale `[b, heads, t, d]`, k rotated and v `[b, kv_heads, t, d]`,
+    /// all contiguous.
+    pub fn qkv(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        layer: usize,
+        path: Path,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         if t == 0 {
             candle_core::bail!("attention over an empty sequence")
@@ -88,10 +113,6 @@ impl Attention {
             candle_core::bail!("positions cover {} tokens, input has {t}", pos.len())
         }
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let rep = h / kv;
-        let dtype = x.dtype();
-        let cdt = compute_dtype(dtype);
-
         // [b, t, heads * d] -> [b, heads, t, d]
         let q = ops::linear_probed(x, &self.q_proj, self.act[0], &self.probe[0])?
             .reshape((b, t, h, d))?
@@ -110,53 +131,173 @@ impl Attention {
             Some(s) => q.broadcast_mul(s)?,
             None => q,
         };
-        let q = q.contiguous()?;
-        let inv_sqrt_d = 1.0 / (d as f64).sqrt();
+        Ok((q.contiguous()?, k, v))
+    }
 
-        let block = query_block.max(1);
-        let mut outs = Vec::with_capacity(t.div_ceil(block));
-        let mut qs = 0;
-        while qs < t {
-            let qe = (qs + block).min(t);
-            let qb = qe - qs;
-            // Queries qs..qe see keys 0..qe only (causal), so later keys are never touched.
-            // GQA without copying k/v: the `rep` query heads sharing kv head g are heads
-            // g*rep .. (g+1)*rep (transformers' repeat_kv), contiguous in q's head axis, so they
-            // stack into the row axis of one matmul against that kv head.
-            let q_blk = q
-                .narrow(2, qs, qb)?
-                .contiguous()?
-                .reshape((b, kv, rep * qb, d))?;
-            let k_blk = k.narrow(2, 0, qe)?;
-            let v_blk = v.narrow(2, 0, qe)?;
-            // Fast path: reassign to drop each intermediate score tensor as soon as it is used.
-            let mut s = q_blk.matmul(&k_blk.t()?)?;
-            s = s.to_dtype(cdt)?.affine(inv_sqrt_d, 0.0)?;
-            s = s.reshape((b, h, qb, qe))?;
-            if qe > qs + 1 {
-                s = s.broadcast_add(&causal_mask(qs, qb, qe, cdt, x.device())?)?;
-            }
-            if let Some(p) = probe.as_deref_mut() {
-                record_entropy(p, &s, qs, qe, b, h)?;
-            }
-            s = ops::softmax(&s, path)?;
-            let o = s
-                .to_dtype(dtype)?
-                .reshape((b, kv, rep * qb, qe))?
-                .matmul(&v_blk)?
-                .reshape((b, h, qb, d))?;
-            drop(s);
-            outs.push(o);
-            qs = qe;
-        }
-        let o = match outs.len() {
-            1 => outs.swap_remove(0),
-            _ => Tensor::cat(&outs, 2)?,
-        };
-        drop(outs);
+    /// The output projection of attention's result `o` (`[b, heads, t, d]`): `[b, t, hidden]`.
+    pub fn project_out(&self, o: &Tensor) -> Result<Tensor> {
+        let (b, h, t, d) = o.dims4()?;
         let o = o.transpose(1, 2)?.reshape((b, t, h * d))?;
         ops::linear_probed(&o, &self.o_proj, self.act[3], &self.probe[3])
     }
+}
+
+/// Causal softmax attention of `q` (`[b, heads, t, d]`, scaled as the recipe says) over `k`, `v`
+/// (`[b, kv_heads, t, d]`), one block of `block` query rows at a time: `[b, heads, t, d]`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    path: Path,
+    block: usize,
+    mut probe: Option<&mut EntropyProbe>,
+) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    let block = block.max(1);
+    let mut outs = Vec::with_capacity(t.div_ceil(block));
+    let mut qs = 0;
+    while qs < t {
+        let qe = (qs + block).min(t);
+        let q_blk = q.narrow(2, qs, qe - qs)?;
+        outs.push(attend_block(&q_blk, k, v, qs, path, probe.as_deref_mut())?);
+        qs = qe;
+    }
+    match outs.len() {
+        1 => Ok(outs.swap_remove(0)),
+        _ => Tensor::cat(&outs, 2),
+    }
+}
+
+/// Query rows `qs .. qs + qb` (`q_blk`, `[b, heads, qb, d]`) against keys `0 .. qs + qb`.
+fn attend_block(
+    q_blk: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    qs: usize,
+    path: Path,
+    probe: Option<&mut EntropyProbe>,
+) -> Result<Tensor> {
+    let (b, h, qb, d) = q_blk.dims4()?;
+    let kv = k.dim(1)?;
+    if kv == 0 || !h.is_multiple_of(kv) {
+        candle_core::bail!("{h} query heads cannot share {kv} kv heads")
+    }
+    let rep = h / kv;
+    let qe = qs + qb;
+    let dtype = q_blk.dtype();
+    let cdt = compute_dtype(dtype);
+    let inv_sqrt_d = 1.0 / (d as f64).sqrt();
+    // Queries qs..qe see keys 0..qe only (causal), so later keys are never touched.
+    // GQA without copying k/v: the `rep` query heads sharing kv head g are heads
+    // g*rep .. (g+1)*rep (transformers' repeat_kv), contiguous in q's head axis, so they
+    // stack into the row axis of one matmul against that kv head.
+    let q_blk = q_blk.contiguous()?.reshape((b, kv, rep * qb, d))?;
+    let k_blk = k.narrow(2, 0, qe)?;
+    let v_blk = v.narrow(2, 0, qe)?;
+    // Fast path: reassign to drop each intermediate score tensor as soon as it is used.
+    let mut s = q_blk.matmul(&k_blk.t()?)?;
+    s = s.to_dtype(cdt)?.affine(inv_sqrt_d, 0.0)?;
+    s = s.reshape((b, h, qb, qe))?;
+    if qe > qs + 1 {
+        s = s.broadcast_add(&causal_mask(qs, qb, qe, cdt, q_blk.device())?)?;
+    }
+    if let Some(p) = probe {
+        record_entropy(p, &s, qs, qe, b, h)?;
+    }
+    s = ops::softmax(&s, path)?;
+    s.to_dtype(dtype)?
+        .reshape((b, kv, rep * qb, qe))?
+        .matmul(&v_blk)?
+        .reshape((b, h, qb, d))
+}
+
+/// Gradients of `<attend(q, k, v), grad_o>` with respect to `q`, `k` and `v`, rebuilding one
+/// query block's scores at a time (FlashAttention's backward, Dao et al. 2022, alg. 4, without
+/// the tiling of keys): for a block with probabilities `P = softmax(S)`, `S = q k^T / sqrt(d) +
+/// mask`, and output gradient `dO`:
+/// `dV += P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dP * P))`, `dq = dS K / sqrt(d)`,
+/// `dK += dS^T q / sqrt(d)`. Only the block's `batch x heads x block x t` scores and their
+/// gradients exist at once, so memory is linear in `t` (the graph of a whole layer holds all
+/// `t^2 / 2` scores several times). The rows of causal attention are independent given k and v,
+/// so each block's `dq` is exact and `dK`, `dV` are the sums over blocks. Scores and softmax in
+/// f32 (f64 for f64 models), matmuls in the model dtype, as in the forward.
+pub fn attend_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad_o: &Tensor,
+    block: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    if kv == 0 || !h.is_multiple_of(kv) {
+        candle_core::bail!("{h} query heads cannot share {kv} kv heads")
+    }
+    let rep = h / kv;
+    let dtype = q.dtype();
+    let cdt = compute_dtype(dtype);
+    let inv_sqrt_d = 1.0 / (d as f64).sqrt();
+    let block = block.max(1);
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    let grad_o = grad_o.detach().to_dtype(dtype)?;
+    // dK and dV are sums over blocks: accumulated in the compute dtype, rounded once at the end
+    let (mut gk, mut gv) = (
+        k.to_dtype(cdt)?.zeros_like()?,
+        v.to_dtype(cdt)?.zeros_like()?,
+    );
+    let mut gq = Vec::with_capacity(t.div_ceil(block));
+    let mut qs = 0;
+    while qs < t {
+        let qe = (qs + block).min(t);
+        let qb = qe - qs;
+        // the block's probabilities, exactly as the forward's `attend_block` computes them
+        let q_blk = q
+            .narrow(2, qs, qb)?
+            .contiguous()?
+            .reshape((b, kv, rep * qb, d))?;
+        let k_blk = k.narrow(2, 0, qe)?;
+        let v_blk = v.narrow(2, 0, qe)?;
+        let mut s = q_blk
+            .matmul(&k_blk.t()?)?
+            .to_dtype(cdt)?
+            .affine(inv_sqrt_d, 0.0)?
+            .reshape((b, h, qb, qe))?;
+        if qe > qs + 1 {
+            s = s.broadcast_add(&causal_mask(qs, qb, qe, cdt, q.device())?)?;
+        }
+        let p = ops::softmax(&s, Path::Fast)?;
+        drop(s);
+        let g_blk = grad_o
+            .narrow(2, qs, qb)?
+            .contiguous()?
+            .reshape((b, kv, rep * qb, d))?;
+        // dV = P^T dO (keys 0..qe)
+        let pc = p.to_dtype(dtype)?.reshape((b, kv, rep * qb, qe))?;
+        let dv = pc.t()?.matmul(&g_blk)?;
+        drop(pc);
+        gv = (gv + dv.to_dtype(cdt)?.pad_with_zeros(2, 0, t - qe)?)?;
+        // dS = P * (dP - rowsum(dP * P)), in the compute dtype; the mask has no gradient
+        let dp = g_blk
+            .matmul(&v_blk.t()?)?
+            .to_dtype(cdt)?
+            .reshape((b, h, qb, qe))?;
+        let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = (dp.broadcast_sub(&row)? * p)?
+            .affine(inv_sqrt_d, 0.0)?
+            .to_dtype(dtype)?
+            .reshape((b, kv, rep * qb, qe))?;
+        // dq = dS K, dK = dS^T q (the 1/sqrt(d) already in dS)
+        gq.push(ds.matmul(&k_blk)?.reshape((b, h, qb, d))?);
+        let dk = ds.t()?.matmul(&q_blk)?;
+        drop(ds);
+        gk = (gk + dk.to_dtype(cdt)?.pad_with_zeros(2, 0, t - qe)?)?;
+        qs = qe;
+    }
+    let gq = match gq.len() {
+        1 => gq.swap_remove(0),
+        _ => Tensor::cat(&gq, 2)?,
+    };
+    Ok((gq, gk.to_dtype(dtype)?, gv.to_dtype(dtype)?))
 }
 
 /// Additive causal mask `[qb, qe]` for query rows `qs .. qs + qb`: 0 where key `j <= i`, `-inf`

@@ -2,10 +2,10 @@
 //!
 //! Read top to bottom: MLP, decoder layer, model. Tensor names are Hugging Face's.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use super::attention::{Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
+use super::attention::{attend, attend_backward, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
 use super::ops::{self, compute_dtype, Path};
 use super::rope::{Positions, Rope};
 use crate::checkpoint::ModelConfig;
@@ -303,6 +303,87 @@ impl Llama {
         let h = ops::rms_norm(&x, &l.post_attention_layernorm, eps, path)?;
         let h = l.mlp.forward(&h)?;
         x + h
+    }
+
+    /// Gradient of `<layer_i(x), grad_out>` (`x` the layer's saved input): parameter gradients are
+    /// handed to `sink` (one [`GradStore`] per piece), the input's gradient is returned.
+    ///
+    /// The layer is differentiated in three pieces so that no graph holds a whole layer's
+    /// attention scores: (1) norm, q/k/v projections, RoPE and the logit scale, kept as a graph
+    /// (linear in length); (2) attention itself, computed without a graph from detached q, k, v,
+    /// its output made a fresh variable feeding (3) the output projection, residual and MLP,
+    /// differentiated first; then [`super::attention::attend_backward`] rebuilds attention one
+    /// query block at a time to turn the output's gradient into q, k and v's, and piece (1) is
+    /// differentiated with `<q, dq> + <k, dk> + <v, dv>`. By the chain rule the sum of the pieces
+    /// equals the gradient of the whole layer (tests/train_llama_grads.rs).
+    pub fn layer_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        grad_out: &Tensor,
+        pos: &Positions,
+        sink: &mut dyn FnMut(&GradStore) -> Result<()>,
+    ) -> Result<Tensor> {
+        let Some(l) = self.layers.get(i) else {
+            candle_core::bail!("layer {i} does not exist ({} layers)", self.layers.len())
+        };
+        let eps = self.cfg.rms_norm_eps;
+        let path = Path::Differentiable;
+        let xv = Var::from_tensor(&x.detach())?;
+        let grad_of = |store: &GradStore, v: &Var| match store.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        };
+        // (1)
+        let h = ops::rms_norm(xv.as_tensor(), &l.input_layernorm, eps, path)?;
+        let (q, k, v) = l.self_attn.qkv(&h, pos, i, path)?;
+        drop(h);
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        // (2) and (3)
+        // no graph here, so the fused softmax (same values) serves
+        let o = attend(&qd, &kd, &vd, Path::Fast, self.query_block, None)?;
+        let ov = Var::from_tensor(&o)?;
+        drop(o);
+        let a = l.self_attn.project_out(ov.as_tensor())?;
+        let mid = (xv.as_tensor() + a)?;
+        let h = ops::rms_norm(&mid, &l.post_attention_layernorm, eps, path)?;
+        let out = (&mid + l.mlp.forward(&h)?)?;
+        drop((mid, h));
+        let store = (out * grad_out.to_dtype(xv.dtype())?)?
+            .sum_all()?
+            .backward()?;
+        sink(&store)?;
+        let gx = grad_of(&store, &xv)?;
+        let go = grad_of(&store, &ov)?;
+        drop((store, ov));
+        let (gq, gk, gv) = attend_backward(&qd, &kd, &vd, &go, self.query_block)?;
+        drop((go, qd, kd, vd));
+        let s = (((q * gq)?.sum_all()? + (k * gk)?.sum_all()?)? + (v * gv)?.sum_all()?)?;
+        let store = s.backward()?;
+        sink(&store)?;
+        gx + grad_of(&store, &xv)?
+    }
+
+    /// The same model with every weight detached from autograd: a forward through it builds no
+    /// graph (candle has no no-grad mode), so recomputation's first pass keeps nothing.
+    pub fn detached(&self) -> Llama {
+        let mut m = self.clone();
+        m.embed_tokens = m.embed_tokens.detach();
+        m.norm = m.norm.detach();
+        m.lm_head = m.lm_head.detach();
+        for l in &mut m.layers {
+            l.input_layernorm = l.input_layernorm.detach();
+            l.post_attention_layernorm = l.post_attention_layernorm.detach();
+            l.self_attn = l.self_attn.detached();
+            for w in [
+                &mut l.mlp.gate_proj,
+                &mut l.mlp.up_proj,
+                &mut l.mlp.down_proj,
+            ] {
+                *w = w.detach();
+            }
+        }
+        m
     }
 
     /// Final norm and output head: `[batch, seq, hidden]` to `[batch, seq, vocab]` logits in f32

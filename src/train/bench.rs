@@ -251,6 +251,8 @@ pub struct StepBenchSpec {
     #[serde(serialize_with = "ser_dtype")]
     pub dtype: DType,
     pub recompute: bool,
+    /// Attention rebuilt per query block in the backward (the trainer's default).
+    pub blocked_attention: bool,
     pub seed: u64,
 }
 
@@ -309,6 +311,7 @@ pub fn step_bench(
             alpha: 2.0 * rank as f64,
         }),
         recompute: spec.recompute,
+        blocked_attention: spec.blocked_attention,
         seed: spec.seed,
         ..TrainConfig::default()
     };
@@ -437,6 +440,7 @@ mod tests {
             steps: 2,
             dtype: DType::F32,
             recompute: true,
+            blocked_attention: true,
             seed: 1,
         };
         let r = step_bench(&spec, &Device::Cpu, None).unwrap();

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{backprop::GradStore, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
@@ -22,15 +22,24 @@ use crate::rope::Recipe;
 /// tables (rotary cos/sin and the recipe's logit scales) are built once per sequence length.
 pub struct LlamaLayers {
     model: Llama,
+    /// The same weights detached: recomputation's first pass runs through it and builds no graph.
+    frozen: Llama,
     positions: RefCell<Option<Positions>>,
 }
 
 impl LlamaLayers {
     pub fn new(model: Llama) -> LlamaLayers {
         LlamaLayers {
+            frozen: model.detached(),
             model,
             positions: RefCell::new(None),
         }
+    }
+
+    /// Query rows per attention block, in the forward and in the blocked backward.
+    pub fn set_query_block(&mut self, rows: usize) {
+        self.model.set_query_block(rows);
+        self.frozen.set_query_block(rows);
     }
 
     fn positions(&self, len: usize) -> candle_core::Result<Positions> {
@@ -56,6 +65,32 @@ impl LayerModel for LlamaLayers {
     fn layer(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let pos = self.positions(x.dim(1)?)?;
         self.model.layer(i, x, &pos, ForwardPath::Differentiable)
+    }
+
+    fn layer_untracked(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let pos = self.positions(x.dim(1)?)?;
+        // no graph to keep, so the fused kernels (same function, f32 rounding) serve; they have
+        // no f64 form (f64 models are the gradient checks')
+        let path = match x.dtype() {
+            DType::F64 => ForwardPath::Differentiable,
+            _ => ForwardPath::Fast,
+        };
+        self.frozen.layer(i, &x.detach(), &pos, path)
+    }
+
+    fn layer_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        grad_out: &Tensor,
+        blocked_attention: bool,
+        sink: &mut dyn FnMut(&GradStore) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        if !blocked_attention {
+            return super::recompute::whole_layer_backward(self, i, x, grad_out, sink);
+        }
+        let pos = self.positions(x.dim(1)?)?;
+        self.model.layer_backward(i, x, grad_out, &pos, sink)
     }
 
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {

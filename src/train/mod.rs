@@ -17,7 +17,9 @@ pub use data::{load_conversations, parse_conversations, Conversation, Message, P
 pub use examples::{encode, load_examples, prepare, Example, PrepConfig, PrepReport};
 pub use lora::{LoraConfig, ParamSet};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, TrainParam};
-pub use recompute::{loss_and_grads, masked_nll_sum, BackwardPlan, Batch, GradAcc, LayerModel};
+pub use recompute::{
+    loss_and_grads, masked_nll_sum, whole_layer_backward, BackwardPlan, Batch, GradAcc, LayerModel,
+};
 pub use schedule::{Schedule, ScheduleKind};
 pub use template::ChatTemplate;
 pub use trainer::{ModelFactory, StepStats, TrainConfig, Trainer};

@@ -20,9 +20,50 @@ pub trait LayerModel {
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor>;
     /// Decoder layer `i` on hidden states of positions `0..seq`.
     fn layer(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// The same layer with no autograd graph (recomputation's first pass keeps nothing). The
+    /// default builds the graph and drops it.
+    fn layer_untracked(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.layer(i, x)?.detach())
+    }
+    /// Gradient of `<layer_i(x), grad_out>`: parameter gradients go to `sink`, the input's is
+    /// returned. `blocked_attention` asks for attention rebuilt one query block at a time in the
+    /// backward (memory linear in length) where the model has it; the default recomputes the
+    /// layer whole.
+    fn layer_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        grad_out: &Tensor,
+        blocked_attention: bool,
+        sink: &mut dyn FnMut(&GradStore) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let _ = blocked_attention;
+        whole_layer_backward(self, i, x, grad_out, sink)
+    }
     /// Final norm and output projection: hidden states to logits `[batch, seq, vocab]`. Acts on
     /// each position alone, so it may be applied to a slice of positions.
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// The gradient of `<layer_i(x), grad_out>` through one graph of the whole layer, recomputed
+/// from its input made a fresh variable: `d/dθ <out, g> = g^T d out/dθ`, the chain rule's.
+pub fn whole_layer_backward<M: LayerModel + ?Sized>(
+    model: &M,
+    i: usize,
+    x: &Tensor,
+    grad_out: &Tensor,
+    sink: &mut dyn FnMut(&GradStore) -> candle_core::Result<()>,
+) -> candle_core::Result<Tensor> {
+    let xv = Var::from_tensor(&x.detach())?;
+    let out = model.layer(i, xv.as_tensor())?;
+    let store = (out * grad_out.to_dtype(xv.dtype())?)?
+        .sum_all()?
+        .backward()?;
+    sink(&store)?;
+    match store.get(xv.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => xv.as_tensor().zeros_like(),
+    }
 }
 
 /// A micro-batch: inputs, next-token targets and the loss mask (1 on assistant targets).
@@ -162,6 +203,9 @@ pub struct BackwardPlan {
     pub recompute: bool,
     /// Positions per head/loss chunk.
     pub head_chunk: usize,
+    /// With recomputation: rebuild attention one query block at a time in the backward, so no
+    /// graph holds a layer's whole `seq x seq` scores (see `LayerModel::layer_backward`).
+    pub blocked_attention: bool,
 }
 
 impl Default for BackwardPlan {
@@ -169,6 +213,7 @@ impl Default for BackwardPlan {
         BackwardPlan {
             recompute: true,
             head_chunk: 1024,
+            blocked_attention: true,
         }
     }
 }
@@ -198,7 +243,7 @@ pub fn loss_and_grads(
     let mut saved = Vec::with_capacity(model.num_layers() + 1);
     saved.push(model.embed(&batch.ids)?.detach());
     for i in 0..model.num_layers() {
-        let y = model.layer(i, &saved[i])?.detach();
+        let y = model.layer_untracked(i, &saved[i])?;
         saved.push(y);
     }
     // Head and loss, a chunk of positions at a time.
@@ -237,15 +282,12 @@ pub fn loss_and_grads(
         let input = saved
             .pop()
             .ok_or_else(|| TrainError::Internal("saved input missing".into()))?;
-        let xv = Var::from_tensor(&input)?;
-        drop(input);
-        let out = model.layer(i, xv.as_tensor())?;
-        let store = (out * grad.to_dtype(xv.dtype())?)?.sum_all()?.backward()?;
-        acc.add(&store, params)?;
-        grad = match store.get(xv.as_tensor()) {
-            Some(g) => g.clone(),
-            None => xv.as_tensor().zeros_like()?,
+        let mut add = |store: &GradStore| -> candle_core::Result<()> {
+            acc.add(store, params)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
         };
+        grad = model.layer_backward(i, &input, &grad, plan.blocked_attention, &mut add)?;
+        drop(input);
     }
     let emb = model.embed(&batch.ids)?;
     let grad = grad.to_dtype(emb.dtype())?;

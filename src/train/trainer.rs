@@ -45,6 +45,14 @@ pub struct TrainConfig {
     pub head_chunk: usize,
     /// Layer-wise recomputation (gradient checkpointing).
     pub recompute: bool,
+    /// With recomputation, attention rebuilt one query block at a time in the backward (memory
+    /// linear in length); off: each layer recomputed as one graph (quadratic), for comparison.
+    #[serde(default = "default_true")]
+    pub blocked_attention: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -65,6 +73,7 @@ impl Default for TrainConfig {
             save_every: 0,
             head_chunk: 1024,
             recompute: true,
+            blocked_attention: true,
         }
     }
 }
@@ -215,6 +224,7 @@ impl Trainer {
         let plan = BackwardPlan {
             recompute: self.cfg.recompute,
             head_chunk: self.cfg.head_chunk,
+            blocked_attention: self.cfg.blocked_attention,
         };
         let mut acc = GradAcc::new(self.set.params.len());
         let mut loss = 0.0;
