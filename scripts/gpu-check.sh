@@ -114,6 +114,8 @@ EOF
 IFS=, read -r -a lengths <<< "$lens"
 for t in "${lengths[@]}"; do
   bench "step-$t-full" --seq-len "$t" --steps 3
+  # what the memory options above exist for: the whole-layer graph (quadratic) at the same length
+  [ "$t" -le 4096 ] && bench "step-$t-full-unblocked" --seq-len "$t" --steps 2 --no-blocked-attention
   bench "step-$t-lora8" --seq-len "$t" --steps 3 --lora 8
 done
 bench "forward-$fwd_len" --seq-len "$fwd_len" --forward
@@ -133,18 +135,19 @@ for r in rows:
             f"{r['grad_norm_rel']:.2e} (bound {r['tolerance']}): {'PASS' if r['pass'] else 'FAIL'}"))
 md += ["", f"{shape}, micro-batch 1, layer recomputation, bf16 compute, f32 master weights and AdamW state.",
        "MFU = model FLOPs (6 N T + causal attention 6 L d T^2; forward: a third) / time / measured bf16 matmul rate.", "",
-       "| run | tokens/s | s/step (best) | MFU | peak GPU GB (sampled) | nvidia-smi peak GiB | note |", "|---|---|---|---|---|---|---|"]
+       "Attention rebuilt one query block at a time in the backward; `abf-tune --plan`'s prediction beside the measured peak.", "",
+       "| run | tokens/s | s/step (best) | MFU | peak GPU GB (sampled) | predicted GB (--plan) | nvidia-smi peak GiB | note |", "|---|---|---|---|---|---|---|---|"]
 for r in rows:
     if r["kind"] != "bench":
         continue
     smi = r.get("nvidia_smi_peak_mib")
     smi = f"{smi / 1024:.1f}" if smi else "-"
     if "error" in r:
-        md.append(f"| {r['name']} | - | - | - | - | {smi} | {r['error'][:120]} |")
+        md.append(f"| {r['name']} | - | - | - | - | - | {smi} | {r['error'][:120]} |")
         continue
     secs = min(r["step_seconds"][1:] or r["step_seconds"]) if "step_seconds" in r else r["seconds"]
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-    md.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {secs:.2f} | {mfu} | {gb(r.get('peak_memory_bytes'))} | {smi} | |")
+    md.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {secs:.2f} | {mfu} | {gb(r.get('peak_memory_bytes'))} | {gb(r.get('predicted_peak_bytes'))} | {smi} | |")
 rate = next((r.get("matmul_flops") for r in rows if r.get("matmul_flops")), None)
 if rate:
     md += ["", f"Measured dense matmul rate ({mm}^3, candle; cuBLAS on CUDA): {rate / 1e12:.0f} TFLOP/s."]

@@ -35,10 +35,10 @@ pub struct Cli {
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<PathBuf>,
     /// Conversations: ShareGPT or OpenAI-style records, JSON or JSONL.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present_any = ["resume", "plan"])]
     pub data: Option<PathBuf>,
     /// Output directory.
-    #[arg(short, long, required_unless_present = "resume")]
+    #[arg(short, long, required_unless_present_any = ["resume", "plan"])]
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub recipe: RecipeArgs,
@@ -127,9 +127,21 @@ pub struct Cli {
     /// Keep every layer's activations instead of recomputing them (tests, small models).
     #[arg(long, hide = true)]
     pub no_recompute: bool,
+    /// Recompute each layer as one graph (attention memory quadratic in length), for comparison.
+    #[arg(long, hide = true)]
+    pub no_blocked_attention: bool,
     /// Replace an existing, non-empty output directory.
     #[arg(long)]
     pub force: bool,
+    /// Train nothing: print the predicted peak memory of one step of this run (weights,
+    /// gradients, optimizer states, saved layer inputs, one layer's recomputation, the loss
+    /// chunk) from the model's config.json alone, and whether it fits --memory-budget.
+    #[arg(long)]
+    pub plan: bool,
+    /// With --plan: the memory to fit in (e.g. 141G, 80GB; powers of 1000); exit 1 if the
+    /// prediction exceeds it.
+    #[arg(long, value_name = "SIZE", value_parser = crate::train::plan::parse_bytes, requires = "plan")]
+    pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub print: JsonFlag,
 }
@@ -183,7 +195,7 @@ fn spec_from_flags(cli: &Cli) -> anyhow::Result<(TuneSpec, PathBuf)> {
         save_every: cli.save_every,
         head_chunk: cli.head_chunk,
         recompute: !cli.no_recompute,
-        blocked_attention: true,
+        blocked_attention: !cli.no_blocked_attention,
     };
     train.validate()?;
     let seq_len = cli.seq_len.unwrap_or(recipe.context as usize);
@@ -211,6 +223,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<Exit> {
+    if cli.plan {
+        return plan(cli);
+    }
+    crate::train::plan::return_freed_memory();
     let device = cli.device.device.open()?;
     let (spec, out, resume) = match &cli.resume {
         Some(dir) => {
@@ -331,4 +347,86 @@ fn print_summary(summary: &TuneSummary) {
         },
         summary.out.display()
     );
+}
+
+/// `--plan`: the memory prediction of one step, from config.json and the flags.
+fn plan(cli: &Cli) -> anyhow::Result<Exit> {
+    use crate::train::plan::{plan_memory, Dims, MemorySpec, CPU_BASELINE};
+    let Some(model) = &cli.model else {
+        bail!("--plan needs --model (a directory with config.json)")
+    };
+    if cli.no_recompute {
+        bail!("--plan predicts runs with layer recomputation (the default), not --no-recompute")
+    }
+    let hf = HfConfig::load(model)?;
+    let mut args = cli.recipe.clone();
+    if args.method.is_none() && hf.model.recipe.method == RopeMethod::Default {
+        args.method = Some(RopeMethod::Eabf);
+    }
+    let recipe = args
+        .resolve_over(&hf.model.recipe)
+        .with_context(|| format!("recipe for {}", model.display()))?;
+    let on_cuda = cli.device.device.is_cuda();
+    let dtype = cli
+        .dtype
+        .unwrap_or(if on_cuda { DType::BF16 } else { DType::F32 });
+    let seq_len = cli.seq_len.unwrap_or(recipe.context as usize);
+    if seq_len < 2 {
+        bail!("--seq-len must be at least 2")
+    }
+    let spec = MemorySpec {
+        dims: Dims::from(&hf.model),
+        seq_len,
+        micro_batch: cli.micro_batch.max(1),
+        dtype,
+        lora: cli.lora,
+        query_block: crate::model::DEFAULT_QUERY_BLOCK,
+        head_chunk: cli.head_chunk.max(1),
+        baseline: if on_cuda { 0 } else { CPU_BASELINE },
+    };
+    let p = plan_memory(&spec, cli.memory_budget);
+    if cli.print.json {
+        print_json(&json!(p))?;
+    } else {
+        let gb = |b: u64| b as f64 / 1e9;
+        println!(
+            "{}: {} parameters ({} trainable), {} tokens x {} per micro-batch, {}{}",
+            model.display(),
+            p.parameters,
+            p.trainable_parameters,
+            seq_len,
+            spec.micro_batch,
+            dtype.as_str(),
+            cli.lora
+                .map(|r| format!(", LoRA rank {r}"))
+                .unwrap_or_default()
+        );
+        for it in &p.items {
+            println!(
+                "  {:>9.3} GB  {:<58} {} ({})",
+                gb(it.bytes),
+                it.name,
+                it.stage,
+                it.formula
+            );
+        }
+        println!(
+            "peak {:.3} GB (at the {} stage; 1 GB = 1e9 B){}",
+            gb(p.peak_bytes),
+            p.peak_stage,
+            match (p.budget_bytes, p.fits) {
+                (Some(b), Some(true)) => format!(": fits {:.1} GB", gb(b)),
+                (Some(b), _) => format!(": does NOT fit {:.1} GB", gb(b)),
+                _ => String::new(),
+            }
+        );
+        if on_cuda {
+            println!("(the CUDA context and cuBLAS workspaces come on top, typically 0.5-1 GB)");
+        }
+    }
+    Ok(if p.fits == Some(false) {
+        Exit::CheckFailed
+    } else {
+        Exit::Ok
+    })
 }

@@ -308,14 +308,15 @@ impl Llama {
     /// Gradient of `<layer_i(x), grad_out>` (`x` the layer's saved input): parameter gradients are
     /// handed to `sink` (one [`GradStore`] per piece), the input's gradient is returned.
     ///
-    /// The layer is differentiated in three pieces so that no graph holds a whole layer's
-    /// attention scores: (1) norm, q/k/v projections, RoPE and the logit scale, kept as a graph
-    /// (linear in length); (2) attention itself, computed without a graph from detached q, k, v,
-    /// its output made a fresh variable feeding (3) the output projection, residual and MLP,
-    /// differentiated first; then [`super::attention::attend_backward`] rebuilds attention one
-    /// query block at a time to turn the output's gradient into q, k and v's, and piece (1) is
-    /// differentiated with `<q, dq> + <k, dk> + <v, dv>`. By the chain rule the sum of the pieces
-    /// equals the gradient of the whole layer (tests/train_llama_grads.rs).
+    /// The layer is differentiated in pieces so that no graph holds a whole layer: q, k, v and
+    /// attention's output are first computed without a graph; (3) the output projection, residual
+    /// and MLP, which act on each position alone, are rebuilt as a graph and differentiated one
+    /// chunk of `query_block` positions at a time, giving the gradient of attention's output;
+    /// [`attend_backward`] turns it into q, k and v's one query block at a time; (1) the norm,
+    /// projections, RoPE and logit scale, position-wise too, are rebuilt and differentiated per
+    /// chunk with `<q, dq> + <k, dk> + <v, dv>`. By the chain rule the pieces sum to the gradient
+    /// of the whole layer (tests/train_llama_grads.rs); memory is the sequence's q, k, v and
+    /// gradients plus one chunk's graph and one block's scores, linear in length.
     pub fn layer_backward(
         &self,
         i: usize,
@@ -329,39 +330,60 @@ impl Llama {
         };
         let eps = self.cfg.rms_norm_eps;
         let path = Path::Differentiable;
-        let xv = Var::from_tensor(&x.detach())?;
+        let x = x.detach();
+        let t = x.dim(1)?;
+        let chunks: Vec<(usize, usize)> = (0..t)
+            .step_by(self.query_block)
+            .map(|a| (a, self.query_block.min(t - a)))
+            .collect();
         let grad_of = |store: &GradStore, v: &Var| match store.get(v.as_tensor()) {
             Some(g) => Ok(g.clone()),
             None => v.as_tensor().zeros_like(),
         };
-        // (1)
-        let h = ops::rms_norm(xv.as_tensor(), &l.input_layernorm, eps, path)?;
-        let (q, k, v) = l.self_attn.qkv(&h, pos, i, path)?;
-        drop(h);
-        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-        // (2) and (3)
-        // no graph here, so the fused softmax (same values) serves
+        let cat = |mut parts: Vec<Tensor>, dim: usize| match parts.len() {
+            1 => Ok(parts.swap_remove(0)),
+            _ => Tensor::cat(&parts, dim),
+        };
+        // q, k, v and attention, no graph (the same ops as the tracked pieces below)
+        let (qd, kd, vd) = {
+            let h = ops::rms_norm(&x, &l.input_layernorm.detach(), eps, path)?;
+            l.self_attn.detached().qkv(&h, pos, i, path)?
+        };
         let o = attend(&qd, &kd, &vd, Path::Fast, self.query_block, None)?;
-        let ov = Var::from_tensor(&o)?;
+        // (3), a chunk of positions at a time
+        let (mut gx, mut go) = (Vec::new(), Vec::new());
+        for &(a, n) in &chunks {
+            let xv = Var::from_tensor(&x.narrow(1, a, n)?)?;
+            let ov = Var::from_tensor(&o.narrow(2, a, n)?)?;
+            let mid = (xv.as_tensor() + l.self_attn.project_out(ov.as_tensor())?)?;
+            let h = ops::rms_norm(&mid, &l.post_attention_layernorm, eps, path)?;
+            let out = (&mid + l.mlp.forward(&h)?)?;
+            drop((mid, h));
+            let g = grad_out.narrow(1, a, n)?.to_dtype(out.dtype())?;
+            let store = (out * g)?.sum_all()?.backward()?;
+            sink(&store)?;
+            gx.push(grad_of(&store, &xv)?);
+            go.push(grad_of(&store, &ov)?);
+        }
         drop(o);
-        let a = l.self_attn.project_out(ov.as_tensor())?;
-        let mid = (xv.as_tensor() + a)?;
-        let h = ops::rms_norm(&mid, &l.post_attention_layernorm, eps, path)?;
-        let out = (&mid + l.mlp.forward(&h)?)?;
-        drop((mid, h));
-        let store = (out * grad_out.to_dtype(xv.dtype())?)?
-            .sum_all()?
-            .backward()?;
-        sink(&store)?;
-        let gx = grad_of(&store, &xv)?;
-        let go = grad_of(&store, &ov)?;
-        drop((store, ov));
+        let gx3 = cat(gx, 1)?;
+        let go = cat(go, 2)?;
         let (gq, gk, gv) = attend_backward(&qd, &kd, &vd, &go, self.query_block)?;
         drop((go, qd, kd, vd));
-        let s = (((q * gq)?.sum_all()? + (k * gk)?.sum_all()?)? + (v * gv)?.sum_all()?)?;
-        let store = s.backward()?;
-        sink(&store)?;
-        gx + grad_of(&store, &xv)?
+        // (1), a chunk of positions at a time
+        let mut gx = Vec::new();
+        for &(a, n) in &chunks {
+            let xv = Var::from_tensor(&x.narrow(1, a, n)?)?;
+            let h = ops::rms_norm(xv.as_tensor(), &l.input_layernorm, eps, path)?;
+            let (q, k, v) = l.self_attn.qkv(&h, &pos.narrow(a, n)?, i, path)?;
+            let s = (((q * gq.narrow(2, a, n)?)?.sum_all()?
+                + (k * gk.narrow(2, a, n)?)?.sum_all()?)?
+                + (v * gv.narrow(2, a, n)?)?.sum_all()?)?;
+            let store = s.backward()?;
+            sink(&store)?;
+            gx.push(grad_of(&store, &xv)?);
+        }
+        gx3 + cat(gx, 1)?
     }
 
     /// The same model with every weight detached from autograd: a forward through it builds no

@@ -135,6 +135,28 @@ impl Positions {
         })
     }
 
+    /// The tables of positions `offset .. offset + len` of these (views, no copy).
+    pub fn narrow(&self, offset: usize, len: usize) -> Result<Positions> {
+        if offset + len > self.len {
+            candle_core::bail!(
+                "positions {offset}..{} outside the {} tabled",
+                offset + len,
+                self.len
+            )
+        }
+        Ok(Positions {
+            start: self.start + offset,
+            len,
+            cos: self.cos.narrow(0, offset, len)?,
+            sin: self.sin.narrow(0, offset, len)?,
+            scales: self
+                .scales
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.narrow(2, offset, len)).transpose())
+                .collect::<Result<_>>()?,
+        })
+    }
+
     /// First absolute position.
     pub fn start(&self) -> usize {
         self.start

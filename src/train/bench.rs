@@ -60,12 +60,28 @@ impl Shape {
         }
     }
 
+    /// A 5M-parameter model whose weights, moments and MLP weigh in the memory of a CPU step
+    /// (the plan's second check).
+    pub fn small() -> Shape {
+        Shape {
+            name: "small".into(),
+            vocab: 4096,
+            hidden: 256,
+            intermediate: 688,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            context: 256,
+        }
+    }
+
     pub fn by_name(name: &str) -> Result<Shape, TrainError> {
         match name {
             "llama2-7b" => Ok(Shape::llama2_7b()),
             "tiny" => Ok(Shape::tiny()),
+            "small" => Ok(Shape::small()),
             _ => Err(TrainError::Config(format!(
-                "unknown shape {name:?} (llama2-7b, tiny)"
+                "unknown shape {name:?} (llama2-7b, small, tiny)"
             ))),
         }
     }
@@ -215,7 +231,9 @@ fn memory_reader(device: &Device) -> impl Fn() -> Option<u64> + Send + 'static {
     let device = device.clone();
     move || {
         if device.is_cpu() {
-            super::trainer::memory().0
+            // the kernel's high-water mark: exact, where sampling the resident set misses peaks
+            let (rss, hwm) = super::trainer::memory();
+            hwm.or(rss)
         } else {
             super::trainer::gpu_memory(&device)
         }
@@ -280,6 +298,9 @@ pub struct StepBenchReport {
     pub mfu: Option<f64>,
     pub peak_memory_bytes: Option<u64>,
     pub memory_kind: &'static str,
+    /// `abf-tune --plan`'s prediction of the peak for this step (CPU baseline; on a GPU without
+    /// the CUDA context).
+    pub predicted_peak_bytes: u64,
 }
 
 /// Train `spec.steps` steps of one `seq_len`-token sequence (every position a target) through
@@ -290,6 +311,7 @@ pub fn step_bench(
     matmul_flops: Option<f64>,
 ) -> Result<StepBenchReport, TrainError> {
     let t0 = Instant::now();
+    super::plan::return_freed_memory();
     let sampler = PeakSampler::start(memory_reader(device));
     let cfg = spec.shape.model_config(spec.seq_len as u64);
     let weights = random_weights(&spec.shape, spec.dtype, device, spec.seed)?;
@@ -349,6 +371,24 @@ pub fn step_bench(
         achieved_flops: achieved,
         mfu: matmul_flops.map(|r| achieved / r),
         peak_memory_bytes: peak,
+        predicted_peak_bytes: super::plan::plan_memory(
+            &super::plan::MemorySpec {
+                dims: super::plan::Dims::from(&spec.shape.model_config(spec.seq_len as u64)),
+                seq_len: spec.seq_len,
+                micro_batch: 1,
+                dtype: spec.dtype,
+                lora: spec.lora,
+                query_block: crate::model::DEFAULT_QUERY_BLOCK,
+                head_chunk: TrainConfig::default().head_chunk,
+                baseline: if device.is_cpu() {
+                    super::plan::CPU_BASELINE
+                } else {
+                    0
+                },
+            },
+            None,
+        )
+        .peak_bytes,
         memory_kind: if device.is_cpu() {
             "resident (process)"
         } else {

@@ -165,7 +165,9 @@ impl ParamSet {
         for ad in &self.adapters {
             let a = self.params[ad.a].var.as_tensor();
             let b = self.params[ad.b].var.as_tensor();
-            let delta = b.matmul(a)?.affine(s, 0.0)?;
+            // s A is rank x in: scaling it rather than B A keeps one full-size node fewer in
+            // the graph (B (s A) and the sum, not B A, s B A and the sum)
+            let delta = b.matmul(&a.affine(s, 0.0)?)?;
             let w = (&self.frozen[&ad.base] + delta)?;
             map.insert(ad.base.clone(), w);
         }

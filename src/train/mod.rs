@@ -6,6 +6,7 @@ pub mod examples;
 pub mod hf;
 pub mod lora;
 pub mod optim;
+pub mod plan;
 pub mod recompute;
 pub mod run;
 pub mod schedule;
