@@ -3,8 +3,11 @@
 //! chunks of the full window, each compared with the f32 checkpoint (our candle reading of the
 //! file; KL divergence and top-1 agreement) on held-out text.
 //!
-//! `cargo run --release --example imatrix_quality -- SMOLLM.gguf CALIBRATION.txt HELD_OUT.txt
-//! [LENGTH] [FULL_CTX]` prints a markdown table (docs/benchmarks.md holds one with its command).
+//! `cargo run --release --example imatrix_quality -- MODEL CALIBRATION.txt HELD_OUT.txt [LENGTH]
+//! [FULL_CTX] [SHORT_CTX]` prints a markdown table (docs/benchmarks.md holds one with its command).
+//! MODEL is a GGUF or a checkpoint directory. For a model whose recipe extends its window, the KLD is
+//! also given beyond the original window (the positions the release is for); SHORT_CTX (default
+//! 512) is the chunk length of the first matrix, FULL_CTX (default: the window) of the second.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,19 +34,31 @@ fn reference(ckpt: &Checkpoint, tokens: &[u32]) -> Res<Reference> {
     Ok(r)
 }
 
-fn compare(gguf: &Path, r: &Reference, tokens: &[u32]) -> Res<(f64, f64)> {
+/// KLD and top-1 over every position, and the KLD beyond `original` when it is inside.
+fn compare(
+    gguf: &Path,
+    r: &Reference,
+    tokens: &[u32],
+    original: usize,
+) -> Res<(f64, f64, Option<f64>)> {
     let mut b = open_backend(gguf, BackendKind::Candle, &Device::Cpu)?;
-    let band = Band {
+    let mut bands = vec![Band {
         start: 0,
         end: tokens.len(),
-    };
-    let mut cmp = Comparison::new(r, tokens, vec![band]);
+    }];
+    if original < tokens.len() {
+        bands.push(Band {
+            start: original,
+            end: tokens.len(),
+        });
+    }
+    let mut cmp = Comparison::new(r, tokens, bands);
     b.for_each_logits(tokens, &mut |pos, row| {
         cmp.push(pos, row)
             .map_err(abf::runtime::RuntimeError::consumer)
     })?;
-    let m = cmp.finish()?.remove(0);
-    Ok((m.kld_mean, m.top1))
+    let m = cmp.finish()?;
+    Ok((m[0].kld_mean, m[0].top1, m.get(1).map(|b| b.kld_mean)))
 }
 
 fn main() -> Res<()> {
@@ -55,12 +70,19 @@ fn main() -> Res<()> {
         );
     }
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().join("model");
-    from_gguf(Path::new(&args[1]), &dir, &FromGgufOptions::default())?;
+    let dir = if Path::new(&args[1]).is_dir() {
+        PathBuf::from(&args[1])
+    } else {
+        let dir = tmp.path().join("model");
+        from_gguf(Path::new(&args[1]), &dir, &FromGgufOptions::default())?;
+        dir
+    };
     let ckpt = Checkpoint::open(&dir)?;
     let window = ckpt.config.model.recipe.context as usize;
     let length: usize = args.get(4).map_or(Ok(window), |s| s.parse())?;
     let full: usize = args.get(5).map_or(Ok(window), |s| s.parse())?;
+    let short: usize = args.get(6).map_or(Ok(512), |s| s.parse())?;
+    let original = ckpt.config.model.recipe.original_context as usize;
     let enc = Encoder::from_checkpoint(&ckpt)?;
     let calib = enc.encode(&std::fs::read_to_string(&args[2])?)?;
     let mut held = enc.encode(&std::fs::read_to_string(&args[3])?)?;
@@ -72,7 +94,7 @@ fn main() -> Res<()> {
     );
 
     let mut matrices: Vec<(String, Option<Arc<_>>)> = vec![("none".into(), None)];
-    for ctx in [512, full] {
+    for ctx in [short, full] {
         let start = std::time::Instant::now();
         let mut m = open_forward(&dir, DType::F32, &Device::Cpu)?;
         let opts = CollectOptions {
@@ -95,8 +117,15 @@ fn main() -> Res<()> {
 
     let r = reference(&ckpt, &held)?;
     let types = [OutType::Q4KM, OutType::Q3K, OutType::Q2K];
-    println!("| type | imatrix | KLD | top-1 | KLD / KLD without |");
-    println!("|---|---|---|---|---|");
+    let beyond = original < held.len();
+    if beyond {
+        println!("| type | imatrix | KLD | top-1 | KLD / KLD without | KLD beyond {original} | / without |");
+        println!("|---|---|---|---|---|---|---|");
+    } else {
+        println!("| type | imatrix | KLD | top-1 | KLD / KLD without |");
+        println!("|---|---|---|---|---|");
+    }
+    let mut without_beyond = Vec::new();
     let mut without = Vec::new();
     for (name, weights) in &matrices {
         let outputs: Vec<Output> = types
@@ -116,12 +145,17 @@ fn main() -> Res<()> {
             .collect::<Res<Vec<_>>>()?;
         write_many(&ckpt, &outputs, &SplitLimits::default(), true, &|_, _| {})?;
         for (i, o) in outputs.iter().enumerate() {
-            let (kld, top1) = compare(&o.path, &r, &held)?;
+            let (kld, top1, far) = compare(&o.path, &r, &held, original)?;
             if weights.is_none() {
                 without.push(kld);
+                without_beyond.push(far.unwrap_or(f64::NAN));
             }
+            let tail = match far {
+                Some(f) => format!(" {f:.4} | {:.3} |", f / without_beyond[i]),
+                None => String::new(),
+            };
             println!(
-                "| {} | {name} | {kld:.4} | {:.1}% | {:.3} |",
+                "| {} | {name} | {kld:.4} | {:.1}% | {:.3} |{tail}",
                 types[i].name(),
                 top1 * 100.0,
                 kld / without[i]
