@@ -75,6 +75,7 @@ fn adamw_matches_a_hand_computed_update() {
         param("n", &[1.0, -2.0], false),
     ];
     let cfg = AdamWConfig {
+        bf16_moments: false,
         beta1: 0.9,
         beta2: 0.95,
         eps: 1e-8,
@@ -122,6 +123,7 @@ fn adamw_keeps_f32_masters_for_bf16_weights() {
     let t = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
     let mut ps = vec![TrainParam::new("w", &t, DType::BF16, false).unwrap()];
     let cfg = AdamWConfig {
+        bf16_moments: false,
         beta1: 0.9,
         beta2: 0.95,
         eps: 1e-8,

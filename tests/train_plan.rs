@@ -31,6 +31,7 @@ fn spec(dims: Dims, seq: usize, dtype: DType, lora: Option<usize>) -> MemorySpec
         query_block: 512,
         head_chunk: 1024,
         baseline: 0,
+        bf16_moments: false,
     }
 }
 
@@ -86,6 +87,12 @@ fn llama2_7b_at_16k_counts() {
     // an 80 GB card cannot hold 16 B of state per parameter (108 GB)
     let small_card = plan_memory(&spec(d, 16384, DType::BF16, None), Some(80_000_000_000));
     assert_eq!(small_card.fits, Some(false));
+    // bf16 moments halve the moments' 54 GB
+    let mut half = spec(d, 16384, DType::BF16, None);
+    half.bf16_moments = true;
+    let half = plan_memory(&half, None);
+    assert_eq!(item(&half, "AdamW"), 4 * n);
+    assert_eq!(full.peak_bytes - half.peak_bytes, 4 * n);
     let lora = plan_memory(&spec(d, 16384, DType::BF16, Some(8)), Some(141_000_000_000));
     assert!(lora.peak_bytes < full.peak_bytes / 2);
     // memory is linear in length: doubling the sequence less than doubles the peak, and the

@@ -385,6 +385,7 @@ pub fn step_bench(
                 } else {
                     0
                 },
+                bf16_moments: false,
             },
             None,
         )

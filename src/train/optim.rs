@@ -70,6 +70,21 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Keep the moments in bf16 (half the memory of f32; the update itself computes in f32 and
+    /// rounds m and v once per step). Off: f32, as PyTorch's AdamW.
+    #[serde(default)]
+    pub bf16_moments: bool,
+}
+
+impl AdamWConfig {
+    /// The dtype the moments are kept in.
+    pub fn moment_dtype(&self) -> DType {
+        if self.bf16_moments {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
 }
 
 impl Default for AdamWConfig {
@@ -80,11 +95,13 @@ impl Default for AdamWConfig {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            bf16_moments: false,
         }
     }
 }
 
-/// AdamW state: the step count and f32 first and second moments per parameter.
+/// AdamW state: the step count and the first and second moments per parameter (f32, or bf16
+/// with `bf16_moments`).
 #[derive(Debug)]
 pub struct AdamW {
     pub cfg: AdamWConfig,
@@ -96,7 +113,8 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &[TrainParam], cfg: AdamWConfig) -> Result<AdamW, TrainError> {
-        let zeros = |p: &TrainParam| Tensor::zeros(p.var.shape(), DType::F32, p.var.device());
+        let dt = cfg.moment_dtype();
+        let zeros = |p: &TrainParam| Tensor::zeros(p.var.shape(), dt, p.var.device());
         Ok(AdamW {
             cfg,
             step: 0,
@@ -126,13 +144,17 @@ impl AdamW {
             if p.decay && c.weight_decay != 0.0 {
                 w = w.affine(1.0 - lr * c.weight_decay, 0.0)?;
             }
-            let m = (self.m[i].affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
-            let v = (self.v[i].affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+            let (m0, v0) = (
+                self.m[i].to_dtype(DType::F32)?,
+                self.v[i].to_dtype(DType::F32)?,
+            );
+            let m = (m0.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
+            let v = (v0.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
             let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), c.eps)?;
             let w = (w - (m.div(&denom)?).affine(step_size, 0.0)?)?;
             p.set_f32(&w)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.to_dtype(c.moment_dtype())?;
+            self.v[i] = v.to_dtype(c.moment_dtype())?;
         }
         Ok(())
     }
@@ -190,7 +212,9 @@ impl AdamW {
                         ),
                     });
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?;
+                *slot = t
+                    .to_dtype(self.cfg.moment_dtype())?
+                    .to_device(p.var.device())?;
             }
         }
         self.step = step;

@@ -112,6 +112,9 @@ pub struct MemorySpec {
     pub head_chunk: usize,
     /// Memory the process or device context holds before any tensor (bytes).
     pub baseline: u64,
+    /// AdamW's moments in bf16 (`--optimizer-states bf16`) instead of f32.
+    #[serde(default)]
+    pub bf16_moments: bool,
 }
 
 fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> {
@@ -238,10 +241,19 @@ pub fn plan_memory(spec: &MemorySpec, budget: Option<u64>) -> MemoryPlan {
         format!("4 B x {nt} trainable"),
         "persistent",
     );
+    let (mb, mdt) = if spec.bf16_moments {
+        (4, "bf16")
+    } else {
+        (8, "f32")
+    };
     add(
-        "AdamW moments m, v (f32)",
-        8 * nt,
-        format!("8 B x {nt} trainable"),
+        if spec.bf16_moments {
+            "AdamW moments m, v (bf16)"
+        } else {
+            "AdamW moments m, v (f32)"
+        },
+        mb * nt,
+        format!("{mb} B ({mdt}, two) x {nt} trainable"),
         "persistent",
     );
     add(
