@@ -65,7 +65,7 @@ fixture-model:
 # passkey and attention entropy, mean and spread (scripts/experiment.sh; docs/results.md).
 # SAMPLES="32 100 400" adds the data-efficiency runs.
 experiment:
-	bash scripts/experiment.sh
+	FEATURES=$(FEATURES) bash scripts/experiment.sh
 
 clean:
 	$(CARGO) clean
