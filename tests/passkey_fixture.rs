@@ -1,5 +1,5 @@
 //! fixtures/kjv-passkey and its fine-tuning data (issue 16): the data speak the evaluation's
-//! words and hide the key each answer names; the model does what its README claims, on keys the
+//! words and each record hides the key it ends with; the model does what its README claims, on keys the
 //! README's measurement did not use: it finds a pass key within its 128-token window and not at
 //! 4 x the window.
 
@@ -37,17 +37,14 @@ fn conversations_hide_the_key_they_answer() {
         assert_eq!(turns.len(), 2, "{line}");
         assert_eq!(turns[0]["from"], "human");
         assert_eq!(turns[1]["from"], "gpt");
-        let user = turns[0]["value"].as_str().unwrap();
-        let answer = turns[1]["value"].as_str().unwrap();
-        let key: u32 = answer
-            .strip_prefix("The pass key is ")
-            .and_then(|s| s.strip_suffix('.'))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("answer {answer:?}"));
+        let record = turns[1]["value"].as_str().unwrap();
+        // the record ends with the question and its answer, the key of its key line
+        let (body, key) = record.rsplit_once(' ').unwrap();
+        let key: u32 = key.parse().unwrap_or_else(|_| panic!("answer {key:?}"));
         assert!((10_000..=99_999).contains(&key));
-        assert!(user.starts_with(&format!("{}\n", passkey::TASK)));
-        assert!(user.ends_with(&format!("\n{}", passkey::QUESTION)));
-        assert_eq!(user.matches(&passkey::key_line(key)).count(), 1);
+        assert!(body.starts_with(&format!("{}\n", passkey::TASK)));
+        assert!(body.ends_with(&format!("\n{}", passkey::QUESTION)));
+        assert_eq!(body.matches(&passkey::key_line(key)).count(), 1);
         n += 1;
     }
     assert_eq!(n, 400);
