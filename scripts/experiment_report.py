@@ -280,7 +280,7 @@ def main():
     pw, ph = 230, 170
     for j, li in enumerate(layers):
         x0, y0 = 60 + (j % cols) * (pw + 70), 60 + (j // cols) * (ph + 60)
-        series = [(n, COLORS.get(n, "#000"), [point(lnn[i], stat(runs[n], ("ent", li, p))) for i, p in enumerate(positions)], False)
+        series = [(n, COLORS.get(n, "#000"), [point(lnn[i], stat(runs[n], ("ent", li, p))) for i, p in enumerate(positions)], n == "base")
                   for n in names]
         series.append(("uniform", "#999999", [(lnn[i], uniform[p], uniform[p], uniform[p]) for i, p in enumerate(positions)], True))
         allv = [0.0] + [uniform[p] for p in positions]
