@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the headline of the paper's experiment at toy scale, then the real-model conversion
-# path. About 5 minutes after the build on 2 cores (docs/results.md); `make experiment` runs the
+# path. 792 s measured on 2 cores shared with other work (load 6-9), 6.4 minutes of CPU, so about
+# 4-5 minutes with both cores free (docs/results.md); `make experiment` runs the
 # full table (every method, 3 seeds, error bars).
 #
 # Part 1 (fixtures/kjv-passkey, a 3.8M-parameter LLaMA that `make fixture-model FIXTURE=kjv-passkey`
