@@ -37,6 +37,9 @@ struct Args {
     no_blocked_attention: bool,
 }
 
+#[global_allocator]
+static COUNTING: abf::train::plan::AllocCounter = abf::train::plan::AllocCounter;
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let device = a.device.device.open()?;
@@ -67,6 +70,8 @@ fn main() -> anyhow::Result<()> {
     };
     let mut v = report;
     v["matmul_flops"] = serde_json::json!(rate);
+    // the tensors' bytes at their peak (the resident set adds what glibc keeps for reuse)
+    v["allocated_peak_bytes"] = serde_json::json!(abf::train::plan::AllocCounter::peak());
     println!("{v}");
     Ok(())
 }

@@ -231,7 +231,6 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     if cli.plan {
         return plan(cli);
     }
-    crate::train::plan::return_freed_memory();
     let device = cli.device.device.open()?;
     let (spec, out, resume) = match &cli.resume {
         Some(dir) => {

@@ -311,7 +311,6 @@ pub fn step_bench(
     matmul_flops: Option<f64>,
 ) -> Result<StepBenchReport, TrainError> {
     let t0 = Instant::now();
-    super::plan::return_freed_memory();
     let sampler = PeakSampler::start(memory_reader(device));
     let cfg = spec.shape.model_config(spec.seq_len as u64);
     let weights = random_weights(&spec.shape, spec.dtype, device, spec.seed)?;

@@ -5,9 +5,14 @@
 //! pieces of `Llama::layer_backward`, `attend_backward`), times their dtype's size. The peak is
 //! the persistent state (weights, gradients, AdamW moments), the saved layer inputs, and the
 //! larger of the two transient stages: the head/loss chunk, or one layer's recomputation with one
-//! attention block's scores. The CPU prediction is checked against measured peak resident sets
-//! (tests/train_plan.rs, docs/training.md); on a GPU the same tensors are allocated, plus the
-//! runtime's own context.
+//! attention block's scores. It predicts the bytes the tensors occupy: checked against the peak
+//! of bytes allocated by real CPU steps, counted by a global allocator (tests/train_plan.rs,
+//! docs/training.md, which also gives the resident set: glibc keeps freed blocks of up to 32 MiB
+//! for reuse, so a CPU process's RSS is that much above). On a GPU candle allocates each tensor
+//! from the driver, so the prediction is the device memory in use, plus the CUDA context.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::DType;
 use serde::Serialize;
@@ -373,20 +378,6 @@ fn adapter_count(d: &Dims, r: usize) -> u64 {
     d.adapted().iter().map(|(o, i)| (r * (o + i)) as u64).sum()
 }
 
-/// Make freed large allocations go back to the system at once (glibc's `M_MMAP_THRESHOLD` fixed
-/// at 64 KiB instead of its dynamic threshold, which grows to 32 MiB and then keeps freed
-/// tensors of up to that size in the heap): the resident set then follows the tensors alive,
-/// which the plan predicts, and a long step's peak is lower. A no-op elsewhere than glibc.
-pub fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called before threads allocate heavily.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 16);
-        // one arena: worker threads' own arenas keep freed small blocks resident
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 /// Parse a byte size: `141G`, `512M`, `80GB`, `1.5T`, or plain bytes (powers of 1000: GPU cards
 /// are sold in GB).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -408,4 +399,59 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is not a size (e.g. 141G, 512M)"));
     }
     Ok((v * mult).round() as u64)
+}
+
+/// A global allocator that counts the bytes a process has allocated and their peak: what
+/// [`plan_memory`] predicts (the tensors' bytes), apart from what glibc keeps resident for reuse.
+/// A binary opts in with `#[global_allocator] static A: AllocCounter = AllocCounter;`
+/// (examples/step_bench.rs, tests/train_plan.rs); every call goes to the system allocator.
+pub struct AllocCounter;
+
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+impl AllocCounter {
+    /// The most bytes allocated at once so far (0 where the counter is not the global allocator).
+    pub fn peak() -> usize {
+        PEAK.load(Ordering::Relaxed)
+    }
+}
+
+fn grew(n: usize) {
+    let now = ALLOCATED.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are updated.
+unsafe impl GlobalAlloc for AllocCounter {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is System's.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(p, l) };
+        ALLOCATED.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            ALLOCATED.fetch_sub(l.size(), Ordering::Relaxed);
+            grew(new);
+        }
+        q
+    }
 }
