@@ -42,23 +42,29 @@ fn compare(
     original: usize,
 ) -> Res<(f64, f64, Option<f64>)> {
     let mut b = open_backend(gguf, BackendKind::Candle, &Device::Cpu)?;
+    // bands are disjoint: within the original window and beyond it, the whole their weighted mean
+    let split = original.min(tokens.len());
     let mut bands = vec![Band {
         start: 0,
-        end: tokens.len(),
+        end: split.max(1),
     }];
-    if original < tokens.len() {
+    if split < tokens.len() {
         bands.push(Band {
-            start: original,
+            start: split.max(1),
             end: tokens.len(),
         });
     }
-    let mut cmp = Comparison::new(r, tokens, bands);
+    let mut cmp = Comparison::new(r, tokens, bands.clone());
     b.for_each_logits(tokens, &mut |pos, row| {
         cmp.push(pos, row)
             .map_err(abf::runtime::RuntimeError::consumer)
     })?;
     let m = cmp.finish()?;
-    Ok((m[0].kld_mean, m[0].top1, m.get(1).map(|b| b.kld_mean)))
+    let n = |i: usize| (bands[i].end - bands[i].start) as f64;
+    let total: f64 = (0..m.len()).map(n).sum();
+    let kld = (0..m.len()).map(|i| m[i].kld_mean * n(i)).sum::<f64>() / total;
+    let top1 = (0..m.len()).map(|i| m[i].top1 * n(i)).sum::<f64>() / total;
+    Ok((kld, top1, m.get(1).map(|b| b.kld_mean)))
 }
 
 fn main() -> Res<()> {
@@ -131,9 +137,12 @@ fn main() -> Res<()> {
         let outputs: Vec<Output> = types
             .iter()
             .map(|&t| {
+                // the recipe exactly (abf's own keys, read exactly by the candle backend): the
+                // comparison is of the quantization alone, not of a runtime's form of the recipe
                 let opts = ToGgufOptions {
                     outtype: t,
                     imatrix: weights.clone(),
+                    runtime: abf::rope::Target::Exact,
                     ..ToGgufOptions::default()
                 };
                 let plan = plan_to_gguf(&ckpt, &opts)?;
