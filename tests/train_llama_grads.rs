@@ -105,54 +105,28 @@ fn llama_recomputation_and_scaled_attention_match_finite_differences() {
     let (set, l0, g0) = llama_loss_grads(&cfg, w.clone(), plain);
     let (_, l1, g1) = llama_loss_grads(&cfg, w.clone(), rec);
     assert!((l0 - l1).abs() < 1e-12 * l0.abs(), "{l0} {l1}");
-    for (p, (a, b)) in set.params.iter().zip(g0.iter().zip(&g1)) {
-        for (x, y) in flat(a).iter().zip(flat(b)) {
-            assert!(
-                (x - y).abs() < 1e-12 * (1.0 + x.abs()),
-                "{}: {x} {y}",
-                p.name
-            );
-        }
-    }
+    assert_same_grads(&set, &g0, &g1, 1e-12, "recomputed");
     // central differences in f64 through the whole recipe-driven forward (rope with the ABF
     // base, logit scale lambda(p+1) = ln(p+1)/ln 32 > 1 past position 31 on layers 1 and 2)
-    let h = 1e-6;
-    let loss_with = |name: &str, j: usize, d: f64| -> f64 {
-        let mut w2 = w.clone();
-        let t = &mut w2.iter_mut().find(|(n, _)| n == name).unwrap().1;
-        let mut v = flat(t);
-        v[j] += d;
-        *t = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
-        llama_loss_grads(&cfg, w2, plain).1
-    };
-    let mut checked = 0;
-    for name in [
-        "model.layers.2.self_attn.q_proj.weight",
-        "model.layers.2.self_attn.k_proj.weight",
-        "model.layers.1.self_attn.v_proj.weight",
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.1.mlp.down_proj.weight",
-        "model.layers.2.input_layernorm.weight",
-        "model.embed_tokens.weight",
-        "model.norm.weight",
-        "lm_head.weight",
-    ] {
-        let pi = set.params.iter().position(|p| p.name == name).unwrap();
-        let g = flat(&g1[pi]);
+    let checked = check_central_differences(
+        &set,
+        &g1,
+        &w,
+        &[
+            "model.layers.2.self_attn.q_proj.weight",
+            "model.layers.2.self_attn.k_proj.weight",
+            "model.layers.1.self_attn.v_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.2.input_layernorm.weight",
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ],
         // the largest-gradient entry and two fixed ones
-        let big = (0..g.len())
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
-        for j in [big, 7 % g.len(), g.len() - 1] {
-            let fd = (loss_with(name, j, h) - loss_with(name, j, -h)) / (2.0 * h);
-            assert!(
-                (fd - g[j]).abs() < 1e-7 + 1e-5 * fd.abs(),
-                "{name}[{j}]: fd {fd} analytic {}",
-                g[j]
-            );
-            checked += 1;
-        }
-    }
+        &|n| vec![7 % n, n - 1],
+        &|w2| llama_loss_grads(&cfg, w2, plain).1,
+    );
     assert_eq!(checked, 27);
 }
 
@@ -189,11 +163,12 @@ fn batch_of(n: usize, seed: u64) -> Batch {
     Batch::from_examples(&[&Example { tokens, mask }], &Device::Cpu).unwrap()
 }
 
-fn assert_same_grads(set: &ParamSet, a: &[Tensor], b: &[Tensor], what: &str) {
+/// Every gradient of `a` equals `b`'s to `tol` relative (plus `tol` absolute).
+fn assert_same_grads(set: &ParamSet, a: &[Tensor], b: &[Tensor], tol: f64, what: &str) {
     for (p, (a, b)) in set.params.iter().zip(a.iter().zip(b)) {
         for (x, y) in flat(a).iter().zip(flat(b)) {
             assert!(
-                (x - y).abs() < 1e-11 * (1.0 + x.abs()),
+                (x - y).abs() < tol * (1.0 + x.abs()),
                 "{what}: {}: {x} {y}",
                 p.name
             );
@@ -239,45 +214,65 @@ fn blocked_attention_backward_equals_the_whole_graph() {
             let (set, l0, g0) = llama_loss_grads_at(cfg, w.clone(), whole, block, &batch);
             let (_, l1, g1) = llama_loss_grads_at(cfg, w.clone(), blocked, block, &batch);
             assert!((l0 - l1).abs() < 1e-12 * l0.abs(), "{name}: {l0} {l1}");
-            assert_same_grads(
-                &set,
-                &g0,
-                &g1,
-                &format!("{name}, {n} tokens, block {block}"),
-            );
+            let what = format!("{name}, {n} tokens, block {block}");
+            assert_same_grads(&set, &g0, &g1, 1e-11, &what);
         }
     }
     // central differences through the blocked path itself (log law, 2 exempt, 70 tokens in
     // blocks of 16: layer 2's scale ln(p+1)/ln 32 > 1 past position 31)
     let batch = batch_of(70, 5);
     let (set, _, g) = llama_loss_grads_at(&base_cfg, w.clone(), blocked, 16, &batch);
+    let checked = check_central_differences(
+        &set,
+        &g,
+        &w,
+        &[
+            "model.layers.2.self_attn.q_proj.weight",
+            "model.layers.2.self_attn.k_proj.weight",
+            "model.layers.1.self_attn.v_proj.weight",
+            "model.layers.2.input_layernorm.weight",
+        ],
+        &|n| vec![n / 2],
+        &|w2| llama_loss_grads_at(&base_cfg, w2, blocked, 16, &batch).1,
+    );
+    assert_eq!(checked, 8);
+}
+
+/// Central differences (step 1e-6, f64) of `loss` against the analytic `grads` of each named
+/// weight, at its largest-gradient entry and at `more(len)`; returns how many entries were checked.
+fn check_central_differences(
+    set: &ParamSet,
+    grads: &[Tensor],
+    w: &[(String, Tensor)],
+    names: &[&str],
+    more: &dyn Fn(usize) -> Vec<usize>,
+    loss: &dyn Fn(Vec<(String, Tensor)>) -> f64,
+) -> usize {
     let h = 1e-6;
     let loss_with = |name: &str, j: usize, d: f64| -> f64 {
-        let mut w2 = w.clone();
+        let mut w2 = w.to_vec();
         let t = &mut w2.iter_mut().find(|(n, _)| n == name).unwrap().1;
         let mut v = flat(t);
         v[j] += d;
         *t = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
-        llama_loss_grads_at(&base_cfg, w2, blocked, 16, &batch).1
+        loss(w2)
     };
-    for name in [
-        "model.layers.2.self_attn.q_proj.weight",
-        "model.layers.2.self_attn.k_proj.weight",
-        "model.layers.1.self_attn.v_proj.weight",
-        "model.layers.2.input_layernorm.weight",
-    ] {
+    let mut checked = 0;
+    for &name in names {
         let pi = set.params.iter().position(|p| p.name == name).unwrap();
-        let gv = flat(&g[pi]);
-        let big = (0..gv.len())
-            .max_by(|&a, &b| gv[a].abs().total_cmp(&gv[b].abs()))
+        let g = flat(&grads[pi]);
+        let big = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
             .unwrap();
-        for j in [big, gv.len() / 2] {
+        for j in std::iter::once(big).chain(more(g.len())) {
             let fd = (loss_with(name, j, h) - loss_with(name, j, -h)) / (2.0 * h);
             assert!(
-                (fd - gv[j]).abs() < 1e-7 + 1e-5 * fd.abs(),
+                (fd - g[j]).abs() < 1e-7 + 1e-5 * fd.abs(),
                 "{name}[{j}]: fd {fd} analytic {}",
-                gv[j]
+                g[j]
             );
+            checked += 1;
         }
     }
+    checked
 }

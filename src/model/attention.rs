@@ -153,19 +153,22 @@ pub fn attend(
     mut probe: Option<&mut EntropyProbe>,
 ) -> Result<Tensor> {
     let t = q.dim(2)?;
-    let block = block.max(1);
-    let mut outs = Vec::with_capacity(t.div_ceil(block));
-    let mut qs = 0;
-    while qs < t {
-        let qe = (qs + block).min(t);
-        let q_blk = q.narrow(2, qs, qe - qs)?;
+    let mut outs = Vec::with_capacity(t.div_ceil(block.max(1)));
+    for (qs, qb) in query_blocks(t, block) {
+        let q_blk = q.narrow(2, qs, qb)?;
         outs.push(attend_block(&q_blk, k, v, qs, path, probe.as_deref_mut())?);
-        qs = qe;
     }
     match outs.len() {
         1 => Ok(outs.swap_remove(0)),
         _ => Tensor::cat(&outs, 2),
     }
+}
+
+/// The blocks of at most `block` (at least 1) rows that cover `0 .. t`: `(start, rows)`. Attention
+/// and the position-wise pieces of a layer's backward walk a sequence this way.
+pub fn query_blocks(t: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
+    let block = block.max(1);
+    (0..t).step_by(block).map(move |a| (a, block.min(t - a)))
 }
 
 /// Query rows `qs .. qs + qb` (`q_blk`, `[b, heads, qb, d]`) against keys `0 .. qs + qb`.
@@ -178,37 +181,44 @@ fn attend_block(
     probe: Option<&mut EntropyProbe>,
 ) -> Result<Tensor> {
     let (b, h, qb, d) = q_blk.dims4()?;
+    let (kv, qe) = (k.dim(1)?, qs + qb);
+    let (_, mut s) = block_scores(q_blk, k, qs)?;
+    if let Some(p) = probe {
+        record_entropy(p, &s, qs, qe, b, h)?;
+    }
+    s = ops::softmax(&s, path)?;
+    s.to_dtype(q_blk.dtype())?
+        .reshape((b, kv, (h / kv) * qb, qe))?
+        .matmul(&v.narrow(2, 0, qe)?)?
+        .reshape((b, h, qb, d))
+}
+
+/// The scaled, masked scores `[b, heads, qb, qs + qb]` (f32; f64 for f64 models) of query rows
+/// `qs ..` (`q_blk`, `[b, heads, qb, d]`) against keys `0 .. qs + qb`, and the query rows stacked
+/// by kv head (`[b, kv_heads, rep * qb, d]`) they were multiplied as. The forward and the
+/// backward both take their probabilities from here, so they are the same numbers.
+fn block_scores(q_blk: &Tensor, k: &Tensor, qs: usize) -> Result<(Tensor, Tensor)> {
+    let (b, h, qb, d) = q_blk.dims4()?;
     let kv = k.dim(1)?;
     if kv == 0 || !h.is_multiple_of(kv) {
         candle_core::bail!("{h} query heads cannot share {kv} kv heads")
     }
     let rep = h / kv;
     let qe = qs + qb;
-    let dtype = q_blk.dtype();
-    let cdt = compute_dtype(dtype);
-    let inv_sqrt_d = 1.0 / (d as f64).sqrt();
+    let cdt = compute_dtype(q_blk.dtype());
     // Queries qs..qe see keys 0..qe only (causal), so later keys are never touched.
     // GQA without copying k/v: the `rep` query heads sharing kv head g are heads
     // g*rep .. (g+1)*rep (transformers' repeat_kv), contiguous in q's head axis, so they
     // stack into the row axis of one matmul against that kv head.
-    let q_blk = q_blk.contiguous()?.reshape((b, kv, rep * qb, d))?;
-    let k_blk = k.narrow(2, 0, qe)?;
-    let v_blk = v.narrow(2, 0, qe)?;
-    // Fast path: reassign to drop each intermediate score tensor as soon as it is used.
-    let mut s = q_blk.matmul(&k_blk.t()?)?;
-    s = s.to_dtype(cdt)?.affine(inv_sqrt_d, 0.0)?;
+    let q_stacked = q_blk.contiguous()?.reshape((b, kv, rep * qb, d))?;
+    // Reassign to drop each intermediate score tensor as soon as it is used.
+    let mut s = q_stacked.matmul(&k.narrow(2, 0, qe)?.t()?)?;
+    s = s.to_dtype(cdt)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
     s = s.reshape((b, h, qb, qe))?;
     if qe > qs + 1 {
         s = s.broadcast_add(&causal_mask(qs, qb, qe, cdt, q_blk.device())?)?;
     }
-    if let Some(p) = probe {
-        record_entropy(p, &s, qs, qe, b, h)?;
-    }
-    s = ops::softmax(&s, path)?;
-    s.to_dtype(dtype)?
-        .reshape((b, kv, rep * qb, qe))?
-        .matmul(&v_blk)?
-        .reshape((b, h, qb, d))
+    Ok((q_stacked, s))
 }
 
 /// Gradients of `<attend(q, k, v), grad_o>` with respect to `q`, `k` and `v`, rebuilding one
@@ -230,14 +240,9 @@ pub fn attend_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
-    if kv == 0 || !h.is_multiple_of(kv) {
-        candle_core::bail!("{h} query heads cannot share {kv} kv heads")
-    }
-    let rep = h / kv;
     let dtype = q.dtype();
     let cdt = compute_dtype(dtype);
     let inv_sqrt_d = 1.0 / (d as f64).sqrt();
-    let block = block.max(1);
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
     let grad_o = grad_o.detach().to_dtype(dtype)?;
     // dK and dV are sums over blocks: accumulated in the compute dtype, rounded once at the end
@@ -245,34 +250,22 @@ pub fn attend_backward(
         k.to_dtype(cdt)?.zeros_like()?,
         v.to_dtype(cdt)?.zeros_like()?,
     );
-    let mut gq = Vec::with_capacity(t.div_ceil(block));
-    let mut qs = 0;
-    while qs < t {
-        let qe = (qs + block).min(t);
-        let qb = qe - qs;
-        // the block's probabilities, exactly as the forward's `attend_block` computes them
-        let q_blk = q
-            .narrow(2, qs, qb)?
-            .contiguous()?
-            .reshape((b, kv, rep * qb, d))?;
-        let k_blk = k.narrow(2, 0, qe)?;
-        let v_blk = v.narrow(2, 0, qe)?;
-        let mut s = q_blk
-            .matmul(&k_blk.t()?)?
-            .to_dtype(cdt)?
-            .affine(inv_sqrt_d, 0.0)?
-            .reshape((b, h, qb, qe))?;
-        if qe > qs + 1 {
-            s = s.broadcast_add(&causal_mask(qs, qb, qe, cdt, q.device())?)?;
-        }
+    let mut gq = Vec::with_capacity(t.div_ceil(block.max(1)));
+    for (qs, qb) in query_blocks(t, block) {
+        let qe = qs + qb;
+        // the block's probabilities, the forward's own (block_scores)
+        let (q_blk, s) = block_scores(&q.narrow(2, qs, qb)?, &k, qs)?;
+        // the block's query rows stacked by kv head: rep x qb
+        let rows = q_blk.dim(2)?;
         let p = ops::softmax(&s, Path::Fast)?;
         drop(s);
+        let (k_blk, v_blk) = (k.narrow(2, 0, qe)?, v.narrow(2, 0, qe)?);
         let g_blk = grad_o
             .narrow(2, qs, qb)?
             .contiguous()?
-            .reshape((b, kv, rep * qb, d))?;
+            .reshape((b, kv, rows, d))?;
         // dV = P^T dO (keys 0..qe)
-        let pc = p.to_dtype(dtype)?.reshape((b, kv, rep * qb, qe))?;
+        let pc = p.to_dtype(dtype)?.reshape((b, kv, rows, qe))?;
         let dv = pc.t()?.matmul(&g_blk)?;
         drop(pc);
         gv = (gv + dv.to_dtype(cdt)?.pad_with_zeros(2, 0, t - qe)?)?;
@@ -285,13 +278,12 @@ pub fn attend_backward(
         let ds = (dp.broadcast_sub(&row)? * p)?
             .affine(inv_sqrt_d, 0.0)?
             .to_dtype(dtype)?
-            .reshape((b, kv, rep * qb, qe))?;
+            .reshape((b, kv, rows, qe))?;
         // dq = dS K, dK = dS^T q (the 1/sqrt(d) already in dS)
         gq.push(ds.matmul(&k_blk)?.reshape((b, h, qb, d))?);
         let dk = ds.t()?.matmul(&q_blk)?;
         drop(ds);
         gk = (gk + dk.to_dtype(cdt)?.pad_with_zeros(2, 0, t - qe)?)?;
-        qs = qe;
     }
     let gq = match gq.len() {
         1 => gq.swap_remove(0),

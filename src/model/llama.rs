@@ -5,7 +5,9 @@
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, attend_backward, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
+use super::attention::{
+    attend, attend_backward, query_blocks, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK,
+};
 use super::ops::{self, compute_dtype, Path};
 use super::rope::{Positions, Rope};
 use crate::checkpoint::ModelConfig;
@@ -332,10 +334,7 @@ impl Llama {
         let path = Path::Differentiable;
         let x = x.detach();
         let t = x.dim(1)?;
-        let chunks: Vec<(usize, usize)> = (0..t)
-            .step_by(self.query_block)
-            .map(|a| (a, self.query_block.min(t - a)))
-            .collect();
+        let chunks: Vec<(usize, usize)> = query_blocks(t, self.query_block).collect();
         let grad_of = |store: &GradStore, v: &Var| match store.get(v.as_tensor()) {
             Some(g) => Ok(g.clone()),
             None => v.as_tensor().zeros_like(),

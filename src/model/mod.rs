@@ -35,7 +35,9 @@ mod llama;
 mod ops;
 mod rope;
 
-pub use attention::{attend, attend_backward, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
+pub use attention::{
+    attend, attend_backward, query_blocks, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK,
+};
 pub use llama::{DecoderLayer, Llama, Mlp};
 pub use ops::{
     compute_dtype, entropy, linear, linear_probed, linear_rounded, record_input, rms_norm,

@@ -158,14 +158,10 @@ pub struct MemoryPlan {
 
 /// Score elements of the largest query block: `batch x heads x rows x keys`, keys `0 .. end`.
 pub fn largest_block(dims: &Dims, batch: usize, seq: usize, block: usize) -> u64 {
-    let block = block.max(1);
-    let mut best = 0u64;
-    let mut qs = 0;
-    while qs < seq {
-        let qe = (qs + block).min(seq);
-        best = best.max(((qe - qs) * qe) as u64);
-        qs = qe;
-    }
+    let best = crate::model::query_blocks(seq, block)
+        .map(|(qs, qb)| (qb * (qs + qb)) as u64)
+        .max()
+        .unwrap_or(0);
     best * (batch * dims.heads) as u64
 }
 
