@@ -78,34 +78,8 @@ fn memory_child_16k() {
 /// single head).
 #[test]
 fn forward_of_16k_tokens_runs_in_bounded_memory() {
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "memory_child_16k",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("ABF_MEMORY_CHILD", "1")
-        .output()
-        .expect("spawn child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once("ABF_MEM ").map(|(_, m)| m))
-        .unwrap_or_else(|| panic!("no measurement in child output: {stdout}"));
-    let num = |key: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .expect("number")
-    };
-    let (before, peak) = (num("before_kib="), num("peak_kib="));
+    let m = common::child::measure("memory_child_16k", "ABF_MEMORY_CHILD", "1", "ABF_MEM");
+    let (before, peak) = (m["before_kib"], m["peak_kib"]);
     let s = (MEM_SHAPE.heads * abf::model::DEFAULT_QUERY_BLOCK * LONG * 4) as u64;
     let bound = 3 * s + s / MEM_SHAPE.heads as u64 + (64 << 20);
     let full = (MEM_SHAPE.heads * LONG * LONG * 4) as u64;

@@ -149,34 +149,13 @@ fn plan_child() {
 }
 
 fn measure(shape: &str, seq: usize) -> (u64, u64, u64) {
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "plan_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("ABF_PLAN_CHILD", format!("{shape}:{seq}"))
-        .output()
-        .expect("spawn child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let m = common::child::measure(
+        "plan_child",
+        "ABF_PLAN_CHILD",
+        &format!("{shape}:{seq}"),
+        "ABF_PLAN",
     );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once("ABF_PLAN ").map(|(_, m)| m.to_string()))
-        .expect("child's line");
-    let num = |k: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .expect("number")
-    };
-    (num("allocated="), num("rss="), num("predicted="))
+    (m["allocated"], m["rss"], m["predicted"])
 }
 
 /// The prediction is within 15% of the peak of bytes allocated by two real steps (AdamW's moments
