@@ -11,6 +11,8 @@ for b in $benches; do
   echo "bench: $b"
   ABF_BENCH_OUT="$tmp/$b.md" cargo bench --features "${FEATURES:-}" --bench "$b"
 done
+echo "bench: training against PyTorch"
+bash scripts/train-bench.sh > "$tmp/train.md"
 {
   echo "# Benchmarks"
   echo
@@ -21,6 +23,8 @@ done
     echo
     cat "$tmp/$b.md"
   done
+  echo
+  cat "$tmp/train.md"
   cat scripts/bench-notes.md
 } > "$out.tmp"
 mv "$out.tmp" "$out"

@@ -20,7 +20,7 @@ pub use from_gguf::{
     from_gguf, read_hf_tensors, read_hparams, read_rope_freqs, FromGgufOptions, FromGgufReport,
     GgufHparams, HfTensors, OutDtype,
 };
-pub use multi::{write_many, Output};
+pub use multi::{one_pass_budget, write_many, Output};
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant_plan::{OutType, PlanContext};
 pub use tensor_map::{gguf_to_hf, hf_to_gguf, Role, TENSOR_MAP};

@@ -73,27 +73,55 @@ pub fn write_many(
     let Some(first) = outputs.first() else {
         return Ok(Vec::new());
     };
-    for (i, t) in first.plan.tensors.iter().enumerate() {
-        let f32_data = match (&t.source, &first.plan.rope_freqs) {
-            (None, Some(f)) => f.clone(),
-            _ => source_f32(ckpt, t)?,
-        };
-        // the types of one tensor encode side by side (each quantizer is parallel over rows too)
-        let encoded = outputs
-            .par_iter()
-            .map(|o| {
-                let pt = &o.plan.tensors[i];
-                match pt.source {
-                    None => Ok(numeric::from_f32(TensorDtype::F32, &f32_data)),
-                    Some(_) => encode_f32(pt, &f32_data),
+    // Writing overlaps the next tensor's encoding: one writer thread takes each tensor's
+    // encodings through a one-slot channel, so the cores quantize while the disk writes (before,
+    // the pass idled every core during each tensor's writes). At most two tensors' encodings are
+    // alive: the one being written and the one being encoded.
+    let writers = std::thread::scope(|scope| -> Result<Vec<SplitWriter>, ConvertError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<Vec<u8>>)>(0);
+        let writer = scope.spawn(move || -> Result<Vec<SplitWriter>, ConvertError> {
+            for (i, encoded) in rx {
+                for (w, bytes) in writers.iter_mut().zip(&encoded) {
+                    w.write(i, bytes)?;
                 }
-            })
-            .collect::<Result<Vec<_>, ConvertError>>()?;
-        for (w, bytes) in writers.iter_mut().zip(&encoded) {
-            w.write(i, bytes)?;
-        }
-        progress(&t.name, done_with_source(ckpt, t)?);
-    }
+            }
+            Ok(writers)
+        });
+        let encoded_all = (|| -> Result<(), ConvertError> {
+            for (i, t) in first.plan.tensors.iter().enumerate() {
+                let f32_data = match (&t.source, &first.plan.rope_freqs) {
+                    (None, Some(f)) => f.clone(),
+                    _ => source_f32(ckpt, t)?,
+                };
+                // the types of one tensor encode side by side (each quantizer is parallel over rows too)
+                let encoded = outputs
+                    .par_iter()
+                    .map(|o| {
+                        let pt = &o.plan.tensors[i];
+                        match pt.source {
+                            None => Ok(numeric::from_f32(TensorDtype::F32, &f32_data)),
+                            Some(_) => encode_f32(pt, &f32_data),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, ConvertError>>()?;
+                let input = done_with_source(ckpt, t)?;
+                if tx.send((i, encoded)).is_err() {
+                    // the writer stopped on an error: its result below names it
+                    break;
+                }
+                progress(&t.name, input);
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| ConvertError::tensor("(writer thread)", "panicked"))?;
+        // the writer's error first: an encoder that stopped because the writer did is not the cause
+        let writers = written?;
+        encoded_all?;
+        Ok(writers)
+    })?;
     let mut reports = Vec::with_capacity(outputs.len());
     for (w, o) in writers.into_iter().zip(outputs) {
         let written = w.commit()?;
@@ -106,6 +134,19 @@ pub fn write_many(
         });
     }
     Ok(reports)
+}
+
+/// The time a one-pass conversion may take, given each type's single run (wall and CPU
+/// seconds) and the cores: 1.3 x the larger of the slowest single run and the singles' CPU time
+/// spread over the cores. With cores enough to encode every type at once the second term is the
+/// smaller and this is the release issue's target (1.3 x the slowest single type); with fewer cores
+/// than types the encoders' work itself, which one pass cannot share, sets the floor (2 cores
+/// cannot do 5.5 s of quantization in less than 2.75 s). A pass that encodes its types one after
+/// another, idles a core while it writes, or reads the input once per type still goes over.
+pub fn one_pass_budget(singles: &[(f64, f64)], cores: usize) -> f64 {
+    let slowest = singles.iter().map(|s| s.0).fold(0.0, f64::max);
+    let cpu: f64 = singles.iter().map(|s| s.1).sum();
+    1.3 * slowest.max(cpu / cores.max(1) as f64)
 }
 
 /// The output path of `outtype` for `-o`: a directory gets `NAME-TYPE.gguf`; a path with `{type}`
@@ -123,4 +164,42 @@ pub fn output_path(template: &Path, name: &str, outtype: &str, several: bool) ->
         return PathBuf::from(format!("{}-{outtype}.gguf", stem.display()));
     }
     template.to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_pass_budget;
+
+    // (wall, cpu) of five single runs measured on 2 cores (docs/benchmarks.md): slowest 0.95 s,
+    // 5.58 s of CPU in all.
+    const TWO_CORES: [(f64, f64); 5] = [
+        (0.67, 0.66),
+        (0.74, 0.92),
+        (0.94, 1.37),
+        (0.95, 1.40),
+        (0.83, 1.23),
+    ];
+
+    #[test]
+    fn budget_is_the_issue_target_with_enough_cores() {
+        // 16 cores: 5.58 / 16 = 0.35 s < 0.95 s, so 1.3 x the slowest type
+        assert!((one_pass_budget(&TWO_CORES, 16) - 1.3 * 0.95).abs() < 1e-12);
+        // a pass encoding the types one after another costs their sum of wall times: caught
+        let serial: f64 = TWO_CORES.iter().map(|s| s.0).sum();
+        assert!(serial > one_pass_budget(&TWO_CORES, 16));
+    }
+
+    #[test]
+    fn budget_on_two_cores_is_the_encoders_work() {
+        // 5.58 s over 2 cores = 2.79 s; x 1.3 = 3.627 s
+        assert!((one_pass_budget(&TWO_CORES, 2) - 3.627).abs() < 1e-9);
+        // a pass that keeps one core idle does all the work on one: caught
+        let one_core: f64 = TWO_CORES.iter().map(|s| s.1).sum();
+        assert!(one_core > one_pass_budget(&TWO_CORES, 2));
+        // a pass that reads and converts the input once per type on top of the encodings (the
+        // five reads are ~0.5 s of CPU each here: f16's whole single run) and writes without
+        // overlap (1 s of one core's sys time, measured before the writer thread) also goes over
+        let reread_no_overlap = (one_core + 5.0 * 0.5) / 2.0 + 1.0;
+        assert!(reread_no_overlap > one_pass_budget(&TWO_CORES, 2));
+    }
 }

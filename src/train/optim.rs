@@ -109,6 +109,9 @@ pub struct AdamW {
     pub step: u64,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Update contiguous CPU tensors in one fused pass (on by default; off runs the same
+    /// arithmetic as whole-tensor ops, the path every other device takes).
+    pub fused: bool,
 }
 
 impl AdamW {
@@ -118,6 +121,7 @@ impl AdamW {
         Ok(AdamW {
             cfg,
             step: 0,
+            fused: true,
             m: params.iter().map(zeros).collect::<Result<_, _>>()?,
             v: params.iter().map(zeros).collect::<Result<_, _>>()?,
         })
@@ -139,10 +143,21 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(t);
         let step_size = lr / bc1;
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let k = Coeffs::new(&c, lr, bc2, step_size, p.decay);
+            let fused = match self.fused {
+                true => fused_cpu(p, g, &self.m[i], &self.v[i], &k, &c)?,
+                false => None,
+            };
+            if let Some((w, m, v)) = fused {
+                p.set_f32(&w)?;
+                self.m[i] = m;
+                self.v[i] = v;
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?;
             let mut w = p.value_f32()?;
-            if p.decay && c.weight_decay != 0.0 {
-                w = w.affine(1.0 - lr * c.weight_decay, 0.0)?;
+            if k.decay != 1.0 {
+                w = w.affine(k.decay as f64, 0.0)?;
             }
             let (m0, v0) = (
                 self.m[i].to_dtype(DType::F32)?,
@@ -222,9 +237,138 @@ impl AdamW {
     }
 }
 
+/// One update's constants, each rounded to f32 once, as candle's `affine` rounds its factors:
+/// so the fused CPU loop below and the tensor-op path compute the same f32 operations in the
+/// same order, bit for bit.
+struct Coeffs {
+    decay: f32,
+    b1: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+impl Coeffs {
+    fn new(c: &AdamWConfig, lr: f64, bc2: f64, step_size: f64, decay: bool) -> Coeffs {
+        Coeffs {
+            decay: if decay && c.weight_decay != 0.0 {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            },
+            b1: c.beta1 as f32,
+            one_minus_b1: (1.0 - c.beta1) as f32,
+            b2: c.beta2 as f32,
+            one_minus_b2: (1.0 - c.beta2) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            eps: c.eps as f32,
+            step_size: step_size as f32,
+        }
+    }
+}
+
+/// Run `f` on a contiguous CPU tensor's elements in place (no copy); None when the tensor is on
+/// another device, of another dtype or not contiguous.
+fn on_cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != T::DTYPE {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    let all = cpu.as_slice::<T>().ok()?;
+    Some(f(all.get(start..end)?))
+}
+
+/// A contiguous CPU tensor's elements as f32 (bf16 widened), copied; None as for `on_cpu_slice`.
+fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
+    match t.dtype() {
+        DType::BF16 => on_cpu_slice::<half::bf16, _>(t, |s| s.iter().map(|x| x.to_f32()).collect()),
+        _ => on_cpu_slice::<f32, _>(t, |s| s.to_vec()),
+    }
+}
+
+/// AdamW on the CPU as one pass over each parameter's elements on every core, instead of a
+/// dozen whole-tensor candle ops, each allocating and streaming the tensor (what made the
+/// optimizer a third of a SmolLM2 step's main-thread time). Same f32 operations in the same
+/// order as the tensor-op path (tests/train_optim.rs compares them bit for bit). None when a
+/// tensor is not a contiguous CPU f32 (or bf16 moment) tensor.
+#[allow(clippy::type_complexity)]
+fn fused_cpu(
+    p: &TrainParam,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &Coeffs,
+    c: &AdamWConfig,
+) -> Result<Option<(Tensor, Tensor, Tensor)>, TrainError> {
+    use rayon::prelude::*;
+    let w0 = p.value_f32()?;
+    let g = g.to_dtype(DType::F32)?;
+    let (Some(mut ws), Some(mut ms), Some(mut vs)) = (cpu_f32(&w0), cpu_f32(m), cpu_f32(v)) else {
+        return Ok(None);
+    };
+    if m.dtype() != c.moment_dtype() || v.dtype() != c.moment_dtype() {
+        return Ok(None);
+    }
+    let n = ws.len();
+    if ms.len() != n || vs.len() != n || g.elem_count() != n {
+        return Ok(None);
+    }
+    const CHUNK: usize = 1 << 14;
+    let done = on_cpu_slice::<f32, _>(&g, |gs| {
+        ws.par_chunks_mut(CHUNK)
+            .zip(ms.par_chunks_mut(CHUNK))
+            .zip(vs.par_chunks_mut(CHUNK))
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|(((w, m), v), g)| {
+                for j in 0..w.len() {
+                    // the tensor-op path's operations: affine(x, a, 0) = x * a + 0
+                    let wd = if k.decay != 1.0 {
+                        w[j] * k.decay + 0.0
+                    } else {
+                        w[j]
+                    };
+                    let mj = (m[j] * k.b1 + 0.0) + (g[j] * k.one_minus_b1 + 0.0);
+                    let vj = (v[j] * k.b2 + 0.0) + ((g[j] * g[j]) * k.one_minus_b2 + 0.0);
+                    let denom = vj.sqrt() * k.inv_sqrt_bc2 + k.eps;
+                    w[j] = wd - ((mj / denom) * k.step_size + 0.0);
+                    m[j] = mj;
+                    v[j] = vj;
+                }
+            })
+    });
+    if done.is_none() {
+        return Ok(None);
+    }
+    let dev = g.device();
+    let shape = p.var.shape();
+    let w = Tensor::from_vec(ws, shape, dev)?;
+    let (m, v) = (
+        Tensor::from_vec(ms, shape, dev)?,
+        Tensor::from_vec(vs, shape, dev)?,
+    );
+    let (m, v) = if c.moment_dtype() == DType::F32 {
+        (m, v)
+    } else {
+        (m.to_dtype(c.moment_dtype())?, v.to_dtype(c.moment_dtype())?)
+    };
+    Ok(Some((w, m, v)))
+}
+
 /// Whether every element of `t` is finite: `x - x` is 0 for finite x and NaN for NaN and
 /// infinities, so the sum is exactly 0 only when all are finite (and cannot overflow).
 pub fn all_finite(t: &Tensor) -> Result<bool, TrainError> {
+    use rayon::prelude::*;
+    // on the CPU, a parallel scan instead of a whole-tensor subtraction and sum
+    if let Some(ok) = on_cpu_slice::<f32, _>(t, |s| s.par_iter().all(|x| x.is_finite())) {
+        return Ok(ok);
+    }
     let s = t
         .sub(t)?
         .sum_all()?
