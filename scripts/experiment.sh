@@ -15,7 +15,9 @@
 # every one below), SAMPLES (default 100; "32 100 400" adds the data-efficiency runs of eabf and
 # abf at 2 epochs each), JOBS (runs side by side, one thread each, default 2), FEATURES (cargo
 # features of the build, default llamacpp as for make test and make demo), OUT (default
-# out/experiment). Runs already complete in OUT are kept (rerun with a fresh OUT to redo them).
+# out/experiment), LR (peak learning rate, default 1e-3; the learning-rate sweep in
+# docs/results.md sets it with its own OUT). Runs already complete in OUT are kept (rerun with a
+# fresh OUT to redo them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/experiment}
@@ -68,7 +70,7 @@ run() { # method samples seed
     # steps at it. Everything but the recipe and the seed is the same for every run.
     # shellcheck disable=SC2086
     "$bin/abf-tune" --model "$model" --data "$data" -o "$out/$name" ${flags[$m]} --context $((4 * c)) \
-      --samples "$n" --batch-size 32 --micro-batch 8 --epochs 2 --lr 1e-3 --seed "$s" \
+      --samples "$n" --batch-size 32 --micro-batch 8 --epochs 2 --lr "${LR:-1e-3}" --seed "$s" \
       --no-recompute --force --json > "$out/$name.tune.json"
     measure "$out/$name" "$name"
   } > "$out/$name.log" 2>&1 || { echo "$name failed:"; tail -n 20 "$out/$name.log"; return 1; }
