@@ -693,6 +693,38 @@ fn unsupported_type_names_the_tensor() {
     assert!(!tmp.path().join("out").exists(), "nothing written");
 }
 
+/// A write that fails in the middle of a one-pass conversion (the writer thread's error; the
+/// encoder stops) exits non-zero naming the tensor and leaves no output and no temporary file.
+#[test]
+fn a_failed_write_in_one_pass_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    TinyModel::new().kquant_shape().seed(5).write(&src);
+    let dir = tmp.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    let r = common::bin::output(
+        Bin::Convert
+            .command()
+            .args([
+                "to-gguf",
+                src.to_str().unwrap(),
+                "-o",
+                &format!("{}/", dir.display()),
+                "--outtype",
+                "f16,q8_0,q4_k_m",
+            ])
+            .env("ABF_FAILPOINT", "multi-write-error"),
+    );
+    assert_ne!(r.code, 0, "a failed write must fail the run");
+    assert!(
+        r.stderr.contains("write failed") && r.stderr.contains("tensor"),
+        "{}",
+        r.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// `--outtype f16,q8_0,q4_k_m,q2_k -o DIR/` writes, from one read, files byte-identical to the
 /// single-type conversions (bf16 weights: the f32 intermediate must not change the f16 output).
 #[test]

@@ -81,6 +81,13 @@ pub fn write_many(
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<Vec<u8>>)>(0);
         let writer = scope.spawn(move || -> Result<Vec<SplitWriter>, ConvertError> {
             for (i, encoded) in rx {
+                if i == 1 && crate::fsutil::failpoint_set("multi-write-error") {
+                    // tests: a write that fails mid-pass (a full disk) must leave no output
+                    return Err(ConvertError::tensor(
+                        &first.plan.tensors[i].name,
+                        "write failed (ABF_FAILPOINT=multi-write-error)",
+                    ));
+                }
                 for (w, bytes) in writers.iter_mut().zip(&encoded) {
                     w.write(i, bytes)?;
                 }
