@@ -239,7 +239,8 @@ def main():
     counts = [int(x) for x in a.samples.split()]
     if len(counts) > 1:
         print("## Data efficiency (the paper's Table 5 in miniature): 2 epochs each\n")
-        head = ["method", "samples", "steps"] + [f"ppl {x}" for x in lengths[2:]] + [f"passkey {x}" for x in lengths[1:]]
+        ppl_at = [lengths[0]] + lengths[2:]  # within the window, then the tuned and doubled lengths
+        head = ["method", "samples", "steps"] + [f"ppl {x}" for x in ppl_at] + [f"passkey {x}" for x in lengths]
         rows = []
         for m in ("eabf", "abf"):
             for n in counts:
@@ -247,9 +248,13 @@ def main():
                 rs = [r for r in rs if r]
                 if not rs:
                     continue
-                steps = 2 * math.ceil(n / 32)
-                rows.append([LABELS[m], str(n), str(steps)] + [stat(rs, ("ppl", x)).fmt() for x in lengths[2:]]
-                            + [stat(rs, ("pk", x)).fmt(1) for x in lengths[1:]])
+                # the optimizer steps the runs made (abf-tune's report), not a formula of the batch
+                done = {load(out, f"{m}-s{s}" if n == 100 else f"{m}-n{n}-s{s}", "tune").get("steps_done")
+                        for s in seeds
+                        if load(out, f"{m}-s{s}" if n == 100 else f"{m}-n{n}-s{s}", "tune")}
+                steps = "/".join(str(x) for x in sorted(d for d in done if d is not None)) or "?"
+                rows.append([LABELS[m], str(n), str(steps)] + [stat(rs, ("ppl", x)).fmt() for x in ppl_at]
+                            + [stat(rs, ("pk", x)).fmt(1) for x in lengths])
         table(head, rows)
 
     # plots
