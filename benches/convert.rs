@@ -209,7 +209,8 @@ fn main() {
 
 /// A release's conversion: five types written in one pass over the input (`to-gguf --outtype
 /// f16,q8_0,q6_k,q5_k_m,q4_k_m`, `write_many`) against five separate to-gguf runs, outputs on the
-/// disk. The target: the pass costs at most 1.3 x the slowest single type.
+/// disk, each with its CPU time; the line it is held to is `one_pass_budget` (the 1.3 x the
+/// slowest single type where cores suffice, the quantizers' work over the cores where they do not).
 fn one_pass(ckpt: &Checkpoint, dir: &std::path::Path, md: &mut String) {
     use abf::convert::{one_pass_budget, write_many, Output};
     let types = [

@@ -219,59 +219,34 @@ fn fused_cpu_adamw_equals_the_tensor_op_path_bit_for_bit() {
             fused.update(&mut a, &[g.clone(), g.clone()], lr).unwrap();
             ops.update(&mut b, &[g.clone(), g], lr).unwrap();
         }
+        let case = format!("bf16 moments {bf16_moments}, {dtype:?}");
         for (pa, pb) in a.iter().zip(&b) {
-            let (x, y) = (vals_all(pa), vals_all(pb));
-            let differ = x
-                .iter()
-                .zip(&y)
-                .filter(|(p, q)| p.to_bits() != q.to_bits())
-                .count();
-            assert_eq!(
-                differ, 0,
-                "{} ({bf16_moments}, {dtype:?}): {differ} elements differ",
-                pa.name
+            let (x, y) = (
+                bits(&pa.value_f32().unwrap()),
+                bits(&pb.value_f32().unwrap()),
             );
-            let (vx, vy) = (var_bits(pa), var_bits(pb));
-            assert_eq!(vx, vy, "{}: the compute variable differs", pa.name);
+            let differ = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+            assert_eq!(differ, 0, "{} ({case}): {differ} elements differ", pa.name);
+            let (vx, vy) = (bits(pa.var.as_tensor()), bits(pb.var.as_tensor()));
+            assert_eq!(vx, vy, "{} ({case}): the compute variable differs", pa.name);
         }
-        for (sa, sb) in [(fused.state_tensors(&a), ops.state_tensors(&b))] {
-            for (name, ta) in &sa {
-                let tb = &sb[name];
-                assert_eq!(ta.dtype(), tb.dtype(), "{name}");
-                let fa: Vec<f32> = ta
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let fb: Vec<f32> = tb
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                assert!(
-                    fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{name}"
-                );
-            }
+        let (sa, sb) = (fused.state_tensors(&a), ops.state_tensors(&b));
+        for (name, ta) in &sa {
+            let tb = &sb[name];
+            assert_eq!(ta.dtype(), tb.dtype(), "{name} ({case})");
+            assert_eq!(bits(ta), bits(tb), "{name} ({case})");
         }
     }
 }
 
-fn vals_all(p: &TrainParam) -> Vec<f32> {
-    p.value_f32()
+/// A tensor's elements, widened to f32, as bit patterns.
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t
+        .to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
-        .unwrap()
-}
-
-fn var_bits(p: &TrainParam) -> Vec<u32> {
-    let t = p.var.as_tensor().to_dtype(DType::F32).unwrap();
-    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        .unwrap();
     v.iter().map(|x| x.to_bits()).collect()
 }

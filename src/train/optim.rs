@@ -163,10 +163,13 @@ impl AdamW {
                 self.m[i].to_dtype(DType::F32)?,
                 self.v[i].to_dtype(DType::F32)?,
             );
-            let m = (m0.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
-            let v = (v0.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-            let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), c.eps)?;
-            let w = (w - (m.div(&denom)?).affine(step_size, 0.0)?)?;
+            // the same f32 constants as the fused loop (candle's affine rounds its f64 factors
+            // to f32 exactly as Coeffs did)
+            let f = |x: f32| x as f64;
+            let m = (m0.affine(f(k.b1), 0.0)? + g.affine(f(k.one_minus_b1), 0.0)?)?;
+            let v = (v0.affine(f(k.b2), 0.0)? + g.sqr()?.affine(f(k.one_minus_b2), 0.0)?)?;
+            let denom = v.sqrt()?.affine(f(k.inv_sqrt_bc2), f(k.eps))?;
+            let w = (w - (m.div(&denom)?).affine(f(k.step_size), 0.0)?)?;
             p.set_f32(&w)?;
             self.m[i] = m.to_dtype(c.moment_dtype())?;
             self.v[i] = v.to_dtype(c.moment_dtype())?;
@@ -310,16 +313,18 @@ fn fused_cpu(
     use rayon::prelude::*;
     let w0 = p.value_f32()?;
     let g = g.to_dtype(DType::F32)?;
+    let n = w0.elem_count();
+    // every tensor a contiguous CPU one of the expected dtype and size, checked before any copy
+    let usable = |t: &Tensor, dtype: DType| {
+        t.device().is_cpu() && t.dtype() == dtype && t.is_contiguous() && t.elem_count() == n
+    };
+    let md = c.moment_dtype();
+    if !(usable(&w0, DType::F32) && usable(&g, DType::F32) && usable(m, md) && usable(v, md)) {
+        return Ok(None);
+    }
     let (Some(mut ws), Some(mut ms), Some(mut vs)) = (cpu_f32(&w0), cpu_f32(m), cpu_f32(v)) else {
         return Ok(None);
     };
-    if m.dtype() != c.moment_dtype() || v.dtype() != c.moment_dtype() {
-        return Ok(None);
-    }
-    let n = ws.len();
-    if ms.len() != n || vs.len() != n || g.elem_count() != n {
-        return Ok(None);
-    }
     const CHUNK: usize = 1 << 14;
     let done = on_cpu_slice::<f32, _>(&g, |gs| {
         ws.par_chunks_mut(CHUNK)
@@ -353,12 +358,8 @@ fn fused_cpu(
         Tensor::from_vec(ms, shape, dev)?,
         Tensor::from_vec(vs, shape, dev)?,
     );
-    let (m, v) = if c.moment_dtype() == DType::F32 {
-        (m, v)
-    } else {
-        (m.to_dtype(c.moment_dtype())?, v.to_dtype(c.moment_dtype())?)
-    };
-    Ok(Some((w, m, v)))
+    // f32 moments stay as they are (to_dtype to the same dtype is a clone); bf16 ones round once
+    Ok(Some((w, m.to_dtype(md)?, v.to_dtype(md)?)))
 }
 
 /// Whether every element of `t` is finite: `x - x` is 0 for finite x and NaN for NaN and
@@ -399,4 +400,36 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainE
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused pass must actually run where it is meant to (else tests/train_optim.rs's
+    /// bit-for-bit comparison would compare the tensor-op path with itself), and decline a
+    /// tensor it cannot read in place.
+    #[test]
+    fn fused_pass_runs_for_contiguous_cpu_tensors_only() {
+        let t = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &Device::Cpu).unwrap();
+        let k = Coeffs::new(&AdamWConfig::default(), 1e-3, 0.05, 1e-2, true);
+        for (dtype, bf16_moments) in [
+            (DType::F32, false),
+            (DType::F32, true),
+            (DType::BF16, false),
+        ] {
+            let c = AdamWConfig {
+                bf16_moments,
+                ..AdamWConfig::default()
+            };
+            let p = TrainParam::new("w", &t, dtype, true).unwrap();
+            let z = Tensor::zeros((2, 2), c.moment_dtype(), &Device::Cpu).unwrap();
+            let out = fused_cpu(&p, &t, &z, &z, &k, &c).unwrap();
+            assert!(out.is_some(), "{dtype:?}, bf16 moments {bf16_moments}");
+            // a transposed (non-contiguous) gradient goes to the tensor-op path
+            let gt = t.t().unwrap();
+            assert!(fused_cpu(&p, &gt, &z, &z, &k, &c).unwrap().is_none());
+        }
+    }
 }
