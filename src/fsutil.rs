@@ -1,16 +1,20 @@
 //! Atomic output: every file abf writes goes to a sibling temporary file that is renamed over
 //! the target only when complete, so a failure never leaves a half-written output.
 
+mod direct;
+
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+use direct::Sink;
 
 /// A file being written beside its final path; `commit` renames it into place, dropping it
 /// without `commit` removes it.
 pub struct AtomicFile {
     tmp: PathBuf,
     target: PathBuf,
-    writer: Option<BufWriter<File>>,
+    writer: Option<Sink>,
     /// Bytes written through `Write` so far, and how many of them writeback was started for.
     written: u64,
     kicked: u64,
@@ -38,12 +42,12 @@ impl AtomicFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".to_string());
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let file = File::create(&tmp)
+        let sink = direct::create(&tmp)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", tmp.display())))?;
         Ok(AtomicFile {
             tmp,
             target: target.to_path_buf(),
-            writer: Some(BufWriter::with_capacity(1 << 22, file)),
+            writer: Some(sink),
             written: 0,
             kicked: 0,
         })
@@ -59,8 +63,8 @@ impl AtomicFile {
         &self.target
     }
 
-    /// The buffered writer over the temporary file.
-    pub fn writer(&mut self) -> &mut BufWriter<File> {
+    /// The writer over the temporary file (direct where the filesystem allows: `direct.rs`).
+    pub(crate) fn writer(&mut self) -> &mut Sink {
         self.writer.as_mut().expect("writer present until commit")
     }
 
@@ -80,7 +84,7 @@ impl AtomicFile {
     fn sync(&mut self) -> io::Result<()> {
         let w = self.writer();
         w.flush()?;
-        w.get_ref().sync_all()
+        w.file().sync_all()
     }
 
     /// Close the synced temporary file and rename it over the target (no directory sync); the
@@ -156,11 +160,16 @@ impl AtomicFile {
     fn start_writeback(&mut self) -> io::Result<()> {
         let (from, to) = (self.kicked, self.written);
         let w = self.writer();
+        if matches!(w, Sink::Direct(_)) {
+            // direct writes reach the device as they are made: nothing waits in the page cache
+            self.kicked = to;
+            return Ok(());
+        }
         w.flush()?;
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
-            let fd = w.get_ref().as_raw_fd();
+            let fd = w.file().as_raw_fd();
             if let (Ok(off), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) {
                 // SAFETY: a valid open descriptor and a byte range; the call reads no memory.
                 unsafe { libc::sync_file_range(fd, off, len, libc::SYNC_FILE_RANGE_WRITE) };

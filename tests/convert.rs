@@ -725,6 +725,50 @@ fn a_failed_write_in_one_pass_leaves_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// Outputs go around the page cache where the filesystem allows it (src/fsutil/direct.rs); the
+/// buffered fallback must write the same bytes, one file and a split set alike.
+#[test]
+fn direct_and_buffered_output_are_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    TinyModel::new().kquant_shape().seed(6).write(&src);
+    let run = |dir: &str, buffered: bool| {
+        let out = tmp.path().join(dir);
+        let mut cmd = Bin::Convert.command();
+        cmd.args([
+            "to-gguf",
+            src.to_str().unwrap(),
+            "-o",
+            &format!("{}/", out.display()),
+            "--outtype",
+            "f16,q4_k_m",
+            "--split-max-tensors",
+            "5",
+        ]);
+        if buffered {
+            cmd.env("ABF_FAILPOINT", "buffered-output");
+        }
+        common::bin::output(&mut cmd).expect_code(0);
+        let mut files: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    };
+    let (direct, buffered) = (run("direct", false), run("buffered", true));
+    assert!(direct.len() > 2, "expected split sets: {direct:?}");
+    assert_eq!(direct.len(), buffered.len());
+    for (a, b) in direct.iter().zip(&buffered) {
+        assert_eq!(a.file_name(), b.file_name());
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{}: direct and buffered output differ",
+            a.display()
+        );
+    }
+}
+
 /// `--outtype f16,q8_0,q4_k_m,q2_k -o DIR/` writes, from one read, files byte-identical to the
 /// single-type conversions (bf16 weights: the f32 intermediate must not change the f16 output).
 #[test]
