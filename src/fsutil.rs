@@ -247,7 +247,8 @@ pub fn failpoint(name: &str) {
 }
 
 /// Whether `ABF_FAILPOINT` equals `name`: for test-only faults other than a crash
-/// (`poison-weights-step-N`, src/train/trainer.rs: step N's update leaves a NaN weight).
+/// (`poison-weights-step-N`, src/train/trainer.rs: step N's update leaves a NaN weight;
+/// `multi-write-error`, src/convert/multi.rs; `buffered-output`, [`direct`]: no direct I/O).
 pub fn failpoint_set(name: &str) -> bool {
     std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name)
 }
