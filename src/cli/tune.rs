@@ -253,6 +253,10 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     if spec.dtype == "bf16" && device.is_cpu() {
         eprintln!("note: bf16 on CPU is slow; f32 is the CPU default");
     }
+    if device.is_cpu() {
+        // freed step temporaries stay in the heap for the next layer (src/train/heap.rs)
+        crate::train::heap::keep_freed_memory();
+    }
     let bar = progress(0, "abf-tune", cli.print.json);
     let mut on = |e: Event| match e {
         Event::Prepared {

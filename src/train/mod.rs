@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod data;
 pub mod examples;
+pub mod heap;
 pub mod hf;
 pub mod lora;
 pub mod optim;
