@@ -46,8 +46,8 @@ macro_rules! plain_blocks {
             );
         )*
 
-        /// The kernels of `ty`, or None when candle has no block for it.
-        fn codec(ty: GgmlType) -> Option<Codec> {
+        /// candle's kernels of `ty`, or None when candle has no block for it.
+        fn candle_codec(ty: GgmlType) -> Option<Codec> {
             let info = ty.info()?;
             $(
                 if info.code == $info.code {
@@ -76,6 +76,19 @@ plain_blocks! {
     BlockQ5K => types::Q5_K, weighted;
     BlockQ6K => types::Q6_K, weighted;
     BlockQ8K => types::Q8_K;
+}
+
+/// The kernels of `ty`, or None when there are none: candle's, with Q8_0's quantizer ours
+/// (same bytes, built for the running CPU: `q8_0.rs`).
+fn codec(ty: GgmlType) -> Option<Codec> {
+    let c = candle_codec(ty)?;
+    if c.info.code == types::Q8_0.code {
+        return Some(Codec {
+            quantize: super::q8_0::quantize,
+            ..c
+        });
+    }
+    Some(c)
 }
 
 fn block_bytes<T: PlainBlock>(blocks: &[T]) -> &[u8] {
@@ -371,4 +384,53 @@ pub fn dequantize_sequential(
     let mut out = vec![0f32; n_elements];
     (c.dequantize)(bytes, &mut out);
     Ok(out)
+}
+
+#[cfg(test)]
+mod q8_0_tests {
+    use super::super::q8_0::{blocks, quantize, BLOCK_BYTES};
+    use super::quantize_chunk;
+    use candle_core::quantized::k_quants::BlockQ8_0;
+
+    /// Byte for byte candle's `from_float` (the scalar reference built for the baseline target)
+    /// on values of every scale, rounding ties, zeros, subnormals and infinities.
+    #[test]
+    fn equals_candles_reference() {
+        let mut xs: Vec<f32> = Vec::new();
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for scale in [1e-30f32, 1e-6, 1e-3, 0.02, 1.0, 37.0, 1e4, 1e30] {
+            for _ in 0..32 * 64 {
+                let u = (next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                xs.push(u * scale);
+            }
+        }
+        // blocks whose amax is 127, so x / d hits exact .5 ties; all zeros; subnormals; inf
+        xs.extend((0..32).map(|i| i as f32 - 15.5));
+        xs.extend((0..32).map(|i| if i == 0 { 127.0 } else { (i as f32) + 0.5 }));
+        xs.extend([0.0f32; 32]);
+        xs.extend((0..32).map(|i| f32::from_bits(i + 1)));
+        xs.extend((0..32).map(|i| if i == 3 { f32::INFINITY } else { i as f32 }));
+        let n = xs.len() / 32;
+        let mut reference = vec![0u8; n * BLOCK_BYTES];
+        quantize_chunk::<BlockQ8_0>(&xs, &mut reference);
+        let mut ours = vec![0u8; n * BLOCK_BYTES];
+        quantize(&xs, &mut ours);
+        for (i, (r, o)) in reference
+            .chunks_exact(BLOCK_BYTES)
+            .zip(ours.chunks_exact(BLOCK_BYTES))
+            .enumerate()
+        {
+            assert_eq!(r, o, "block {i}");
+        }
+        // and the portable path, which other CPUs take
+        let mut portable = vec![0u8; n * BLOCK_BYTES];
+        blocks(&xs, &mut portable);
+        assert!(portable == ours);
+    }
 }

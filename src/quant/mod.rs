@@ -2,6 +2,7 @@
 
 mod codec;
 mod error;
+mod q8_0;
 
 pub use codec::{
     dequantize, dequantize_into, dequantize_sequential, is_supported, quantize, quantize_into,
