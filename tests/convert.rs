@@ -726,7 +726,7 @@ fn a_failed_write_in_one_pass_leaves_nothing() {
 }
 
 /// Outputs go around the page cache where the filesystem allows it (src/fsutil/direct.rs); the
-/// buffered fallback must write the same bytes, one file and a split set alike.
+/// buffered fallback must write the same bytes (split sets of two types, every part).
 #[test]
 fn direct_and_buffered_output_are_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();

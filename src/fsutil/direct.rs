@@ -125,9 +125,8 @@ impl Sink {
             clear_direct(&d.file)?;
             let file = d.file.try_clone()?;
             let held = d.held().to_vec();
-            let mut w = BufWriter::with_capacity(1 << 22, file);
-            w.write_all(&held)?;
-            *self = Sink::Buffered(w);
+            *self = buffered(file);
+            self.write_all(&held)?;
         }
         Ok(())
     }
@@ -135,11 +134,9 @@ impl Sink {
 
 impl Write for Sink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let Sink::Direct(d) = self else {
-            let Sink::Buffered(w) = self else {
-                unreachable!()
-            };
-            return w.write(data);
+        let d = match self {
+            Sink::Buffered(w) => return w.write(data),
+            Sink::Direct(d) => d,
         };
         let mut rest = data;
         while !rest.is_empty() {
@@ -151,9 +148,7 @@ impl Write for Sink {
             if d.len == CAP && !d.write_blocks()? {
                 // refused: everything so far goes out buffered, and the rest too
                 self.leave_direct()?;
-                if let Sink::Buffered(w) = self {
-                    w.write_all(rest)?;
-                }
+                self.write_all(rest)?;
                 return Ok(data.len());
             }
         }
