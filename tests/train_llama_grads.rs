@@ -80,7 +80,19 @@ fn llama_loss_grads_at(
     batch: &Batch,
 ) -> (ParamSet, f64, Vec<Tensor>) {
     let set = ParamSet::full(w, DType::F64).unwrap();
-    let vb = VarBuilder::from_tensors(set.weight_map().unwrap(), DType::F64, &Device::Cpu);
+    set_loss_grads(cfg, set, DType::F64, plan, block, batch)
+}
+
+/// Loss and gradients of a parameter set whose model computes in `dtype`.
+fn set_loss_grads(
+    cfg: &abf::checkpoint::ModelConfig,
+    set: ParamSet,
+    dtype: DType,
+    plan: BackwardPlan,
+    block: usize,
+    batch: &Batch,
+) -> (ParamSet, f64, Vec<Tensor>) {
+    let vb = VarBuilder::from_tensors(set.weight_map().unwrap(), dtype, &Device::Cpu);
     let mut model = LlamaLayers::new(Llama::load(vb, cfg).unwrap());
     model.set_query_block(block);
     let mut acc = GradAcc::new(set.params.len());
@@ -236,6 +248,74 @@ fn blocked_attention_backward_equals_the_whole_graph() {
         &|w2| llama_loss_grads_at(&base_cfg, w2, blocked, 16, &batch).1,
     );
     assert_eq!(checked, 8);
+}
+
+/// The layer backward written out by hand in f32 (the fused CPU kernels for the norms and SwiGLU)
+/// gives the f64 whole-graph gradients to f32 rounding; and under LoRA (adapters of every
+/// projection, B made non-zero so A's gradient is too) its weight gradients reach A and B
+/// through the merge exactly as one graph of the whole forward does (f64).
+#[test]
+fn f32_kernels_and_lora_backward_equal_the_whole_graph() {
+    let (_d, cfg, w) = tiny_llama(DType::F64, 1);
+    let whole = BackwardPlan {
+        recompute: false,
+        head_chunk: 1 << 20,
+        blocked_attention: false,
+    };
+    let blocked = BackwardPlan {
+        recompute: true,
+        head_chunk: 16,
+        blocked_attention: true,
+    };
+    let batch = batch_of(70, 9);
+    let (set, l64, g64) = llama_loss_grads_at(&cfg, w.clone(), whole, 16, &batch);
+    let w32 = w
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    let set32 = ParamSet::full(w32, DType::F32).unwrap();
+    let (_, l32, g32) = set_loss_grads(&cfg, set32, DType::F32, blocked, 16, &batch);
+    assert!((l64 - l32).abs() < 1e-5 * l64.abs(), "{l64} {l32}");
+    for (p, (a, b)) in set.params.iter().zip(g64.iter().zip(&g32)) {
+        let (a, b) = (flat(a), flat(b));
+        let scale = a.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-4 * scale, "f32 {}: {worst} of {scale}", p.name);
+    }
+    let lora = |plan| {
+        let cfg_l = abf::train::LoraConfig {
+            rank: 3,
+            alpha: 6.0,
+        };
+        let set = ParamSet::lora(w.clone(), DType::F64, cfg_l, 4).unwrap();
+        let mut rng = SplitMix64(8);
+        for p in set
+            .params
+            .iter()
+            .filter(|p| p.name.ends_with("lora_B.weight"))
+        {
+            let n = p.var.elem_count();
+            let v: Vec<f64> = (0..n).map(|_| rng.below(2001) as f64 / 1e4 - 0.1).collect();
+            p.var
+                .set(&Tensor::from_vec(v, p.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        set_loss_grads(&cfg, set, DType::F64, plan, 16, &batch)
+    };
+    let (set, l0, g0) = lora(whole);
+    let (_, l1, g1) = lora(blocked);
+    assert!((l0 - l1).abs() < 1e-12 * l0.abs(), "{l0} {l1}");
+    assert_same_grads(&set, &g0, &g1, 1e-11, "lora");
+    let a_grad = set
+        .params
+        .iter()
+        .position(|p| p.name == "model.layers.1.mlp.up_proj.lora_A.weight")
+        .unwrap();
+    assert!(flat(&g1[a_grad]).iter().any(|v| v.abs() > 1e-9));
 }
 
 /// Central differences (step 1e-6, f64) of `loss` against the analytic `grads` of each named

@@ -392,6 +392,7 @@ fn plan(cli: &Cli) -> anyhow::Result<Exit> {
         head_chunk: cli.head_chunk.max(1),
         baseline: if on_cuda { 0 } else { CPU_BASELINE },
         bf16_moments: cli.optimizer_states == DType::BF16,
+        cpu: !on_cuda,
     };
     let p = plan_memory(&spec, cli.memory_budget);
     if cli.print.json {

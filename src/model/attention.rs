@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::cpu;
 use super::ops::{self, compute_dtype, Path};
 use super::rope::Positions;
 use crate::checkpoint::ModelConfig;
@@ -182,11 +183,16 @@ fn attend_block(
 ) -> Result<Tensor> {
     let (b, h, qb, d) = q_blk.dims4()?;
     let (kv, qe) = (k.dim(1)?, qs + qb);
-    let (_, mut s) = block_scores(q_blk, k, qs)?;
-    if let Some(p) = probe {
-        record_entropy(p, &s, qs, qe, b, h)?;
-    }
-    s = ops::softmax(&s, path)?;
+    let s = match (probe, path) {
+        (None, Path::Fast) => block_probs(q_blk, k, qs)?.1,
+        (probe, path) => {
+            let (_, s) = block_scores(q_blk, k, qs)?;
+            if let Some(p) = probe {
+                record_entropy(p, &s, qs, qe, b, h)?;
+            }
+            ops::softmax(&s, path)?
+        }
+    };
     s.to_dtype(q_blk.dtype())?
         .reshape((b, kv, (h / kv) * qb, qe))?
         .matmul(&v.narrow(2, 0, qe)?)?
@@ -219,6 +225,27 @@ fn block_scores(q_blk: &Tensor, k: &Tensor, qs: usize) -> Result<(Tensor, Tensor
         s = s.broadcast_add(&causal_mask(qs, qb, qe, cdt, q_blk.device())?)?;
     }
     Ok((q_stacked, s))
+}
+
+/// The probabilities `softmax(scores)` of a block (`[b, heads, qb, qs + qb]`, as
+/// [`block_scores`] gives the scores) and the stacked query rows, with no graph. f32 on the CPU
+/// takes one fused pass over the raw scores (scale, causal mask and softmax,
+/// [`super::cpu::causal_softmax`]); other dtypes and devices the tensor ops.
+fn block_probs(q_blk: &Tensor, k: &Tensor, qs: usize) -> Result<(Tensor, Tensor)> {
+    let (b, h, qb, d) = q_blk.dims4()?;
+    let kv = k.dim(1)?;
+    if q_blk.device().is_cpu() && q_blk.dtype() == DType::F32 && kv > 0 && h.is_multiple_of(kv) {
+        let qe = qs + qb;
+        let q_stacked = q_blk.contiguous()?.reshape((b, kv, (h / kv) * qb, d))?;
+        let raw = q_stacked
+            .matmul(&k.narrow(2, 0, qe)?.t()?)?
+            .reshape((b, h, qb, qe))?;
+        if let Some(p) = cpu::causal_softmax(&raw, 1.0 / (d as f64).sqrt(), qs) {
+            return Ok((q_stacked, p?));
+        }
+    }
+    let (q_stacked, s) = block_scores(q_blk, k, qs)?;
+    Ok((q_stacked, ops::softmax(&s, Path::Fast)?))
 }
 
 /// Gradients of `<attend(q, k, v), grad_o>` with respect to `q`, `k` and `v`, rebuilding one
@@ -254,11 +281,9 @@ pub fn attend_backward(
     for (qs, qb) in query_blocks(t, block) {
         let qe = qs + qb;
         // the block's probabilities, the forward's own (block_scores)
-        let (q_blk, s) = block_scores(&q.narrow(2, qs, qb)?, &k, qs)?;
+        let (q_blk, p) = block_probs(&q.narrow(2, qs, qb)?, &k, qs)?;
         // the block's query rows stacked by kv head: rep x qb
         let rows = q_blk.dim(2)?;
-        let p = ops::softmax(&s, Path::Fast)?;
-        drop(s);
         let (k_blk, v_blk) = (k.narrow(2, 0, qe)?, v.narrow(2, 0, qe)?);
         let g_blk = grad_o
             .narrow(2, qs, qb)?
@@ -274,11 +299,15 @@ pub fn attend_backward(
             .matmul(&v_blk.t()?)?
             .to_dtype(cdt)?
             .reshape((b, h, qb, qe))?;
-        let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-        let ds = (dp.broadcast_sub(&row)? * p)?
-            .affine(inv_sqrt_d, 0.0)?
-            .to_dtype(dtype)?
-            .reshape((b, kv, rows, qe))?;
+        let ds = match cpu::softmax_backward(&p, &dp, inv_sqrt_d) {
+            Some(ds) => ds?,
+            None => {
+                let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+                (dp.broadcast_sub(&row)? * p)?.affine(inv_sqrt_d, 0.0)?
+            }
+        }
+        .to_dtype(dtype)?
+        .reshape((b, kv, rows, qe))?;
         // dq = dS K, dK = dS^T q (the 1/sqrt(d) already in dS)
         gq.push(ds.matmul(&k_blk)?.reshape((b, h, qb, d))?);
         let dk = ds.t()?.matmul(&q_blk)?;
@@ -325,4 +354,74 @@ fn record_entropy(
         probe.values[k] = ent.to_vec1::<f32>()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(dims: &[usize], seed: u64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let mut s = seed | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused CPU kernels (causal softmax of a block's raw scores; softmax's backward with the
+    /// score scale) against the tensor-op forms evaluated in f64 on the same inputs: GQA with 2
+    /// query heads a kv head, blocks that start at 0 and past it, 1 row and 37 rows.
+    #[test]
+    fn fused_attention_kernels_equal_the_tensor_ops_in_f64() {
+        let (b, h, kv, d, t) = (2, 4, 2, 8, 45);
+        let (q, k) = (rand(&[b, h, t, d], 1), rand(&[b, kv, t, d], 2));
+        let f64s = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+        for (qs, qb) in [(0usize, 37usize), (37, 8), (44, 1), (0, 45)] {
+            let q_blk = q.narrow(2, qs, qb).unwrap();
+            let (_, p) = block_probs(&q_blk, &k, qs).unwrap();
+            let (_, s64) = block_scores(&f64s(&q_blk), &f64s(&k), qs).unwrap();
+            let p64 = ops::softmax(&s64, Path::Differentiable).unwrap();
+            assert!(max_diff(&p, &p64) < 1e-6, "probs at {qs}+{qb}");
+            // masked entries exactly 0
+            let last: Vec<f32> = p
+                .narrow(2, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (j, v) in last.iter().enumerate() {
+                if j % (qs + qb) > qs {
+                    assert_eq!(*v, 0.0, "masked key {j} of row {qs}");
+                }
+            }
+            let dp = rand(p.dims(), 3 + qs as u64);
+            let ds = cpu::softmax_backward(&p, &dp, 0.3).unwrap().unwrap();
+            let (p64, dp64) = (f64s(&p), f64s(&dp));
+            let row = (&dp64 * &p64).unwrap().sum_keepdim(D::Minus1).unwrap();
+            let ds64 = (dp64.broadcast_sub(&row).unwrap() * p64)
+                .unwrap()
+                .affine(0.3, 0.0)
+                .unwrap();
+            assert!(max_diff(&ds, &ds64) < 1e-5, "dS at {qs}+{qb}");
+        }
+    }
 }

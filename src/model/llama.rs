@@ -2,12 +2,11 @@
 //!
 //! Read top to bottom: MLP, decoder layer, model. Tensor names are Hugging Face's.
 
-use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{
-    attend, attend_backward, query_blocks, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK,
-};
+use super::attention::{attend, attend_backward, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK};
+use super::grad;
 use super::ops::{self, compute_dtype, Path};
 use super::rope::{Positions, Rope};
 use crate::checkpoint::ModelConfig;
@@ -64,6 +63,9 @@ impl DecoderLayer {
         })
     }
 }
+
+/// A weight as the model holds it and its gradient.
+pub type WeightGrad = (Tensor, Tensor);
 
 /// A LLaMA-family causal language model.
 #[derive(Debug, Clone)]
@@ -307,82 +309,118 @@ impl Llama {
         x + h
     }
 
-    /// Gradient of `<layer_i(x), grad_out>` (`x` the layer's saved input): parameter gradients are
-    /// handed to `sink` (one [`GradStore`] per piece), the input's gradient is returned.
+    /// Gradient of `<layer_i(x), grad_out>` (`x` the layer's saved input), written out with no
+    /// autograd graph: the gradient of each weight that takes part in autograd (a variable, or a
+    /// LoRA merge of variables; `Tensor::track_op`) goes to `sink` as `(weight, gradient)`, the
+    /// input's is returned.
     ///
-    /// The layer is differentiated in pieces so that no graph holds a whole layer: q, k, v and
-    /// attention's output are first computed without a graph; (3) the output projection, residual
-    /// and MLP, which act on each position alone, are rebuilt as a graph and differentiated one
-    /// chunk of `query_block` positions at a time, giving the gradient of attention's output;
-    /// [`attend_backward`] turns it into q, k and v's one query block at a time; (1) the norm,
-    /// projections, RoPE and logit scale, position-wise too, are rebuilt and differentiated per
-    /// chunk with `<q, dq> + <k, dk> + <v, dv>`. By the chain rule the pieces sum to the gradient
-    /// of the whole layer (tests/train_llama_grads.rs); memory is the sequence's q, k, v and
-    /// gradients plus one chunk's graph and one block's scores, linear in length.
+    /// The layer is recomputed once from `x` (norms, q, k, v, attention, the output projection,
+    /// gate and up; not down, whose output the backward does not need) and differentiated by hand
+    /// in reverse: each linear layer `y = x W^T` gives `dW = dy^T x` and `dx = dy W`; SwiGLU, the
+    /// norms and RoPE have their formulas in [`super::grad`] (fused CPU kernels for f32); the
+    /// logit scale multiplies q's gradient; attention's backward is [`attend_backward`], one
+    /// query block at a time, so memory is the sequence's activations plus one block's scores,
+    /// linear in length. tests/train_llama_grads.rs checks the result against one autograd graph
+    /// of the whole forward in f64 and against central differences.
     pub fn layer_backward(
         &self,
         i: usize,
         x: &Tensor,
         grad_out: &Tensor,
         pos: &Positions,
-        sink: &mut dyn FnMut(&GradStore) -> Result<()>,
+        sink: &mut dyn FnMut(&[WeightGrad]) -> Result<()>,
     ) -> Result<Tensor> {
         let Some(l) = self.layers.get(i) else {
             candle_core::bail!("layer {i} does not exist ({} layers)", self.layers.len())
         };
         let eps = self.cfg.rms_norm_eps;
-        let path = Path::Differentiable;
-        let x = x.detach();
-        let t = x.dim(1)?;
-        let chunks: Vec<(usize, usize)> = query_blocks(t, self.query_block).collect();
-        let grad_of = |store: &GradStore, v: &Var| match store.get(v.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => v.as_tensor().zeros_like(),
+        let dtype = x.dtype();
+        // candle's fused rope has no f64 form (f64 models are the gradient checks')
+        let path = match dtype {
+            DType::F64 => Path::Differentiable,
+            _ => Path::Fast,
         };
-        let cat = |mut parts: Vec<Tensor>, dim: usize| match parts.len() {
-            1 => Ok(parts.swap_remove(0)),
-            _ => Tensor::cat(&parts, dim),
+        let x = x.detach().contiguous()?;
+        let (b, t, hidden) = x.dims3()?;
+        let n = b * t;
+        let [wq, wk, wv, wo] = l.self_attn.weights();
+        let (wg, wu, wd) = (&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj);
+        let (w1, w2) = (&l.input_layernorm, &l.post_attention_layernorm);
+        // recompute, no graph (weights detached)
+        let x = x.reshape((n, hidden))?;
+        let (h1, r1) = grad::rms_forward(&x, &w1.detach(), eps)?;
+        let (q, k, v) = l
+            .self_attn
+            .detached()
+            .qkv(&h1.reshape((b, t, hidden))?, pos, i, path)?;
+        let o = attend(&q, &k, &v, Path::Fast, self.query_block, None)?;
+        let (heads, d) = (o.dim(1)?, o.dim(3)?);
+        let o = o.transpose(1, 2)?.reshape((n, heads * d))?;
+        let mid = (&x + ops::linear(&o, &wo.detach())?)?;
+        let (h2, r2) = grad::rms_forward(&mid, &w2.detach(), eps)?;
+        let g = ops::linear(&h2, &wg.detach())?;
+        let u = ops::linear(&h2, &wu.detach())?;
+        let m = grad::swiglu(&g, &u)?;
+        // backward, last op first
+        let mut grads = Vec::new();
+        // y = x W^T: dW = dy^T x, for the weights autograd tracks (frozen ones get none)
+        let mut weight_grad = |w: &Tensor, dy: &Tensor, input: &Tensor| -> Result<()> {
+            if w.track_op() {
+                grads.push((w.clone(), dy.t()?.matmul(input)?));
+            }
+            Ok(())
         };
-        // q, k, v and attention, no graph (the same ops as the tracked pieces below)
-        let (qd, kd, vd) = {
-            let h = ops::rms_norm(&x, &l.input_layernorm.detach(), eps, path)?;
-            l.self_attn.detached().qkv(&h, pos, i, path)?
-        };
-        let o = attend(&qd, &kd, &vd, Path::Fast, self.query_block, None)?;
-        // (3), a chunk of positions at a time
-        let (mut gx, mut go) = (Vec::new(), Vec::new());
-        for &(a, n) in &chunks {
-            let xv = Var::from_tensor(&x.narrow(1, a, n)?)?;
-            let ov = Var::from_tensor(&o.narrow(2, a, n)?)?;
-            let mid = (xv.as_tensor() + l.self_attn.project_out(ov.as_tensor())?)?;
-            let h = ops::rms_norm(&mid, &l.post_attention_layernorm, eps, path)?;
-            let out = (&mid + l.mlp.forward(&h)?)?;
-            drop((mid, h));
-            let g = grad_out.narrow(1, a, n)?.to_dtype(out.dtype())?;
-            let store = (out * g)?.sum_all()?.backward()?;
-            sink(&store)?;
-            gx.push(grad_of(&store, &xv)?);
-            go.push(grad_of(&store, &ov)?);
-        }
+        let dy = grad_out
+            .to_dtype(dtype)?
+            .reshape((n, hidden))?
+            .contiguous()?;
+        weight_grad(wd, &dy, &m)?;
+        drop(m);
+        let dm = dy.matmul(&wd.detach())?;
+        let (dg, du) = grad::swiglu_backward(&dm, &g, &u)?;
+        drop((dm, g, u));
+        weight_grad(wg, &dg, &h2)?;
+        weight_grad(wu, &du, &h2)?;
+        drop(h2);
+        let dh2 = (dg.matmul(&wg.detach())? + du.matmul(&wu.detach())?)?;
+        drop((dg, du));
+        let (dmid, dw2) = grad::rms_backward(&dh2, &mid, &r2, &w2.detach(), &dy)?;
+        drop((dh2, mid, dy));
+        weight_grad(wo, &dmid, &o)?;
         drop(o);
-        let gx3 = cat(gx, 1)?;
-        let go = cat(go, 2)?;
-        let (gq, gk, gv) = attend_backward(&qd, &kd, &vd, &go, self.query_block)?;
-        drop((go, qd, kd, vd));
-        // (1), a chunk of positions at a time
-        let mut gx = Vec::new();
-        for &(a, n) in &chunks {
-            let xv = Var::from_tensor(&x.narrow(1, a, n)?)?;
-            let h = ops::rms_norm(xv.as_tensor(), &l.input_layernorm, eps, path)?;
-            let (q, k, v) = l.self_attn.qkv(&h, &pos.narrow(a, n)?, i, path)?;
-            let s = (((q * gq.narrow(2, a, n)?)?.sum_all()?
-                + (k * gk.narrow(2, a, n)?)?.sum_all()?)?
-                + (v * gv.narrow(2, a, n)?)?.sum_all()?)?;
-            let store = s.backward()?;
-            sink(&store)?;
-            gx.push(grad_of(&store, &xv)?);
+        let d_o = dmid
+            .matmul(&wo.detach())?
+            .reshape((b, t, heads, d))?
+            .transpose(1, 2)?;
+        let (gq, gk, gv) = attend_backward(&q, &k, &v, &d_o, self.query_block)?;
+        drop((d_o, q, k, v));
+        // q = rope(x Wq^T) * scale, k = rope(x Wk^T)
+        let gq = match pos.scale(i) {
+            Some(s) => gq.broadcast_mul(s)?,
+            None => gq,
+        };
+        let gq = grad::rope_backward(&gq, pos.cos(), pos.sin(), path)?;
+        let gk = grad::rope_backward(&gk, pos.cos(), pos.sin(), path)?;
+        let rows = |g: Tensor| -> Result<Tensor> {
+            let (_, hh, _, dd) = g.dims4()?;
+            g.transpose(1, 2)?.reshape((n, hh * dd))
+        };
+        let (gq, gk, gv) = (rows(gq)?, rows(gk)?, rows(gv)?);
+        weight_grad(wq, &gq, &h1)?;
+        weight_grad(wk, &gk, &h1)?;
+        weight_grad(wv, &gv, &h1)?;
+        drop(h1);
+        let dh1 =
+            ((gq.matmul(&wq.detach())? + gk.matmul(&wk.detach())?)? + gv.matmul(&wv.detach())?)?;
+        drop((gq, gk, gv));
+        let (dx, dw1) = grad::rms_backward(&dh1, &x, &r1, &w1.detach(), &dmid)?;
+        for (w, g) in [(w2, dw2), (w1, dw1)] {
+            if w.track_op() {
+                grads.push((w.clone(), g));
+            }
         }
-        gx3 + cat(gx, 1)?
+        sink(&grads)?;
+        dx.reshape((b, t, hidden))
     }
 
     /// The same model with every weight detached from autograd: a forward through it builds no
@@ -412,6 +450,47 @@ impl Llama {
     pub fn head(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps, path)?;
         ops::linear_rounded(&h, &self.lm_head, self.head_act)?.to_dtype(compute_dtype(self.dtype()))
+    }
+
+    /// `scale * masked_nll_sum(head(x))` of a chunk of positions (`x` `[batch, n, hidden]`,
+    /// targets and mask `[batch, n]`) and its gradient, written out with no autograd graph: the
+    /// head weight's and the final norm's gradients go to `sink` (when autograd tracks them);
+    /// returns the value and the gradient with respect to `x`. The logits' gradient is
+    /// `scale mask (softmax - onehot(target))` ([`grad::masked_nll_backward`]), then
+    /// `dW = dl^T h`, `dh = dl W` and the norm's backward.
+    pub fn head_loss_backward(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        sink: &mut dyn FnMut(&[WeightGrad]) -> Result<()>,
+    ) -> Result<(f64, Tensor)> {
+        let (b, n, hidden) = x.dims3()?;
+        let x = x.detach().reshape((b * n, hidden))?.contiguous()?;
+        let norm = self.norm.detach();
+        let (h, r) = grad::rms_forward(&x, &norm, self.cfg.rms_norm_eps)?;
+        let logits = ops::linear_rounded(&h, &self.lm_head.detach(), self.head_act)?;
+        let (dl, value) = grad::masked_nll_backward(
+            &logits,
+            &targets.flatten_all()?,
+            &mask.flatten_all()?,
+            scale,
+        )?;
+        drop(logits);
+        let dl = dl.to_dtype(x.dtype())?;
+        let mut grads = Vec::new();
+        if self.lm_head.track_op() {
+            grads.push((self.lm_head.clone(), dl.t()?.matmul(&h)?));
+        }
+        let dh = dl.matmul(&self.lm_head.detach())?;
+        drop(dl);
+        let (dx, dnorm) = grad::rms_backward(&dh, &x, &r, &norm, &dh.zeros_like()?)?;
+        if self.norm.track_op() {
+            grads.push((self.norm.clone(), dnorm));
+        }
+        sink(&grads)?;
+        Ok((value, dx.reshape((b, n, hidden))?))
     }
 
     /// What the output head multiplies: the final norm of the last layer's output

@@ -31,6 +31,8 @@
 //!   f64 models (tests, gradient checks) compute everything in f64.
 
 mod attention;
+mod cpu;
+pub mod grad;
 mod llama;
 mod ops;
 mod rope;
@@ -38,7 +40,8 @@ mod rope;
 pub use attention::{
     attend, attend_backward, query_blocks, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK,
 };
-pub use llama::{DecoderLayer, Llama, Mlp};
+pub(crate) use cpu::on_cpu_slice;
+pub use llama::{DecoderLayer, Llama, Mlp, WeightGrad};
 pub use ops::{
     compute_dtype, entropy, linear, linear_probed, linear_rounded, record_input, rms_norm,
     rope as apply_rope, round_activations, softmax, ActRound, InputProbe, InputSums, Path,

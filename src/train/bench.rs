@@ -385,6 +385,7 @@ pub fn step_bench(
                     0
                 },
                 bf16_moments: false,
+                cpu: device.is_cpu(),
             },
             None,
         )

@@ -4,11 +4,11 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use candle_core::{backprop::GradStore, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::recompute::LayerModel;
+use super::recompute::{Grads, LayerModel};
 use super::TrainError;
 use crate::checkpoint::{
     patch_config, save_checkpoint, HfConfig, ModelConfig, SafetensorStore, SaveSpec, TensorData,
@@ -84,17 +84,34 @@ impl LayerModel for LlamaLayers {
         x: &Tensor,
         grad_out: &Tensor,
         blocked_attention: bool,
-        sink: &mut dyn FnMut(&GradStore) -> candle_core::Result<()>,
+        sink: &mut dyn FnMut(Grads) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         if !blocked_attention {
             return super::recompute::whole_layer_backward(self, i, x, grad_out, sink);
         }
         let pos = self.positions(x.dim(1)?)?;
-        self.model.layer_backward(i, x, grad_out, &pos, sink)
+        self.model
+            .layer_backward(i, x, grad_out, &pos, &mut |pairs| {
+                sink(Grads::Weights(pairs))
+            })
     }
 
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.model.head(x, ForwardPath::Differentiable)
+    }
+
+    fn head_loss_backward(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        sink: &mut dyn FnMut(Grads) -> candle_core::Result<()>,
+    ) -> candle_core::Result<(f64, Tensor)> {
+        self.model
+            .head_loss_backward(x, targets, mask, scale, &mut |pairs| {
+                sink(Grads::Weights(pairs))
+            })
     }
 }
 

@@ -20,7 +20,8 @@ pub use examples::{encode, load_examples, prepare, Example, PrepConfig, PrepRepo
 pub use lora::{LoraConfig, ParamSet};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, TrainParam};
 pub use recompute::{
-    loss_and_grads, masked_nll_sum, whole_layer_backward, BackwardPlan, Batch, GradAcc, LayerModel,
+    loss_and_grads, masked_nll_sum, whole_layer_backward, BackwardPlan, Batch, GradAcc, Grads,
+    LayerModel,
 };
 pub use schedule::{Schedule, ScheduleKind};
 pub use template::ChatTemplate;

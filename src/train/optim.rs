@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor, Var};
 
 use super::TrainError;
+use crate::model::on_cpu_slice;
 
 /// One trainable tensor: the variable the model computes with (f32 or bf16) and, when that is
 /// not f32, its f32 master copy, which the optimizer updates and rounds into the variable.
@@ -271,21 +272,6 @@ impl Coeffs {
             step_size: step_size as f32,
         }
     }
-}
-
-/// Run `f` on a contiguous CPU tensor's elements in place (no copy); None when the tensor is on
-/// another device, of another dtype or not contiguous.
-fn on_cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<R> {
-    if !t.device().is_cpu() || t.dtype() != T::DTYPE {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    let (start, end) = layout.contiguous_offsets()?;
-    let all = cpu.as_slice::<T>().ok()?;
-    Some(f(all.get(start..end)?))
 }
 
 /// A contiguous CPU tensor's elements as f32 (bf16 widened), copied; None as for `on_cpu_slice`.

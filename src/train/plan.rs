@@ -120,6 +120,10 @@ pub struct MemorySpec {
     /// AdamW's moments in bf16 (`--optimizer-states bf16`) instead of f32.
     #[serde(default)]
     pub bf16_moments: bool,
+    /// The step runs on the CPU, where f32 takes the fused kernels (src/model/cpu.rs: one pass
+    /// where tensor ops keep temporaries).
+    #[serde(default)]
+    pub cpu: bool,
 }
 
 fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> {
@@ -271,66 +275,60 @@ pub fn plan_memory(spec: &MemorySpec, budget: Option<u64>) -> MemoryPlan {
         format!("({} layers + 1) x {tok} tokens x {h} x {c} B", d.layers),
         "activations",
     );
-    // Head and loss over one chunk of positions. Kept by the graph: the logits (compute dtype;
-    // their f32 form is the same tensor in f32), the max-shifted logits and exp; the backward's
-    // gradients of exp, shifted and logits, each summed into a zero tensor (2 more), and the
-    // gradient of the detached max's broadcast, which candle stores and never frees: 9 x 4 B per
-    // logit. Plus the gradient of the last hidden states for all positions and its concatenation.
+    // Head and loss over one chunk of positions (Llama::head_loss_backward, no graph): the
+    // logits in the compute dtype, their f32 form when that is another dtype, and their f32
+    // gradient; with bf16 compute the head weight's gradient in bf16 before its f32 sum. Plus the
+    // gradient of the last hidden states for all positions and its concatenation.
     let chunk = (spec.micro_batch * spec.head_chunk.min(spec.seq_len).max(1)) as u64;
     let v = d.vocab as u64;
-    let head = chunk * v * (c + 8 * 4) + 2 * tok * h * 4;
+    let widen = if c == 4 { 0 } else { 4 };
+    let head_grad = if c == 4 { 0 } else { c * v * h };
+    let head = chunk * v * (c + 4 + widen) + head_grad + 2 * tok * h * c;
     add(
         "head and loss chunk",
         head,
-        format!("{chunk} positions x {v} vocab x ({c} + 8 x 4) B + 2 x {tok} x {h} x 4 B"),
+        format!(
+            "{chunk} positions x {v} vocab x ({c} + 4 + {widen}) B + {head_grad} B + 2 x {tok} x {h} x {c} B"
+        ),
         "transient: head",
     );
-    // One layer's backward (Llama::layer_backward), in chunks of `n` positions. Whole-sequence
-    // tensors at the attention backward: q, k, v, dO, the MLP piece's input gradient, dq's blocks
-    // and their concatenation (c (4 qd + 2 kvd + H)), dK and dV accumulated in f32 and rounded
-    // (4 + c per element of k and v); plus the largest query block's scores: probabilities,
-    // dP and two products in f32 (4 x 4 B, attend_backward).
-    let rows = (spec.micro_batch * spec.query_block.min(spec.seq_len).max(1)) as u64;
+    // One layer's backward (Llama::layer_backward): the layer recomputed once for the sequence,
+    // then differentiated by hand; its largest of three stages. MLP: the input norm's output,
+    // the residual after attention, the second norm's output and the output gradient (4 H), q
+    // and attention's output (2 qd), k, v (2 kvd), gate, up and the gradients of their product,
+    // gate and up (5 I), in the compute dtype, and the norms' f32 factors (8 B).
+    let mlp = tok * (c * (4 * h + 2 * qd + 2 * kvd + 5 * i) + 8);
+    // Attention (attend_backward): the input norm's output, the residual's gradient and the
+    // output gradient (3 H), q, dO, dq's blocks and their concatenation (4 qd), k, v (2 kvd),
+    // dK and dV summed in f32 and rounded (2 kvd (4 + c)), the norms' factors; plus the largest
+    // query block's probabilities, dP and dS with their rounding, and the tensor ops' temporary
+    // (16 B per score; 12 B where the fused CPU kernel computes dS in one pass, f32 on the CPU).
     let e = largest_block(d, spec.micro_batch, spec.seq_len, spec.query_block);
-    let attn = tok * (c * (4 * qd + 2 * kvd + h) + 2 * kvd * (4 + c)) + 16 * e;
-    // The MLP piece: q, k, v and attention's output for the sequence, the gradients collected so
-    // far and their concatenation (c (4 qd + 2 kvd + 2 H)); one chunk's graph: kept, the
-    // attention output (a variable and its transposed copy), projection, residual, the f32 norm's
-    // square, scaled and weighted forms, gate, silu, up, product, down, sum, the product with
-    // the gradient (11 H-wide, 4 I-wide); in its backward, silu's derivative and the gradients
-    // of gate, up and product with their zero-initialised sums (8 I-wide): 4 B x (11 H + 2 qd +
-    // 12 I) per position in f32.
-    let norm = if c == 4 { 0 } else { c * h };
-    let mlp = tok * c * (4 * qd + 2 * kvd + 2 * h) + rows * (4 * (11 * h + 2 * qd + 12 * i) + norm);
-    // The q/k/v piece: dq, dk, dv and the input gradients (c (qd + 2 kvd + 3 H)); one chunk's
-    // graph: the input, the norm's three f32 forms, q, k, v, v made contiguous, RoPE's four
-    // products, two sums and concatenation for q and k, the logit scale's product, and the
-    // products with dq, dk, dv; its backward's norm and projection gradients:
-    // 4 B x (8 H + 9 qd + 9 kvd) per position in f32.
-    let qkv = tok * c * (qd + 2 * kvd + 3 * h) + rows * (4 * (8 * h + 9 * qd + 9 * kvd) + norm);
+    let per_score = if spec.cpu && c == 4 { 12 } else { 16 };
+    let attn = tok * (c * (3 * h + 4 * qd + 2 * kvd) + 2 * kvd * (4 + c) + 8) + per_score * e;
+    // q, k, v and the input norm: their gradients as rows (qd + 2 kvd), the norm's output,
+    // the residual's gradient, the output gradient, the norm's input gradient, the sum's
+    // partial and the layer's input gradient (5 H).
+    let qkv = tok * (c * (qd + 2 * kvd + 5 * h) + 8);
     let (layer_name, layer_bytes, layer_formula) = if attn >= mlp.max(qkv) {
         (
             "layer: attention backward (one query block)",
             attn,
             format!(
-                "{tok} x (c (4 qd + 2 kvd + H) + 2 kvd (4 + c)) B + {e} scores of the largest block x 16 B"
+                "{tok} x (c (3 H + 4 qd + 2 kvd) + 2 kvd (4 + c) + 8) B + {e} scores of the largest block x {per_score} B"
             ),
         )
     } else if mlp >= qkv {
         (
-            "layer: MLP piece (one chunk's graph)",
+            "layer: MLP backward",
             mlp,
-            format!(
-                "{tok} x c (4 qd + 2 kvd + 2 H) B + {rows} positions x 4 B x (11 H + 2 qd + 12 I)"
-            ),
+            format!("{tok} x (c (4 H + 2 qd + 2 kvd + 5 I) + 8) B"),
         )
     } else {
         (
-            "layer: q/k/v piece (one chunk's graph)",
+            "layer: q/k/v and norm backward",
             qkv,
-            format!(
-                "{tok} x c (qd + 2 kvd + 3 H) B + {rows} positions x 4 B x (8 H + 9 qd + 9 kvd)"
-            ),
+            format!("{tok} x (c (qd + 2 kvd + 5 H) + 8) B"),
         )
     };
     add(layer_name, layer_bytes, layer_formula, "transient: layer");

@@ -8,7 +8,7 @@
 //! holds one layer's activations plus the layer inputs. The head and loss run in chunks of
 //! positions, so the `[tokens, vocab]` logits never exist whole.
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var, D};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 use super::optim::TrainParam;
 use super::TrainError;
@@ -35,7 +35,7 @@ pub trait LayerModel {
         x: &Tensor,
         grad_out: &Tensor,
         blocked_attention: bool,
-        sink: &mut dyn FnMut(&GradStore) -> candle_core::Result<()>,
+        sink: &mut dyn FnMut(Grads) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let _ = blocked_attention;
         whole_layer_backward(self, i, x, grad_out, sink)
@@ -43,6 +43,29 @@ pub trait LayerModel {
     /// Final norm and output projection: hidden states to logits `[batch, seq, vocab]`. Acts on
     /// each position alone, so it may be applied to a slice of positions.
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// `scale * masked_nll_sum(head(x), targets, mask)` of a chunk of positions: its value and
+    /// its gradient with respect to `x`; the head's parameter gradients go to `sink`. The default
+    /// differentiates the head's autograd graph.
+    fn head_loss_backward(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        sink: &mut dyn FnMut(Grads) -> candle_core::Result<()>,
+    ) -> candle_core::Result<(f64, Tensor)> {
+        let xv = Var::from_tensor(&x.detach())?;
+        let loss =
+            masked_nll_sum(&self.head(xv.as_tensor())?, targets, mask)?.affine(scale, 0.0)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = loss.backward()?;
+        sink(Grads::Store(&store))?;
+        let g = match store.get(xv.as_tensor()) {
+            Some(g) => g.clone(),
+            None => xv.as_tensor().zeros_like()?,
+        };
+        Ok((value, g))
+    }
 }
 
 /// The gradient of `<layer_i(x), grad_out>` through one graph of the whole layer, recomputed
@@ -52,18 +75,28 @@ pub fn whole_layer_backward<M: LayerModel + ?Sized>(
     i: usize,
     x: &Tensor,
     grad_out: &Tensor,
-    sink: &mut dyn FnMut(&GradStore) -> candle_core::Result<()>,
+    sink: &mut dyn FnMut(Grads) -> candle_core::Result<()>,
 ) -> candle_core::Result<Tensor> {
     let xv = Var::from_tensor(&x.detach())?;
     let out = model.layer(i, xv.as_tensor())?;
     let store = (out * grad_out.to_dtype(xv.dtype())?)?
         .sum_all()?
         .backward()?;
-    sink(&store)?;
+    sink(Grads::Store(&store))?;
     match store.get(xv.as_tensor()) {
         Some(g) => Ok(g.clone()),
         None => xv.as_tensor().zeros_like(),
     }
+}
+
+/// The parameter gradients of one piece of a backward pass.
+pub enum Grads<'a> {
+    /// Found by candle's autograd.
+    Store(&'a GradStore),
+    /// Written out by hand: `(weight as the model holds it, its gradient)`. A weight that is not
+    /// itself a parameter (a LoRA merge `W + B (s A)`) passes its gradient on to the parameters
+    /// it is built from.
+    Weights(&'a [(Tensor, Tensor)]),
 }
 
 /// A micro-batch: inputs, next-token targets and the loss mask (1 on assistant targets).
@@ -121,51 +154,67 @@ impl Batch {
     }
 }
 
-/// `sum_i mask_i * -log softmax(logits_i)[target_i]` in f32 (f64 for f64 models), with log-softmax written from
-/// differentiable ops (max-subtract, exp, sum, log): candle's fused softmax has no backward.
-pub fn masked_nll_sum(
-    logits: &Tensor,
-    targets: &Tensor,
-    mask: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let dtype = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let logits = logits.to_dtype(dtype)?;
-    // The max is a constant shift: detaching it leaves the value and the gradient unchanged.
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
-    let nll = (lse - picked)?.squeeze(D::Minus1)?;
-    (nll * mask.to_dtype(dtype)?)?.sum_all()?.to_dtype(dtype)
-}
+pub use crate::model::grad::masked_nll_sum;
 
 /// Per-parameter gradient sums (f32; f64 for f64 models) across micro-batches and recomputation
 /// pieces.
 #[derive(Debug, Default)]
 pub struct GradAcc {
     pub grads: Vec<Option<Tensor>>,
+    /// Parameter index by the id of its variable's tensor (built on first use).
+    index: std::collections::HashMap<candle_core::TensorId, usize>,
 }
 
 impl GradAcc {
     pub fn new(n: usize) -> GradAcc {
         GradAcc {
             grads: vec![None; n],
+            index: Default::default(),
         }
+    }
+
+    fn accumulate(&mut self, k: usize, g: &Tensor) -> Result<(), TrainError> {
+        let g = g.to_dtype(acc_dtype(g.dtype()))?;
+        let slot = &mut self.grads[k];
+        *slot = Some(match slot.take() {
+            Some(acc) => (acc + g)?,
+            None => g,
+        });
+        Ok(())
     }
 
     /// Add the gradients a backward pass found for `params`.
     pub fn add(&mut self, store: &GradStore, params: &[TrainParam]) -> Result<(), TrainError> {
-        for (slot, p) in self.grads.iter_mut().zip(params) {
+        for (k, p) in params.iter().enumerate().take(self.grads.len()) {
             if let Some(g) = store.get(p.var.as_tensor()) {
-                let g = g.to_dtype(acc_dtype(p.var.dtype()))?;
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
+                self.accumulate(k, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Add one piece's gradients, by autograd or by hand.
+    pub fn add_grads(&mut self, grads: Grads, params: &[TrainParam]) -> Result<(), TrainError> {
+        let pairs = match grads {
+            Grads::Store(store) => return self.add(store, params),
+            Grads::Weights(pairs) => pairs,
+        };
+        if self.index.is_empty() {
+            self.index = params
+                .iter()
+                .enumerate()
+                .map(|(k, p)| (p.var.as_tensor().id(), k))
+                .collect();
+        }
+        for (w, g) in pairs {
+            if let Some(&k) = self.index.get(&w.id()) {
+                self.accumulate(k, g)?;
+            } else if w.track_op() {
+                // d/dθ <w(θ), g> is the chain rule's gradient of the parameters w is built from
+                let store = (w * g.detach().to_dtype(w.dtype())?)?
+                    .sum_all()?
+                    .backward()?;
+                self.add(&store, params)?;
             }
         }
         Ok(())
@@ -257,21 +306,19 @@ pub fn loss_and_grads(
     let mut start = 0;
     while start < seq {
         let len = chunk.min(seq - start);
-        let xv = Var::from_tensor(&last.narrow(1, start, len)?)?;
-        let logits = model.head(xv.as_tensor())?;
-        let loss = masked_nll_sum(
-            &logits,
+        let mut add = |grads: Grads| -> candle_core::Result<()> {
+            acc.add_grads(grads, params)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        };
+        let (v, g) = model.head_loss_backward(
+            &last.narrow(1, start, len)?,
             &batch.targets.narrow(1, start, len)?,
             &batch.mask.narrow(1, start, len)?,
-        )?
-        .affine(scale, 0.0)?;
-        value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let store = loss.backward()?;
-        acc.add(&store, params)?;
-        grad_chunks.push(match store.get(xv.as_tensor()) {
-            Some(g) => g.clone(),
-            None => xv.as_tensor().zeros_like()?,
-        });
+            scale,
+            &mut add,
+        )?;
+        value += v;
+        grad_chunks.push(g);
         start += len;
     }
     drop(last);
@@ -282,8 +329,8 @@ pub fn loss_and_grads(
         let input = saved
             .pop()
             .ok_or_else(|| TrainError::Internal("saved input missing".into()))?;
-        let mut add = |store: &GradStore| -> candle_core::Result<()> {
-            acc.add(store, params)
+        let mut add = |grads: Grads| -> candle_core::Result<()> {
+            acc.add_grads(grads, params)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))
         };
         grad = model.layer_backward(i, &input, &grad, plan.blocked_attention, &mut add)?;
