@@ -388,7 +388,7 @@ fn plan(cli: &Cli) -> anyhow::Result<Exit> {
         micro_batch: cli.micro_batch.max(1),
         dtype,
         lora: cli.lora,
-        query_block: crate::model::DEFAULT_QUERY_BLOCK,
+        query_block: crate::train::hf::TRAIN_QUERY_BLOCK,
         head_chunk: cli.head_chunk.max(1),
         baseline: if on_cuda { 0 } else { CPU_BASELINE },
         bf16_moments: cli.optimizer_states == DType::BF16,

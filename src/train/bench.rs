@@ -377,7 +377,7 @@ pub fn step_bench(
                 micro_batch: 1,
                 dtype: spec.dtype,
                 lora: spec.lora,
-                query_block: crate::model::DEFAULT_QUERY_BLOCK,
+                query_block: crate::train::hf::TRAIN_QUERY_BLOCK,
                 head_chunk: TrainConfig::default().head_chunk,
                 baseline: if device.is_cpu() {
                     super::plan::CPU_BASELINE

@@ -153,7 +153,7 @@ pub struct MemoryPlan {
     pub parameters: u64,
     pub trainable_parameters: u64,
     pub items: Vec<MemoryItem>,
-    /// Which transient stage is the larger: "head" or "layer".
+    /// The stage the peak falls in: "head", "layer" or "optimizer".
     pub peak_stage: &'static str,
     pub peak_bytes: u64,
     pub budget_bytes: Option<u64>,
@@ -332,30 +332,85 @@ pub fn plan_memory(spec: &MemorySpec, budget: Option<u64>) -> MemoryPlan {
         )
     };
     add(layer_name, layer_bytes, layer_formula, "transient: layer");
-    // The layer's parameter gradients as candle returns them (compute dtype) and the sum that
-    // adds them to the f32 accumulation: (c + 4) B per parameter of one layer.
-    let lp = match spec.lora {
-        None => d.layer_parameters(),
-        Some(r) => adapter_count(d, r) + 2 * h,
+    // The layer's weight gradients, all held until the layer's backward ends (compute dtype),
+    // and the sum that adds them to the f32 accumulation: (c + 4) B per parameter of one layer.
+    // Under LoRA the gradient of every adapted weight is full-size too (its merge `W + B (s A)`
+    // is what the layer multiplies) and passes through the merge's graph to A and B, whose
+    // product with the gradient and its backward hold two more of the largest weight.
+    let (in_flight, what) = match spec.lora {
+        None => {
+            let lp = d.layer_parameters();
+            (
+                (c + 4) * lp,
+                format!("({c} + 4) B x {lp} parameters of a layer"),
+            )
+        }
+        Some(r) => {
+            let adapted: u64 = d.adapted().iter().map(|(o, i)| (o * i) as u64).sum();
+            let largest = d
+                .adapted()
+                .iter()
+                .map(|(o, i)| (o * i) as u64)
+                .max()
+                .unwrap_or(0);
+            let lp = adapter_count(d, r) + 2 * h;
+            (
+                c * (adapted + 2 * largest) + (c + 4) * lp,
+                format!(
+                    "{c} B x ({adapted} adapted + 2 x {largest}) + ({c} + 4) B x {lp} trainable of a layer"
+                ),
+            )
+        }
     };
     add(
         "layer: its parameter gradients in flight",
-        (c + 4) * lp,
-        format!("({c} + 4) B x {lp} parameters of a layer"),
+        in_flight,
+        what,
         "transient: layer",
     );
-    let persistent: u64 = items
-        .iter()
-        .filter(|x| x.stage == "persistent" || x.stage == "activations")
-        .map(|x| x.bytes)
-        .sum();
-    let layer = layer_bytes + (c + 4) * lp;
-    let (peak_stage, transient) = if head >= layer {
-        ("head", head)
-    } else {
-        ("layer", layer)
+    // The peak is the largest of the step's stages, each holding what exists at that moment
+    // (recompute.rs's order): the head's chunk comes first, with every saved layer input and no
+    // layer's gradient sum yet; the backward of layer i holds the inputs of layers 0..=i and the
+    // sums of the layers after it (both linear in i, so the largest is at i = L-1 or i = 0);
+    // the embedding's backward and the optimizer come last, with every sum and a few temporaries
+    // of the largest parameter.
+    let sum_of = |stage: &str| -> u64 {
+        items
+            .iter()
+            .filter(|x| x.stage == stage)
+            .map(|x| x.bytes)
+            .sum()
     };
-    let peak = persistent + transient;
+    let constant = sum_of("persistent") - 4 * nt;
+    let act = tok * h * c;
+    let layer_train = match spec.lora {
+        None => d.layer_parameters(),
+        Some(r) => adapter_count(d, r) + 2 * h,
+    };
+    let layer_sums = 4 * layer_train * layers;
+    let other_sums = 4 * nt - layer_sums;
+    let largest = d.embedding().max(
+        d.adapted()
+            .iter()
+            .map(|(o, i)| (o * i) as u64)
+            .max()
+            .unwrap_or(0),
+    );
+    let layer = layer_bytes + in_flight;
+    let stages = [
+        ("head", constant + other_sums + (layers + 1) * act + head),
+        ("layer", constant + other_sums + layers * act + layer),
+        (
+            "layer",
+            constant + other_sums + layer_sums - 4 * layer_train + act + layer,
+        ),
+        ("optimizer", constant + 4 * nt + 3 * 4 * largest),
+    ];
+    let (peak_stage, peak) =
+        stages
+            .iter()
+            .copied()
+            .fold(("head", 0), |best, s| if s.1 > best.1 { s } else { best });
     MemoryPlan {
         spec: spec.clone(),
         parameters: n,
