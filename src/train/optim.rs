@@ -113,6 +113,9 @@ pub struct AdamW {
     /// Update contiguous CPU tensors in one fused pass (on by default; off runs the same
     /// arithmetic as whole-tensor ops, the path every other device takes).
     pub fused: bool,
+    /// Per parameter: the last update's fused pass saw its new weights and f32 moments all
+    /// finite, so [`AdamW::non_finite`] need not scan them again.
+    seen_finite: Vec<bool>,
 }
 
 impl AdamW {
@@ -123,6 +126,7 @@ impl AdamW {
             cfg,
             step: 0,
             fused: true,
+            seen_finite: vec![false; params.len()],
             m: params.iter().map(zeros).collect::<Result<_, _>>()?,
             v: params.iter().map(zeros).collect::<Result<_, _>>()?,
         })
@@ -138,6 +142,7 @@ impl AdamW {
         lr: f64,
     ) -> Result<(), TrainError> {
         self.step += 1;
+        self.seen_finite.resize(params.len(), false);
         let c = self.cfg;
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
@@ -149,12 +154,14 @@ impl AdamW {
                 true => fused_cpu(p, g, &self.m[i], &self.v[i], &k, &c)?,
                 false => None,
             };
-            if let Some((w, m, v)) = fused {
+            if let Some((w, m, v, finite)) = fused {
                 p.set_f32(&w)?;
                 self.m[i] = m;
                 self.v[i] = v;
+                self.seen_finite[i] = finite;
                 continue;
             }
+            self.seen_finite[i] = false;
             let g = g.to_dtype(DType::F32)?;
             let mut w = p.value_f32()?;
             if k.decay != 1.0 {
@@ -181,12 +188,13 @@ impl AdamW {
     /// The first of the parameters (`tensor NAME`) and then of the moments (`the first/second
     /// moment of NAME`) that holds a NaN or an infinity; None when all are finite.
     pub fn non_finite(&self, params: &[TrainParam]) -> Result<Option<String>, TrainError> {
-        for p in params {
-            if !all_finite(&p.value_f32()?)? {
+        let seen = |i: usize| self.seen_finite.get(i).copied().unwrap_or(false);
+        for (i, p) in params.iter().enumerate() {
+            if !seen(i) && !all_finite(&p.value_f32()?)? {
                 return Ok(Some(format!("tensor {}", p.name)));
             }
         }
-        for (i, p) in params.iter().enumerate() {
+        for (i, p) in params.iter().enumerate().filter(|(i, _)| !seen(*i)) {
             for (t, which) in [(&self.m[i], "first"), (&self.v[i], "second")] {
                 if !all_finite(t)? {
                     return Ok(Some(format!("the {which} moment of {}", p.name)));
@@ -194,6 +202,12 @@ impl AdamW {
             }
         }
         Ok(None)
+    }
+
+    /// Forget what the fused pass saw: the parameters were changed after the update (the
+    /// trainer's test failpoint that spoils a weight), so [`AdamW::non_finite`] scans them all.
+    pub fn forget_finite_checks(&mut self) {
+        self.seen_finite.iter_mut().for_each(|s| *s = false);
     }
 
     /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
@@ -285,8 +299,10 @@ fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
 /// AdamW on the CPU as one pass over each parameter's elements on every core, instead of a
 /// dozen whole-tensor candle ops, each allocating and streaming the tensor (what made the
 /// optimizer a third of a SmolLM2 step's main-thread time). Same f32 operations in the same
-/// order as the tensor-op path (tests/train_optim.rs compares them bit for bit). None when a
-/// tensor is not a contiguous CPU f32 (or bf16 moment) tensor.
+/// order as the tensor-op path (tests/train_optim.rs compares them bit for bit). Returns the new
+/// weights and moments and whether all of them are finite (with f32 moments: bf16 ones are
+/// rounded after the pass, so the guard scans those). None when a tensor is not a contiguous CPU
+/// f32 (or bf16 moment) tensor.
 #[allow(clippy::type_complexity)]
 fn fused_cpu(
     p: &TrainParam,
@@ -295,7 +311,7 @@ fn fused_cpu(
     v: &Tensor,
     k: &Coeffs,
     c: &AdamWConfig,
-) -> Result<Option<(Tensor, Tensor, Tensor)>, TrainError> {
+) -> Result<Option<(Tensor, Tensor, Tensor, bool)>, TrainError> {
     use rayon::prelude::*;
     let w0 = p.value_f32()?;
     let g = g.to_dtype(DType::F32)?;
@@ -308,44 +324,72 @@ fn fused_cpu(
     if !(usable(&w0, DType::F32) && usable(&g, DType::F32) && usable(m, md) && usable(v, md)) {
         return Ok(None);
     }
-    let (Some(mut ws), Some(mut ms), Some(mut vs)) = (cpu_f32(&w0), cpu_f32(m), cpu_f32(v)) else {
-        return Ok(None);
+    // f32 moments are read in place; bf16 ones widened into copies first
+    let (wide_m, wide_v) = match md {
+        DType::F32 => (None, None),
+        _ => match (cpu_f32(m), cpu_f32(v)) {
+            (Some(a), Some(b)) => (Some(a), Some(b)),
+            _ => return Ok(None),
+        },
     };
+    let (mut wn, mut mn, mut vn) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     const CHUNK: usize = 1 << 14;
-    let done = on_cpu_slice::<f32, _>(&g, |gs| {
-        ws.par_chunks_mut(CHUNK)
-            .zip(ms.par_chunks_mut(CHUNK))
-            .zip(vs.par_chunks_mut(CHUNK))
+    let mut pass = |w0s: &[f32], gs: &[f32], m0s: &[f32], v0s: &[f32]| -> bool {
+        wn.par_chunks_mut(CHUNK)
+            .zip(mn.par_chunks_mut(CHUNK))
+            .zip(vn.par_chunks_mut(CHUNK))
+            .zip(w0s.par_chunks(CHUNK))
             .zip(gs.par_chunks(CHUNK))
-            .for_each(|(((w, m), v), g)| {
+            .zip(m0s.par_chunks(CHUNK).zip(v0s.par_chunks(CHUNK)))
+            .map(|(((((w, m), v), w0), g), (m0, v0))| {
+                let mut finite = true;
                 for j in 0..w.len() {
                     // the tensor-op path's operations: affine(x, a, 0) = x * a + 0
                     let wd = if k.decay != 1.0 {
-                        w[j] * k.decay + 0.0
+                        w0[j] * k.decay + 0.0
                     } else {
-                        w[j]
+                        w0[j]
                     };
-                    let mj = (m[j] * k.b1 + 0.0) + (g[j] * k.one_minus_b1 + 0.0);
-                    let vj = (v[j] * k.b2 + 0.0) + ((g[j] * g[j]) * k.one_minus_b2 + 0.0);
+                    let mj = (m0[j] * k.b1 + 0.0) + (g[j] * k.one_minus_b1 + 0.0);
+                    let vj = (v0[j] * k.b2 + 0.0) + ((g[j] * g[j]) * k.one_minus_b2 + 0.0);
                     let denom = vj.sqrt() * k.inv_sqrt_bc2 + k.eps;
                     w[j] = wd - ((mj / denom) * k.step_size + 0.0);
                     m[j] = mj;
                     v[j] = vj;
+                    finite &= w[j].is_finite() & mj.is_finite() & vj.is_finite();
                 }
+                finite
             })
-    });
-    if done.is_none() {
+            .reduce(|| true, |a, b| a && b)
+    };
+    let finite = on_cpu_slice::<f32, _>(&w0, |w0s| {
+        on_cpu_slice::<f32, _>(&g, |gs| match (&wide_m, &wide_v) {
+            (Some(ms), Some(vs)) => Some(pass(w0s, gs, ms, vs)),
+            _ => on_cpu_slice::<f32, _>(m, |ms| {
+                on_cpu_slice::<f32, _>(v, |vs| pass(w0s, gs, ms, vs))
+            })
+            .flatten(),
+        })
+        .flatten()
+    })
+    .flatten();
+    let Some(finite) = finite else {
         return Ok(None);
-    }
+    };
     let dev = g.device();
     let shape = p.var.shape();
-    let w = Tensor::from_vec(ws, shape, dev)?;
+    let w = Tensor::from_vec(wn, shape, dev)?;
     let (m, v) = (
-        Tensor::from_vec(ms, shape, dev)?,
-        Tensor::from_vec(vs, shape, dev)?,
+        Tensor::from_vec(mn, shape, dev)?,
+        Tensor::from_vec(vn, shape, dev)?,
     );
     // f32 moments stay as they are (to_dtype to the same dtype is a clone); bf16 ones round once
-    Ok(Some((w, m.to_dtype(md)?, v.to_dtype(md)?)))
+    Ok(Some((
+        w,
+        m.to_dtype(md)?,
+        v.to_dtype(md)?,
+        finite && md == DType::F32,
+    )))
 }
 
 /// Whether every element of `t` is finite: `x - x` is 0 for finite x and NaN for NaN and
@@ -368,13 +412,23 @@ pub fn all_finite(t: &Tensor) -> Result<bool, TrainError> {
 /// `clip_grad_norm_`: `coef = max_norm / (norm + 1e-6)`, applied when below 1. Returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
+    use rayon::prelude::*;
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+        // on the CPU one parallel pass summing in f64; elsewhere squares summed by candle
+        let fused = on_cpu_slice::<f32, _>(g, |s| {
+            s.par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum::<f64>()
+        });
+        sq += match fused {
+            Some(v) => v,
+            None => g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64,
+        };
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm.is_finite() {

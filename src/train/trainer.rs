@@ -272,6 +272,7 @@ impl Trainer {
                 let spoiled = p.value_f32()?.affine(f64::NAN, 0.0)?;
                 p.set_f32(&spoiled)?;
             }
+            self.opt.forget_finite_checks();
         }
         // A finite loss and gradient can still overflow the update (a huge lr, a tiny v); a
         // checkpoint of such weights would poison every resume.
