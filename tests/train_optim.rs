@@ -4,7 +4,8 @@
 mod common;
 
 use abf::train::{
-    clip_grad_norm, masked_nll_sum, AdamW, AdamWConfig, Schedule, ScheduleKind, TrainParam,
+    clip_factor, clip_grad_norm, grad_norm, masked_nll_sum, AdamW, AdamWConfig, Schedule,
+    ScheduleKind, TrainParam,
 };
 use candle_core::{DType, Device, Tensor};
 
@@ -148,6 +149,26 @@ fn adamw_keeps_f32_masters_for_bf16_weights() {
 }
 
 #[test]
+fn updates_in_place_leave_the_callers_tensors_alone() {
+    // the CPU update writes weights and moments in place: a master set from the caller's
+    // tensor, or two parameters made from one tensor, must not share its storage
+    let t = Tensor::new(&[1.0f32, -0.5, 0.25], &Device::Cpu).unwrap();
+    let mut ps = vec![
+        TrainParam::new("a", &t, DType::BF16, true).unwrap(),
+        TrainParam::new("b", &t, DType::F32, true).unwrap(),
+    ];
+    let u = Tensor::new(&[2.0f32, 3.0, 4.0], &Device::Cpu).unwrap();
+    ps[0].set_f32(&u).unwrap();
+    let mut opt = AdamW::new(&ps, AdamWConfig::default()).unwrap();
+    let g = Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu).unwrap();
+    opt.update(&mut ps, &[g.clone(), g], 1e-2).unwrap();
+    assert_eq!(t.to_vec1::<f32>().unwrap(), vec![1.0, -0.5, 0.25]);
+    assert_eq!(u.to_vec1::<f32>().unwrap(), vec![2.0, 3.0, 4.0]);
+    assert_ne!(vals(&ps[0]), vec![2.0, 3.0, 4.0]);
+    assert_ne!(vals(&ps[1]), vec![1.0, -0.5, 0.25]);
+}
+
+#[test]
 fn global_norm_clipping() {
     let mut g = vec![
         Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
@@ -216,8 +237,17 @@ fn fused_cpu_adamw_equals_the_tensor_op_path_bit_for_bit() {
                 .collect();
             let g = Tensor::from_vec(g, a[0].var.shape(), &Device::Cpu).unwrap();
             let lr = [1e-3, 7e-4, 2e-5][step];
-            fused.update(&mut a, &[g.clone(), g.clone()], lr).unwrap();
-            ops.update(&mut b, &[g.clone(), g], lr).unwrap();
+            // step 2 clips: the fused pass scales by the factor itself (the trainer's way), the
+            // tensor-op path scales the gradients first (clip_grad_norm_'s way)
+            let max_norm = [0.0, 0.05, 1e9][step];
+            let gs = vec![g.clone(), g.clone()];
+            let norm = grad_norm(&gs).unwrap();
+            let clip = clip_factor(norm, max_norm);
+            assert_eq!(clip.is_some(), step == 1, "step {step}: norm {norm}");
+            fused.update_scaled(&mut a, &gs, lr, clip).unwrap();
+            let mut gs = gs;
+            assert_eq!(clip_grad_norm(&mut gs, max_norm).unwrap(), norm);
+            ops.update(&mut b, &gs, lr).unwrap();
         }
         let case = format!("bf16 moments {bf16_moments}, {dtype:?}");
         for (pa, pb) in a.iter().zip(&b) {

@@ -23,6 +23,93 @@ pub(crate) fn on_cpu_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> 
     Some(f(all.get(start..end)?))
 }
 
+/// Element types whose CPU storage [`on_cpu_slice_mut`] can hand out mutably.
+pub(crate) trait MutElem: WithDType {
+    fn storage_mut(s: &mut candle_core::CpuStorage) -> Option<&mut [Self]>;
+}
+
+impl MutElem for f32 {
+    fn storage_mut(s: &mut candle_core::CpuStorage) -> Option<&mut [f32]> {
+        match s {
+            candle_core::CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl MutElem for half::bf16 {
+    fn storage_mut(s: &mut candle_core::CpuStorage) -> Option<&mut [half::bf16]> {
+        match s {
+            candle_core::CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Run `f` on a contiguous CPU tensor's elements mutably, in place, under the storage's write
+/// lock (candle's in-place op); None, with `f` not called, as for [`on_cpu_slice`]. Every tensor
+/// sharing the storage sees the change: for state the caller owns (AdamW's weights and moments),
+/// where a fresh tensor per update cost an allocation, its page faults and a copy.
+pub(crate) fn on_cpu_slice_mut<T: MutElem, R>(
+    t: &Tensor,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> Option<R> {
+    use std::cell::RefCell;
+    struct Op<T, F, R> {
+        f: RefCell<Option<F>>,
+        out: RefCell<Option<R>>,
+        elem: std::marker::PhantomData<T>,
+    }
+    impl<T: MutElem, R, F: FnOnce(&mut [T]) -> R> candle_core::InplaceOp1 for Op<T, F, R> {
+        fn name(&self) -> &'static str {
+            "on-cpu-slice-mut"
+        }
+        fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+            let slice = l
+                .contiguous_offsets()
+                .and_then(|(a, b)| T::storage_mut(s)?.get_mut(a..b));
+            if let (Some(slice), Some(f)) = (slice, self.f.borrow_mut().take()) {
+                *self.out.borrow_mut() = Some(f(slice));
+            }
+            Ok(())
+        }
+    }
+    if !t.device().is_cpu() || t.dtype() != T::DTYPE || !t.is_contiguous() {
+        return None;
+    }
+    let op = Op {
+        f: RefCell::new(Some(f)),
+        out: RefCell::new(None),
+        elem: std::marker::PhantomData::<T>,
+    };
+    t.inplace_op1(&op).ok()?;
+    op.out.into_inner()
+}
+
+/// Whether any two of the CPU tensors share a storage buffer (each checked under its own read
+/// lock, one at a time): nested [`on_cpu_slice_mut`] calls on two views of one storage would
+/// wait on their own lock. True also when a tensor is not on the CPU.
+pub(crate) fn any_shared_storage(ts: &[&Tensor]) -> bool {
+    let mut addrs = Vec::with_capacity(ts.len());
+    for t in ts {
+        let (storage, _) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return true;
+        };
+        let addr = match cpu {
+            candle_core::CpuStorage::F32(v) => v.as_ptr() as usize,
+            candle_core::CpuStorage::BF16(v) => v.as_ptr() as usize,
+            candle_core::CpuStorage::F64(v) => v.as_ptr() as usize,
+            _ => return true,
+        };
+        if addrs.contains(&addr) {
+            return true;
+        }
+        addrs.push(addr);
+    }
+    false
+}
+
 /// Whether every tensor is a contiguous CPU f32 tensor.
 fn usable(ts: &[&Tensor]) -> bool {
     ts.iter()

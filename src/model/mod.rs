@@ -40,7 +40,7 @@ mod rope;
 pub use attention::{
     attend, attend_backward, query_blocks, Attention, EntropyProbe, DEFAULT_QUERY_BLOCK,
 };
-pub(crate) use cpu::on_cpu_slice;
+pub(crate) use cpu::{any_shared_storage, on_cpu_slice, on_cpu_slice_mut, MutElem};
 pub use llama::{DecoderLayer, Llama, Mlp, WeightGrad};
 pub use ops::{
     compute_dtype, entropy, linear, linear_probed, linear_rounded, record_input, rms_norm,

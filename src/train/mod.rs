@@ -18,7 +18,7 @@ pub mod trainer;
 pub use data::{load_conversations, parse_conversations, Conversation, Message, ParseReport, Role};
 pub use examples::{encode, load_examples, prepare, Example, PrepConfig, PrepReport};
 pub use lora::{LoraConfig, ParamSet};
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig, TrainParam};
+pub use optim::{clip_factor, clip_grad_norm, grad_norm, AdamW, AdamWConfig, TrainParam};
 pub use recompute::{
     loss_and_grads, masked_nll_sum, whole_layer_backward, BackwardPlan, Batch, GradAcc, Grads,
     LayerModel,

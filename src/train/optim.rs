@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor, Var};
 
 use super::TrainError;
-use crate::model::on_cpu_slice;
+use crate::model::{any_shared_storage, on_cpu_slice, on_cpu_slice_mut, MutElem};
 
 /// One trainable tensor: the variable the model computes with (f32 or bf16) and, when that is
 /// not f32, its f32 master copy, which the optimizer updates and rounds into the variable.
@@ -32,7 +32,7 @@ impl TrainParam {
         let (var, master) = if matches!(dtype, DType::F32 | DType::F64) {
             (Var::from_tensor(&init.to_dtype(dtype)?)?, None)
         } else {
-            let master = init.to_dtype(DType::F32)?;
+            let master = owned_f32(init)?;
             (Var::from_tensor(&master.to_dtype(dtype)?)?, Some(master))
         };
         Ok(TrainParam {
@@ -53,15 +53,30 @@ impl TrainParam {
 
     /// Overwrite the parameter with an f32 value (rounded into the compute variable).
     pub fn set_f32(&mut self, value: &Tensor) -> Result<(), TrainError> {
-        let value = value.to_dtype(DType::F32)?;
+        match self.master {
+            // the master must not share storage with the caller's tensor: AdamW updates it in
+            // place
+            Some(_) => self.set_f32_fresh(owned_f32(value)?),
+            None => self.set_f32_fresh(value.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// [`TrainParam::set_f32`] for a value no other tensor shares (one just computed).
+    fn set_f32_fresh(&mut self, value: Tensor) -> Result<(), TrainError> {
+        self.var.set(&value.to_dtype(self.var.dtype())?)?;
         if self.master.is_some() {
-            self.var.set(&value.to_dtype(self.var.dtype())?)?;
             self.master = Some(value);
-        } else {
-            self.var.set(&value.to_dtype(self.var.dtype())?)?;
         }
         Ok(())
     }
+}
+
+/// An f32 tensor with storage of its own (`to_dtype` to the same dtype shares the storage).
+fn owned_f32(t: &Tensor) -> Result<Tensor, TrainError> {
+    Ok(match t.dtype() {
+        DType::F32 => t.copy()?,
+        _ => t.to_dtype(DType::F32)?,
+    })
 }
 
 /// AdamW hyper-parameters (the learning rate comes from the schedule each step).
@@ -141,6 +156,19 @@ impl AdamW {
         grads: &[Tensor],
         lr: f64,
     ) -> Result<(), TrainError> {
+        self.update_scaled(params, grads, lr, None)
+    }
+
+    /// [`AdamW::update`] with the gradients multiplied by `grad_scale` first (the clipping
+    /// factor of [`clip_factor`]), in the same pass: the same bits as scaling them with
+    /// [`clip_grad_norm`] and then updating, without the extra pass over every gradient.
+    pub fn update_scaled(
+        &mut self,
+        params: &mut [TrainParam],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> Result<(), TrainError> {
         self.step += 1;
         self.seen_finite.resize(params.len(), false);
         let c = self.cfg;
@@ -149,20 +177,20 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(t);
         let step_size = lr / bc1;
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let k = Coeffs::new(&c, lr, bc2, step_size, p.decay);
+            let k = Coeffs::new(&c, lr, bc2, step_size, p.decay, grad_scale);
             let fused = match self.fused {
-                true => fused_cpu(p, g, &self.m[i], &self.v[i], &k, &c)?,
+                true => fused_cpu(p, g, &self.m[i], &self.v[i], &k, c.moment_dtype())?,
                 false => None,
             };
-            if let Some((w, m, v, finite)) = fused {
-                p.set_f32(&w)?;
-                self.m[i] = m;
-                self.v[i] = v;
+            if let Some(finite) = fused {
                 self.seen_finite[i] = finite;
                 continue;
             }
             self.seen_finite[i] = false;
-            let g = g.to_dtype(DType::F32)?;
+            let mut g = g.to_dtype(DType::F32)?;
+            if let Some(s) = grad_scale {
+                g = g.affine(s, 0.0)?;
+            }
             let mut w = p.value_f32()?;
             if k.decay != 1.0 {
                 w = w.affine(k.decay as f64, 0.0)?;
@@ -178,7 +206,7 @@ impl AdamW {
             let v = (v0.affine(f(k.b2), 0.0)? + g.sqr()?.affine(f(k.one_minus_b2), 0.0)?)?;
             let denom = v.sqrt()?.affine(f(k.inv_sqrt_bc2), f(k.eps))?;
             let w = (w - (m.div(&denom)?).affine(f(k.step_size), 0.0)?)?;
-            p.set_f32(&w)?;
+            p.set_f32_fresh(w)?;
             self.m[i] = m.to_dtype(c.moment_dtype())?;
             self.v[i] = v.to_dtype(c.moment_dtype())?;
         }
@@ -245,9 +273,11 @@ impl AdamW {
                         ),
                     });
                 }
+                // a copy of its own: the update writes the moments in place
                 *slot = t
                     .to_dtype(self.cfg.moment_dtype())?
-                    .to_device(p.var.device())?;
+                    .to_device(p.var.device())?
+                    .copy()?;
             }
         }
         self.step = step;
@@ -267,10 +297,19 @@ struct Coeffs {
     inv_sqrt_bc2: f32,
     eps: f32,
     step_size: f32,
+    /// The clipping factor, applied to each gradient element first.
+    grad_scale: Option<f32>,
 }
 
 impl Coeffs {
-    fn new(c: &AdamWConfig, lr: f64, bc2: f64, step_size: f64, decay: bool) -> Coeffs {
+    fn new(
+        c: &AdamWConfig,
+        lr: f64,
+        bc2: f64,
+        step_size: f64,
+        decay: bool,
+        grad_scale: Option<f64>,
+    ) -> Coeffs {
         Coeffs {
             decay: if decay && c.weight_decay != 0.0 {
                 (1.0 - lr * c.weight_decay) as f32
@@ -284,112 +323,200 @@ impl Coeffs {
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
             eps: c.eps as f32,
             step_size: step_size as f32,
+            grad_scale: grad_scale.map(|s| s as f32),
         }
     }
 }
 
-/// A contiguous CPU tensor's elements as f32 (bf16 widened), copied; None as for `on_cpu_slice`.
-fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
-    match t.dtype() {
-        DType::BF16 => on_cpu_slice::<half::bf16, _>(t, |s| s.iter().map(|x| x.to_f32()).collect()),
-        _ => on_cpu_slice::<f32, _>(t, |s| s.to_vec()),
+/// An AdamW moment's element type on the CPU: f32, or bf16 widened to f32 for the arithmetic and
+/// rounded once on the way back (`half`'s round-to-nearest-even, as candle's `to_dtype`).
+trait MomentElem: MutElem + Copy + Send + Sync {
+    fn get(self) -> f32;
+    fn put(x: f32) -> Self;
+}
+
+impl MomentElem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(x: f32) -> f32 {
+        x
     }
 }
 
-/// AdamW on the CPU as one pass over each parameter's elements on every core, instead of a
-/// dozen whole-tensor candle ops, each allocating and streaming the tensor (what made the
-/// optimizer a third of a SmolLM2 step's main-thread time). Same f32 operations in the same
-/// order as the tensor-op path (tests/train_optim.rs compares them bit for bit). Returns the new
-/// weights and moments and whether all of them are finite (with f32 moments: bf16 ones are
-/// rounded after the pass, so the guard scans those). None when a tensor is not a contiguous CPU
-/// f32 (or bf16 moment) tensor.
-#[allow(clippy::type_complexity)]
+impl MomentElem for half::bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(x: f32) -> half::bf16 {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// AdamW on the CPU as one pass over each parameter's elements on every core, updating weights
+/// and moments in place: instead of a dozen whole-tensor candle ops, each allocating and
+/// streaming the tensor, and instead of fresh output tensors (their page faults and the copy into
+/// the variable cost as much as the arithmetic). Same f32 operations in the same order as the
+/// tensor-op path, the clipping factor included (tests/train_optim.rs compares them bit for
+/// bit). Returns whether the new weights and moments are all finite; None, with nothing
+/// changed, when a tensor is not a contiguous CPU tensor of the expected dtype and size.
 fn fused_cpu(
     p: &TrainParam,
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
     k: &Coeffs,
-    c: &AdamWConfig,
-) -> Result<Option<(Tensor, Tensor, Tensor, bool)>, TrainError> {
-    use rayon::prelude::*;
-    let w0 = p.value_f32()?;
-    let g = g.to_dtype(DType::F32)?;
-    let n = w0.elem_count();
-    // every tensor a contiguous CPU one of the expected dtype and size, checked before any copy
+    md: DType,
+) -> Result<Option<bool>, TrainError> {
+    // bf16 compute weights: the f32 master is updated, then rounded into the variable
+    let w = match &p.master {
+        Some(master) => master.clone(),
+        None => p.var.as_tensor().clone(),
+    };
+    let n = w.elem_count();
+    // every tensor checked before anything is written
     let usable = |t: &Tensor, dtype: DType| {
         t.device().is_cpu() && t.dtype() == dtype && t.is_contiguous() && t.elem_count() == n
     };
-    let md = c.moment_dtype();
-    if !(usable(&w0, DType::F32) && usable(&g, DType::F32) && usable(m, md) && usable(v, md)) {
+    if !(usable(&w, DType::F32) && usable(g, DType::F32) && usable(m, md) && usable(v, md)) {
         return Ok(None);
     }
-    // f32 moments are read in place; bf16 ones widened into copies first
-    let (wide_m, wide_v) = match md {
-        DType::F32 => (None, None),
-        _ => match (cpu_f32(m), cpu_f32(v)) {
-            (Some(a), Some(b)) => (Some(a), Some(b)),
-            _ => return Ok(None),
-        },
-    };
-    let (mut wn, mut mn, mut vn) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    const CHUNK: usize = 1 << 14;
-    let mut pass = |w0s: &[f32], gs: &[f32], m0s: &[f32], v0s: &[f32]| -> bool {
-        wn.par_chunks_mut(CHUNK)
-            .zip(mn.par_chunks_mut(CHUNK))
-            .zip(vn.par_chunks_mut(CHUNK))
-            .zip(w0s.par_chunks(CHUNK))
-            .zip(gs.par_chunks(CHUNK))
-            .zip(m0s.par_chunks(CHUNK).zip(v0s.par_chunks(CHUNK)))
-            .map(|(((((w, m), v), w0), g), (m0, v0))| {
-                let mut finite = true;
-                for j in 0..w.len() {
-                    // the tensor-op path's operations: affine(x, a, 0) = x * a + 0
-                    let wd = if k.decay != 1.0 {
-                        w0[j] * k.decay + 0.0
-                    } else {
-                        w0[j]
-                    };
-                    let mj = (m0[j] * k.b1 + 0.0) + (g[j] * k.one_minus_b1 + 0.0);
-                    let vj = (v0[j] * k.b2 + 0.0) + ((g[j] * g[j]) * k.one_minus_b2 + 0.0);
-                    let denom = vj.sqrt() * k.inv_sqrt_bc2 + k.eps;
-                    w[j] = wd - ((mj / denom) * k.step_size + 0.0);
-                    m[j] = mj;
-                    v[j] = vj;
-                    finite &= w[j].is_finite() & mj.is_finite() & vj.is_finite();
-                }
-                finite
+    // two of them one storage (or all empty): the tensor ops, which do not write in place
+    if n == 0 || any_shared_storage(&[&w, g, m, v]) {
+        return Ok(None);
+    }
+    fn run<M: MomentElem>(
+        w: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        k: &Coeffs,
+    ) -> Option<bool> {
+        on_cpu_slice_mut::<f32, _>(w, |ws| {
+            on_cpu_slice_mut::<M, _>(m, |ms| {
+                on_cpu_slice_mut::<M, _>(v, |vs| {
+                    on_cpu_slice::<f32, _>(g, |gs| adamw_par(k, ws, gs, ms, vs))
+                })
             })
-            .reduce(|| true, |a, b| a && b)
-    };
-    let finite = on_cpu_slice::<f32, _>(&w0, |w0s| {
-        on_cpu_slice::<f32, _>(&g, |gs| match (&wide_m, &wide_v) {
-            (Some(ms), Some(vs)) => Some(pass(w0s, gs, ms, vs)),
-            _ => on_cpu_slice::<f32, _>(m, |ms| {
-                on_cpu_slice::<f32, _>(v, |vs| pass(w0s, gs, ms, vs))
-            })
-            .flatten(),
         })
         .flatten()
-    })
-    .flatten();
-    let Some(finite) = finite else {
-        return Ok(None);
+        .flatten()
+        .flatten()
+    }
+    let finite = match md {
+        DType::BF16 => run::<half::bf16>(&w, g, m, v, k),
+        _ => run::<f32>(&w, g, m, v, k),
     };
-    let dev = g.device();
-    let shape = p.var.shape();
-    let w = Tensor::from_vec(wn, shape, dev)?;
-    let (m, v) = (
-        Tensor::from_vec(mn, shape, dev)?,
-        Tensor::from_vec(vn, shape, dev)?,
-    );
-    // f32 moments stay as they are (to_dtype to the same dtype is a clone); bf16 ones round once
-    Ok(Some((
-        w,
-        m.to_dtype(md)?,
-        v.to_dtype(md)?,
-        finite && md == DType::F32,
-    )))
+    if finite.is_some() && p.master.is_some() {
+        p.var.set(&w.to_dtype(p.var.dtype())?)?;
+    }
+    Ok(finite)
+}
+
+/// The fused update over all elements, in 16k-element pieces on every core.
+fn adamw_par<M: MomentElem>(
+    k: &Coeffs,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+) -> bool {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    w.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .map(|((w, g), (m, v))| adamw_chunk(k, w, g, m, v))
+        .reduce(|| true, |a, b| a && b)
+}
+
+/// [`adamw_body`] compiled for the widest vector unit the CPU has (the crate itself targets
+/// baseline x86-64, whose 4-lane SSE made the scalar-looking loop compute-bound on its square
+/// roots and divisions). Vector `sqrt` and `div` round exactly as scalar ones, and Rust never
+/// fuses a multiply and an add, so every variant computes the same bits.
+fn adamw_chunk<M: MomentElem>(
+    k: &Coeffs,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for
+            return unsafe { adamw_avx512(k, w, g, m, v) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above
+            return unsafe { adamw_avx2(k, w, g, m, v) };
+        }
+    }
+    adamw_body(k, w, g, m, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn adamw_avx512<M: MomentElem>(
+    k: &Coeffs,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+) -> bool {
+    adamw_body(k, w, g, m, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn adamw_avx2<M: MomentElem>(
+    k: &Coeffs,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+) -> bool {
+    adamw_body(k, w, g, m, v)
+}
+
+/// One piece of the update: the tensor-op path's operations element by element (candle's
+/// `affine(x, a, 0)` is `x * a + 0`). Returns whether all new values are finite.
+#[inline(always)]
+fn adamw_body<M: MomentElem>(
+    k: &Coeffs,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+) -> bool {
+    let n = w.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    let mut bad = 0u32;
+    for j in 0..n {
+        let gj = match k.grad_scale {
+            Some(s) => g[j] * s + 0.0,
+            None => g[j],
+        };
+        let wd = if k.decay != 1.0 {
+            w[j] * k.decay + 0.0
+        } else {
+            w[j]
+        };
+        let mj = (m[j].get() * k.b1 + 0.0) + (gj * k.one_minus_b1 + 0.0);
+        let vj = (v[j].get() * k.b2 + 0.0) + ((gj * gj) * k.one_minus_b2 + 0.0);
+        let denom = vj.sqrt() * k.inv_sqrt_bc2 + k.eps;
+        let wn = wd - ((mj / denom) * k.step_size + 0.0);
+        let (mq, vq) = (M::put(mj), M::put(vj));
+        w[j] = wn;
+        m[j] = mq;
+        v[j] = vq;
+        bad |= (!wn.is_finite() | !mq.get().is_finite() | !vq.get().is_finite()) as u32;
+    }
+    bad == 0
 }
 
 /// Whether every element of `t` is finite: `x - x` is 0 for finite x and NaN for NaN and
@@ -408,38 +535,78 @@ pub fn all_finite(t: &Tensor) -> Result<bool, TrainError> {
     Ok(s == 0.0)
 }
 
-/// Scale the gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`), as
-/// `clip_grad_norm_`: `coef = max_norm / (norm + 1e-6)`, applied when below 1. Returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
+/// The global L2 norm of the gradients, summed in f64 (on the CPU per 16k-element piece on every
+/// core, the pieces then added in order, so the result does not depend on the thread count).
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
     use rayon::prelude::*;
     let mut sq = 0f64;
-    for g in grads.iter() {
-        // on the CPU one parallel pass summing in f64; elsewhere squares summed by candle
+    for g in grads {
         let fused = on_cpu_slice::<f32, _>(g, |s| {
-            s.par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .sum::<f64>()
+            let parts: Vec<f64> = s.par_chunks(1 << 14).map(sum_sq_chunk).collect();
+            parts.iter().sum::<f64>()
         });
         sq += match fused {
             Some(v) => v,
             None => g
-                .to_dtype(DType::F32)?
+                .to_dtype(DType::F64)?
                 .sqr()?
                 .sum_all()?
-                .to_scalar::<f32>()? as f64,
+                .to_scalar::<f64>()?,
         };
     }
-    let norm = sq.sqrt();
-    if max_norm > 0.0 && norm.is_finite() {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = g.affine(coef, 0.0)?;
-            }
+    Ok(sq.sqrt())
+}
+
+/// `clip_grad_norm_`'s factor for a gradient norm: `max_norm / (norm + 1e-6)` when that is below
+/// 1 (and `max_norm > 0`, the norm finite); None when no clipping applies.
+pub fn clip_factor(norm: f64, max_norm: f64) -> Option<f64> {
+    let coef = max_norm / (norm + 1e-6);
+    (max_norm > 0.0 && norm.is_finite() && coef < 1.0).then_some(coef)
+}
+
+/// Scale the gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`), as
+/// `clip_grad_norm_`. Returns the norm before clipping. (The trainer instead hands the factor to
+/// [`AdamW::update_scaled`], which applies it in its own pass.)
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainError> {
+    let norm = grad_norm(grads)?;
+    if let Some(coef) = clip_factor(norm, max_norm) {
+        for g in grads.iter_mut() {
+            *g = g.affine(coef, 0.0)?;
         }
     }
     Ok(norm)
+}
+
+/// Sum of squares of one piece in f64, in 8 independent lanes (a single running sum is a chain
+/// of dependent additions the compiler may not reorder, so it could not use vector registers).
+fn sum_sq_chunk(s: &[f32]) -> f64 {
+    #[inline(always)]
+    fn body(s: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut it = s.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                acc[l] += (c[l] as f64) * (c[l] as f64);
+            }
+        }
+        let tail: f64 = it
+            .remainder()
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum();
+        acc.iter().sum::<f64>() + tail
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn wide(s: &[f32]) -> f64 {
+        body(s)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for
+        return unsafe { wide(s) };
+    }
+    body(s)
 }
 
 #[cfg(test)]
@@ -453,7 +620,7 @@ mod tests {
     #[test]
     fn fused_pass_runs_for_contiguous_cpu_tensors_only() {
         let t = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &Device::Cpu).unwrap();
-        let k = Coeffs::new(&AdamWConfig::default(), 1e-3, 0.05, 1e-2, true);
+        let k = Coeffs::new(&AdamWConfig::default(), 1e-3, 0.05, 1e-2, true, Some(0.5));
         for (dtype, bf16_moments) in [
             (DType::F32, false),
             (DType::F32, true),
@@ -464,12 +631,19 @@ mod tests {
                 ..AdamWConfig::default()
             };
             let p = TrainParam::new("w", &t, dtype, true).unwrap();
-            let z = Tensor::zeros((2, 2), c.moment_dtype(), &Device::Cpu).unwrap();
-            let out = fused_cpu(&p, &t, &z, &z, &k, &c).unwrap();
+            let z = || Tensor::zeros((2, 2), c.moment_dtype(), &Device::Cpu).unwrap();
+            let (m, v) = (z(), z());
+            let out = fused_cpu(&p, &t, &m, &v, &k, c.moment_dtype()).unwrap();
             assert!(out.is_some(), "{dtype:?}, bf16 moments {bf16_moments}");
             // a transposed (non-contiguous) gradient goes to the tensor-op path
             let gt = t.t().unwrap();
-            assert!(fused_cpu(&p, &gt, &z, &z, &k, &c).unwrap().is_none());
+            assert!(fused_cpu(&p, &gt, &m, &v, &k, c.moment_dtype())
+                .unwrap()
+                .is_none());
+            // so do moments sharing one storage (writing both in place would wait on one lock)
+            assert!(fused_cpu(&p, &t, &m, &m, &k, c.moment_dtype())
+                .unwrap()
+                .is_none());
         }
     }
 }

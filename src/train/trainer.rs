@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::data::epoch_order;
 use super::examples::Example;
 use super::lora::{LoraConfig, ParamSet};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
 use super::recompute::{loss_and_grads, BackwardPlan, Batch, GradAcc, LayerModel};
 use super::schedule::{Schedule, ScheduleKind};
 use super::TrainError;
@@ -256,16 +256,19 @@ impl Trainer {
             what,
             kept: None,
         };
-        let (loss, mut grads, tokens, targets) = self.loss_and_grads(factory, k)?;
+        let (loss, grads, tokens, targets) = self.loss_and_grads(factory, k)?;
         if !loss.is_finite() {
             return Err(non_finite(format!("the loss is {loss}")));
         }
-        let norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+        let norm = grad_norm(&grads)?;
         if !norm.is_finite() {
             return Err(non_finite(format!("the gradient norm is {norm}")));
         }
         let lr = self.schedule().lr(k);
-        self.opt.update(&mut self.set.params, &grads, lr)?;
+        // clipping (clip_grad_norm_'s factor) is applied inside the update's pass
+        let clip = clip_factor(norm, self.cfg.grad_clip);
+        self.opt
+            .update_scaled(&mut self.set.params, &grads, lr, clip)?;
         // test-only: spoil one weight as a bad update would (tests of the guard below)
         if crate::fsutil::failpoint_set(&format!("poison-weights-step-{}", k + 1)) {
             if let Some(p) = self.set.params.first_mut() {
