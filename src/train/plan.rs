@@ -121,7 +121,7 @@ pub struct MemorySpec {
     #[serde(default)]
     pub bf16_moments: bool,
     /// The step runs on the CPU, where f32 takes the fused kernels (src/model/cpu.rs: one pass
-    /// where tensor ops keep temporaries).
+    /// where tensor ops keep temporaries) and AdamW updates in place.
     #[serde(default)]
     pub cpu: bool,
 }
@@ -372,8 +372,8 @@ pub fn plan_memory(spec: &MemorySpec, budget: Option<u64>) -> MemoryPlan {
     // (recompute.rs's order): the head's chunk comes first, with every saved layer input and no
     // layer's gradient sum yet; the backward of layer i holds the inputs of layers 0..=i and the
     // sums of the layers after it (both linear in i, so the largest is at i = L-1 or i = 0);
-    // the embedding's backward and the optimizer come last, with every sum and a few temporaries
-    // of the largest parameter.
+    // the embedding's backward and the optimizer come last, with every sum (and, off the CPU, a
+    // few temporaries of the largest parameter).
     let sum_of = |stage: &str| -> u64 {
         items
             .iter()
@@ -397,6 +397,13 @@ pub fn plan_memory(spec: &MemorySpec, budget: Option<u64>) -> MemoryPlan {
             .unwrap_or(0),
     );
     let layer = layer_bytes + in_flight;
+    // AdamW on the CPU updates weights and moments in place (a bf16 variable takes its rounded
+    // copy of the master); elsewhere the tensor ops hold a few f32 temporaries of one parameter
+    let optimizer_temps = match (spec.cpu, c) {
+        (true, 4) => 0,
+        (true, _) => c * largest,
+        (false, _) => 3 * 4 * largest,
+    };
     let stages = [
         ("head", constant + other_sums + (layers + 1) * act + head),
         ("layer", constant + other_sums + layers * act + layer),
@@ -404,7 +411,7 @@ pub fn plan_memory(spec: &MemorySpec, budget: Option<u64>) -> MemoryPlan {
             "layer",
             constant + other_sums + layer_sums - 4 * layer_train + act + layer,
         ),
-        ("optimizer", constant + 4 * nt + 3 * 4 * largest),
+        ("optimizer", constant + 4 * nt + optimizer_temps),
     ];
     let (peak_stage, peak) =
         stages
