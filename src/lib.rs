@@ -16,5 +16,6 @@ pub mod quant;
 pub mod release;
 pub mod rope;
 pub mod runtime;
+mod simd;
 pub mod train;
 pub mod verify;

@@ -11,33 +11,10 @@ use half::f16;
 pub const BLOCK: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK;
 
-/// Quantize whole blocks of `src` into `dst` (exactly `src.len() / 32 * 34` bytes).
-pub fn quantize(src: &[f32], dst: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { quantize_avx2(src, dst) };
-        }
-        if std::is_x86_feature_detected!("sse4.1") {
-            // SAFETY: the CPU has SSE4.1 (checked above).
-            return unsafe { quantize_sse41(src, dst) };
-        }
-    }
-    blocks(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(src: &[f32], dst: &mut [u8]) {
-    blocks(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.1")]
-unsafe fn quantize_sse41(src: &[f32], dst: &mut [u8]) {
-    blocks(src, dst)
-}
+crate::simd::for_cpu!(
+    /// Quantize whole blocks of `src` into `dst` (exactly `src.len() / 32 * 34` bytes).
+    pub fn quantize(src: &[f32], dst: &mut [u8]) = blocks; ["avx2", "sse4.1"]
+);
 
 /// The kernel; inlined into each feature-enabled wrapper so it is compiled for that feature set.
 #[inline(always)]

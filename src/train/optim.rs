@@ -434,54 +434,18 @@ fn adamw_par<M: MomentElem>(
         .reduce(|| true, |a, b| a && b)
 }
 
-/// [`adamw_body`] compiled for the widest vector unit the CPU has (the crate itself targets
-/// baseline x86-64, whose 4-lane SSE made the scalar-looking loop compute-bound on its square
-/// roots and divisions). Vector `sqrt` and `div` round exactly as scalar ones, and Rust never
-/// fuses a multiply and an add, so every variant computes the same bits.
-fn adamw_chunk<M: MomentElem>(
-    k: &Coeffs,
-    w: &mut [f32],
-    g: &[f32],
-    m: &mut [M],
-    v: &mut [M],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the features the function is compiled for
-            return unsafe { adamw_avx512(k, w, g, m, v) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above
-            return unsafe { adamw_avx2(k, w, g, m, v) };
-        }
-    }
-    adamw_body(k, w, g, m, v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn adamw_avx512<M: MomentElem>(
-    k: &Coeffs,
-    w: &mut [f32],
-    g: &[f32],
-    m: &mut [M],
-    v: &mut [M],
-) -> bool {
-    adamw_body(k, w, g, m, v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn adamw_avx2<M: MomentElem>(
-    k: &Coeffs,
-    w: &mut [f32],
-    g: &[f32],
-    m: &mut [M],
-    v: &mut [M],
-) -> bool {
-    adamw_body(k, w, g, m, v)
-}
+crate::simd::for_cpu!(
+    /// [`adamw_body`] compiled for the widest vector unit the CPU has (on baseline x86-64's
+    /// 4-lane SSE the loop was compute-bound on its square roots and divisions). Vector `sqrt`
+    /// and `div` round exactly as scalar ones, so every variant computes the same bits.
+    fn adamw_chunk<M: MomentElem>(
+        k: &Coeffs,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [M],
+        v: &mut [M],
+    ) -> bool = adamw_body; ["avx512f", "avx2"]
+);
 
 /// One piece of the update: the tensor-op path's operations element by element (candle's
 /// `affine(x, a, 0)` is `x * a + 0`). Returns whether all new values are finite.
@@ -577,36 +541,28 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64, TrainE
     Ok(norm)
 }
 
-/// Sum of squares of one piece in f64, in 8 independent lanes (a single running sum is a chain
-/// of dependent additions the compiler may not reorder, so it could not use vector registers).
-fn sum_sq_chunk(s: &[f32]) -> f64 {
-    #[inline(always)]
-    fn body(s: &[f32]) -> f64 {
-        let mut acc = [0f64; 8];
-        let mut it = s.chunks_exact(8);
-        for c in &mut it {
-            for l in 0..8 {
-                acc[l] += (c[l] as f64) * (c[l] as f64);
-            }
+crate::simd::for_cpu!(
+    /// Sum of squares of one piece in f64, in 8 independent lanes (a single running sum is a
+    /// chain of dependent additions the compiler may not reorder, so it could not use vector
+    /// registers).
+    fn sum_sq_chunk(s: &[f32]) -> f64 = sum_sq_body; ["avx512f"]
+);
+
+#[inline(always)]
+fn sum_sq_body(s: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = s.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            acc[l] += (c[l] as f64) * (c[l] as f64);
         }
-        let tail: f64 = it
-            .remainder()
-            .iter()
-            .map(|&x| (x as f64) * (x as f64))
-            .sum();
-        acc.iter().sum::<f64>() + tail
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn wide(s: &[f32]) -> f64 {
-        body(s)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for
-        return unsafe { wide(s) };
-    }
-    body(s)
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]
